@@ -1,0 +1,196 @@
+"""``pixq`` commands that need only the producer: submit, status, wait, cancel, download, schema.
+
+The worker adds its own commands to this app (``worker/cli.py``); nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from producer.client import Client
+from producer.errors import PixqError
+from producer.records import JobRecord, JobState
+from producer.schema import OutputFormat, request_schema
+from producer.settings import Settings
+
+app = typer.Typer(
+    name="pixq",
+    help="pixart-queue: PixArt-Σ text-to-image jobs through Redis, Celery workers and S3.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class UserError(PixqError):
+    """A mistake on the command line: printed as one line, exit code 1."""
+
+
+def client_from_env() -> Client:
+    """The entry point's one settings object, and a client over it."""
+    return Client(Settings.from_env(os.environ))
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=None, sort_keys=False))
+
+
+def describe(record: JobRecord) -> None:
+    r = record.request
+    out.print(f"[bold]{record.id}[/bold]  {record.state.value}")
+    out.print(f"  prompt    {r.prompt!r}")
+    out.print(f"  model     {r.model_name}   {r.width}x{r.height}   steps {r.num_inference_steps}   "
+              f"guidance {r.guidance_scale}   seed {r.seed}")
+    if record.state is JobState.running:
+        out.print(f"  progress  step {record.step}/{record.total_steps} on {record.worker}")
+    if record.attempts:
+        out.print(f"  attempts  {record.attempts}   worker {record.worker}")
+    for image in record.images:
+        out.print(f"  image {image.index}   s3://{image.bucket}/{image.key}  seed {image.seed}  "
+                  f"{image.size_bytes} bytes")
+    if record.error:
+        out.print(f"  error     {record.error.type}: {record.error.message}")
+
+
+def wait_with_progress(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
+    """Wait for the job, drawing the denoising steps as a progress bar on stderr."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=False,
+    ) as bar:
+        task = bar.add_task("queued", total=None)
+
+        def update(record: JobRecord) -> None:
+            bar.update(task, description=record.state.value, total=record.total_steps or None,
+                       completed=record.total_steps if record.state is JobState.succeeded else record.step)
+
+        return client.wait(job_id, timeout_s=timeout_s, on_update=update)
+
+
+def finish(record: JobRecord, as_json: bool) -> None:
+    if as_json:
+        print_json(record.to_json_dict())
+    else:
+        describe(record)
+    if record.state is not JobState.succeeded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint or local directory [default: PIXQ_MODEL]")] = None,
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.5,
+    seed: Annotated[int, typer.Option(help="Seed of image 0; -1 draws one and records it.")] = -1,
+    width: Annotated[int, typer.Option(help="Width, a multiple of 8.")] = 1024,
+    height: Annotated[int, typer.Option(help="Height, a multiple of 8.")] = 1024,
+    num_images: Annotated[int, typer.Option(help="Images to render.")] = 1,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Image format.")] = OutputFormat.png,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="Same key, same job.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait, showing the denoising steps.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds --wait waits at most.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
+) -> None:
+    """Validate and enqueue one job; print its id (or, with --wait, its final record)."""
+    fields: dict[str, Any] = {
+        "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance_scale,
+        "seed": seed, "width": width, "height": height, "num_images_per_prompt": num_images,
+        "output_format": output_format.value,
+    }
+    if model is not None:
+        fields["model_name"] = model
+    if idempotency_key is not None:
+        fields["idempotency_key"] = idempotency_key
+    client = client_from_env()
+    job = client.submit(prompt, **fields)
+    if wait:
+        finish(wait_with_progress(client, job.id, timeout), as_json)
+    elif as_json:
+        print_json(client.status(job.id).to_json_dict())
+    else:
+        typer.echo(job.id)
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
+) -> None:
+    """Show a job's record."""
+    record = client_from_env().status(job)
+    if as_json:
+        print_json(record.to_json_dict())
+    else:
+        describe(record)
+
+
+@app.command("wait")
+def wait_cmd(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait at most.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final record as JSON.")] = False,
+) -> None:
+    """Wait for a job to finish, with a progress bar; exit 1 unless it succeeded."""
+    finish(wait_with_progress(client_from_env(), job, timeout), as_json)
+
+
+@app.command()
+def cancel(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Cancel a job: a queued one never starts, a running one stops at its next step."""
+    record = client_from_env().cancel(job)
+    if as_json:
+        print_json(record.to_json_dict())
+    else:
+        typer.echo(f"{job} {record.state.value}{' (cancel requested)' if record.cancel_requested else ''}")
+
+
+@app.command()
+def download(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the images to.")] = Path("."),
+) -> None:
+    """Save a finished job's images as DIR/{job}-{index}.{ext}, checking their sha256."""
+    client = client_from_env()
+    record = client.status(job)
+    if record.state is not JobState.succeeded:
+        raise UserError(f"job {job} is {record.state.value}, not succeeded: nothing to download")
+    output.mkdir(parents=True, exist_ok=True)
+    s3 = client.s3()
+    for image in record.images:
+        body = s3.get_object(Bucket=image.bucket, Key=image.key)["Body"].read()
+        if hashlib.sha256(body).hexdigest() != image.sha256:
+            raise UserError(f"s3://{image.bucket}/{image.key} does not match its recorded sha256")
+        path = output / f"{job}-{image.index}.{image.key.rsplit('.', 1)[-1]}"
+        path.write_bytes(body)
+        typer.echo(str(path))
+
+
+@app.command()
+def schema() -> None:
+    """Print the job request's JSON schema."""
+    print_json(request_schema())
+
+
+@app.command()
+def url(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    index: Annotated[int, typer.Option(help="Which image.")] = 0,
+    expires_in: Annotated[int, typer.Option(help="Seconds the URL stays valid (at most 7 days).")] = 3600,
+) -> None:
+    """Print a presigned GET URL for one image of a finished job."""
+    typer.echo(client_from_env().presigned_url(job, index=index, expires_in_s=expires_in))

@@ -1,0 +1,192 @@
+"""The client: submit a job, read its record, wait for it, cancel it, hand out image URLs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobTimeout, QueueFull
+from producer.records import JobRecord, JobState, RecordStore
+from producer.s3 import make_s3_client
+from producer.schema import JobRequest, parse_request
+from producer.settings import Settings
+from producer.wire import RENDER_TASK, make_celery, queue_name
+
+MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
+DEFAULT_PRESIGN_EXPIRY_S = 3600
+IDEMPOTENCY_PREFIX = "pixq:idem:"
+
+
+class Job:
+    """A thin handle on one job: its id and the client that submitted it."""
+
+    def __init__(self, client: Client, job_id: str, created: bool = True):
+        self.client = client
+        self.id = job_id
+        self.created = created  # False when an idempotency key matched an earlier job
+
+    def status(self) -> JobRecord:
+        return self.client.status(self.id)
+
+    def wait(self, timeout_s: float | None = None, **kwargs: Any) -> JobRecord:
+        return self.client.wait(self.id, timeout_s=timeout_s, **kwargs)
+
+    def cancel(self) -> JobRecord:
+        return self.client.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+
+class Client:
+    """Talks to Redis (records, queues) and, for URLs, to S3. Build one per process."""
+
+    def __init__(self, settings: Settings, conn: redis.Redis | None = None):
+        self.settings = settings
+        self.conn = conn or redis.Redis.from_url(
+            settings.require_redis(),
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=10,
+        )
+        self.records = RecordStore(self.conn, settings.retention_s)
+        self._celery = make_celery(settings, name="pixq-producer")
+
+    # -- submit -----------------------------------------------------------------------------
+
+    def submit(self, prompt: str | None = None, /, **fields: Any) -> Job:
+        """Validate, record and enqueue one job. Raises ``InvalidRequest`` before anything is
+        written, ``QueueFull`` past the configured depth, ``BrokerUnavailable`` if Redis is down.
+        """
+        data = dict(fields)
+        if prompt is not None:
+            data["prompt"] = prompt
+        data.setdefault("model_name", self.settings.model)
+        request = parse_request(data).with_seed()
+        try:
+            return self._enqueue(request)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"Redis unreachable, job not submitted: {exc}") from exc
+
+    def submit_request(self, request: JobRequest) -> Job:
+        return self.submit(**request.model_dump())
+
+    def _enqueue(self, request: JobRequest) -> Job:
+        self._check_depth(request.model_name)
+        job_id = uuid.uuid4().hex
+        idem_key = None
+        if request.idempotency_key is not None:
+            idem_key = IDEMPOTENCY_PREFIX + request.idempotency_key
+            claimed = self.conn.set(idem_key, job_id, nx=True, ex=self.settings.retention_s)
+            if not claimed:
+                existing = self.conn.get(idem_key)
+                if existing is not None:
+                    return Job(self, existing.decode(), created=False)
+                # The key expired between the two calls: fall through as a new job.
+                self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
+        try:
+            self.records.create(job_id, request)
+            self._celery.send_task(
+                RENDER_TASK,
+                kwargs={"job_id": job_id},
+                queue=queue_name(request.model_name),
+                task_id=job_id,
+                kwargsrepr=_task_summary(job_id, request),
+            )
+        except BaseException:
+            # Nothing half-written: no record without a message, no key without a job.
+            self._undo(job_id, idem_key)
+            raise
+        return Job(self, job_id)
+
+    def _undo(self, job_id: str, idem_key: str | None) -> None:
+        try:
+            self.records.delete(job_id)
+            if idem_key:
+                self.conn.delete(idem_key)
+        except redis.RedisError:
+            pass  # Redis is down: there is nothing written to undo either
+
+    def _check_depth(self, model_name: str) -> None:
+        limit = self.settings.max_queue_depth
+        if limit and self.queue_depth(model_name) >= limit:
+            raise QueueFull(f"queue for {model_name} holds {limit} jobs or more (PIXQ_MAX_QUEUE_DEPTH)")
+
+    def queue_depth(self, model_name: str) -> int:
+        """Messages waiting on the model's queue (not counting the ones being rendered)."""
+        return int(self.conn.llen(queue_name(model_name)))
+
+    # -- read -------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobRecord:
+        """The job's record. Raises ``JobNotFound`` for an unknown or expired id."""
+        return self.records.get(job_id)
+
+    def wait(
+        self,
+        job_id: str,
+        timeout_s: float | None = None,
+        poll_s: float = 0.05,
+        on_update: Callable[[JobRecord], None] | None = None,
+        raise_on_failure: bool = False,
+    ) -> JobRecord:
+        """Poll until the job is terminal; returns its final record."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            record = self.status(job_id)
+            if on_update is not None:
+                on_update(record)
+            if record.state.is_terminal:
+                if raise_on_failure and record.state is not JobState.succeeded:
+                    detail = record.error.message if record.error else record.state.value
+                    raise JobFailed(record, f"job {job_id} {record.state.value}: {detail}")
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} still {record.state.value} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one never starts; a running one stops at its next step."""
+        self.status(job_id)  # JobNotFound for an unknown id
+        done, _ = self.records.transition(
+            job_id, (JobState.queued,), state=JobState.canceled, finished_at=time.time()
+        )
+        if not done:
+            self.records.transition(job_id, (JobState.running,), cancel_requested=True)
+        return self.status(job_id)
+
+    # -- images -----------------------------------------------------------------------------
+
+    def presigned_url(self, job_id: str, index: int = 0, expires_in_s: int = DEFAULT_PRESIGN_EXPIRY_S) -> str:
+        """A time-limited GET URL for one finished image (at most 7 days)."""
+        if not 1 <= expires_in_s <= MAX_PRESIGN_EXPIRY_S:
+            raise InvalidRequest([("expires_in_s", f"must be between 1 and {MAX_PRESIGN_EXPIRY_S} seconds")])
+        record = self.status(job_id)
+        if index >= len(record.images):
+            raise InvalidRequest([("index", f"job {job_id} has {len(record.images)} image(s)")])
+        image = record.images[index]
+        return str(
+            self.s3().generate_presigned_url(
+                "get_object", Params={"Bucket": image.bucket, "Key": image.key}, ExpiresIn=expires_in_s
+            )
+        )
+
+    def s3(self) -> Any:
+        """A boto3 S3 client for the configured endpoint (boto3 is imported only then)."""
+        return make_s3_client(self.settings)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _task_summary(job_id: str, request: JobRequest) -> str:
+    """What Flower shows as the task's arguments: no secrets, a shortened prompt."""
+    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+    return (
+        f"{{'job_id': '{job_id}', 'model': '{request.model_name}', "
+        f"'size': '{request.width}x{request.height}', 'prompt': {prompt!r}}}"
+    )

@@ -1,0 +1,25 @@
+"""The boto3 S3 client both sides use: any S3-compatible endpoint, path-style, standard retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.settings import Settings
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A client for ``PIXQ_S3_ENDPOINT_URL`` (AWS when unset); credentials from the AWS chain."""
+    import boto3  # imported here: only URL and download paths of the producer need it
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=5,
+            read_timeout=30,
+        ),
+    )

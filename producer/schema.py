@@ -1,0 +1,143 @@
+"""The job request: what a caller may ask for, with the rules it must follow.
+
+Field names and defaults follow diffusers' ``PixArtSigmaPipeline`` and DashAI's
+``PixArtSigmaModel`` wrapper.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, model_validator
+
+from producer.errors import InvalidRequest
+from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+
+MAX_PROMPT_CHARS = 4000
+MAX_STEPS = 200
+MAX_GUIDANCE = 50.0
+MAX_IMAGES_PER_PROMPT = 4
+MAX_SEED = 2**32 - 1
+MIN_SIDE = 64
+RANDOM_SEED = -1
+
+
+class OutputFormat(str, enum.Enum):
+    png = "png"
+    webp = "webp"
+    jpeg = "jpeg"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self is OutputFormat.jpeg else self.value
+
+
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+
+
+class JobRequest(BaseModel):
+    """One text-to-image job. Unknown fields and wrong types are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: Prompt = Field(description="What to draw. Required, not blank.")
+    negative_prompt: Prompt = Field("", description="What to steer away from.")
+    num_inference_steps: int = Field(20, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    guidance_scale: float = Field(
+        4.5, ge=0.0, le=MAX_GUIDANCE, description="Classifier-free guidance scale (1 or less: no guidance)."
+    )
+    seed: int = Field(
+        RANDOM_SEED,
+        ge=RANDOM_SEED,
+        le=MAX_SEED,
+        description="Seed of image 0 (image i uses seed + i); -1 draws one at submit and records it.",
+    )
+    width: int = Field(1024, ge=MIN_SIDE, description="Width in pixels, a multiple of 8.")
+    height: int = Field(1024, ge=MIN_SIDE, description="Height in pixels, a multiple of 8.")
+    num_images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images to render.")
+    model_name: str = Field(
+        DEFAULT_MODEL,
+        description="A PixArt-Σ checkpoint (" + ", ".join(KNOWN_MODELS) + ") or an absolute path to a "
+        "local directory holding a pipeline saved with save_pretrained.",
+    )
+    # Not strict: JSON callers can only send the format as a string.
+    output_format: Annotated[OutputFormat, Strict(False)] = Field(OutputFormat.png, description="Image file format.")
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None, description="Two submits with the same key give one job."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> JobRequest:
+        errors: list[tuple[str, str]] = []
+        if not self.prompt.strip():
+            errors.append(("prompt", "must not be empty or blank"))
+        spec = model_spec(self.model_name)
+        if spec is None:
+            errors.append(
+                (
+                    "model_name",
+                    f"unknown model {self.model_name!r}; use one of {', '.join(KNOWN_MODELS)} "
+                    "or an absolute path to a local pipeline directory",
+                )
+            )
+        for field in ("width", "height"):
+            side = getattr(self, field)
+            if side % 8:
+                errors.append((field, f"must be a multiple of 8 (got {side})"))
+            if spec is not None and side > spec.max_side:
+                errors.append((field, f"must be at most {spec.max_side} for {spec.name} (got {side})"))
+        if errors:
+            raise ValueError(_ErrorList(errors))
+        return self
+
+    def with_seed(self) -> JobRequest:
+        """This request with ``seed`` -1 replaced by a freshly drawn seed."""
+        if self.seed != RANDOM_SEED:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES_PER_PROMPT)})
+
+    def image_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images_per_prompt)]
+
+
+class _ErrorList(list):  # type: ignore[type-arg]
+    """Several field errors raised from one model validator."""
+
+    def __str__(self) -> str:
+        return "; ".join(f"{f}: {m}" for f, m in self)
+
+
+def parse_request(data: dict[str, Any]) -> JobRequest:
+    """Validate a request, turning pydantic's errors into one ``InvalidRequest``."""
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_field_errors(exc)) from None
+
+
+def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for err in exc.errors():
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, ValueError) and isinstance(ctx_error.args[0], _ErrorList):
+            errors.extend(ctx_error.args[0])
+            continue
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        if err["type"] == "extra_forbidden":
+            errors.append((field, "unknown field"))
+        elif err["type"] == "missing":
+            errors.append((field, "is required"))
+        else:
+            errors.append((field, err["msg"]))
+    return errors
+
+
+def request_schema() -> dict[str, Any]:
+    """The request's JSON schema (what DashAI's ``get_schema`` gives for its wrapper)."""
+    return JobRequest.model_json_schema()

@@ -1,0 +1,150 @@
+"""The settings every entry point builds once, from the environment, and passes down."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict
+
+from producer.errors import ConfigError
+from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+
+DEFAULT_RETENTION_S = 7 * 24 * 3600
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+# The variables this program reads; deployment files must set the same names.
+ENV_VARS = (
+    "PIXQ_REDIS_URL",
+    "PIXQ_S3_ENDPOINT_URL",
+    "PIXQ_S3_BUCKET",
+    "PIXQ_S3_PREFIX",
+    "PIXQ_MODEL",
+    "PIXQ_RETENTION_S",
+    "PIXQ_MAX_QUEUE_DEPTH",
+    "AWS_DEFAULT_REGION",
+)
+
+
+class Settings(BaseModel):
+    """Typed settings. Secrets (AWS keys, a Redis password) are never printed by ``describe``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    redis_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "pixq"
+    model: str = DEFAULT_MODEL
+    aws_region: str = "us-east-1"
+    retention_s: int = DEFAULT_RETENTION_S
+    max_queue_depth: int = 0  # 0: no limit
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read and check every variable; a bad one raises ``ConfigError`` naming it."""
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        values: dict[str, object] = {}
+        if (url := get("PIXQ_REDIS_URL")) is not None:
+            values["redis_url"] = _check_redis_url(url)
+        if (url := get("PIXQ_S3_ENDPOINT_URL")) is not None:
+            values["s3_endpoint_url"] = _check_http_url("PIXQ_S3_ENDPOINT_URL", url)
+        if (bucket := get("PIXQ_S3_BUCKET")) is not None:
+            if not _BUCKET_RE.match(bucket) or ".." in bucket:
+                raise ConfigError(f"PIXQ_S3_BUCKET: {bucket!r} is not a valid S3 bucket name")
+            values["s3_bucket"] = bucket
+        if (prefix := get("PIXQ_S3_PREFIX")) is not None:
+            prefix = prefix.strip("/")
+            if not _PREFIX_RE.match(prefix):
+                raise ConfigError(
+                    f"PIXQ_S3_PREFIX: {prefix!r} may hold only letters, digits, '.', '_', '-' and '/'"
+                )
+            values["s3_prefix"] = prefix
+        if (model := get("PIXQ_MODEL")) is not None:
+            if model_spec(model) is None:
+                raise ConfigError(
+                    f"PIXQ_MODEL: unknown model {model!r}; use one of {', '.join(KNOWN_MODELS)} "
+                    "or an absolute path to a local pipeline directory"
+                )
+            values["model"] = model
+        if (region := get("AWS_DEFAULT_REGION")) is not None:
+            values["aws_region"] = region
+        for var, field, minimum in (
+            ("PIXQ_RETENTION_S", "retention_s", 1),
+            ("PIXQ_MAX_QUEUE_DEPTH", "max_queue_depth", 0),
+        ):
+            if (raw := get(var)) is not None:
+                values[field] = _check_int(var, raw, minimum)
+        return cls.model_validate(values)
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise ConfigError(
+                "PIXQ_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0); `pixq up` prints the values "
+                "for a local stack"
+            )
+        return self.redis_url
+
+    def require_bucket(self) -> str:
+        if not self.s3_bucket:
+            raise ConfigError("PIXQ_S3_BUCKET is not set: name the bucket that receives the images")
+        return self.s3_bucket
+
+    def describe(self) -> dict[str, object]:
+        """The settings for logs, with any password in the Redis URL masked."""
+        shown = self.model_dump()
+        if self.redis_url:
+            shown["redis_url"] = mask_url(self.redis_url)
+        return shown
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _check_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"PIXQ_REDIS_URL: {mask_url(url)!r} must start with redis://, rediss:// (TLS) or unix://"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} has no host")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} has a malformed port") from None
+    return url
+
+
+def _check_http_url(var: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{var}: {url!r} must be an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018
+    except ValueError:
+        raise ConfigError(f"{var}: {url!r} has a malformed port") from None
+    return url
+
+
+def _check_int(var: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{var}: {raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{var}: must be at least {minimum} (got {value})")
+    return value

@@ -1,0 +1,153 @@
+"""The ``pixq`` console entry: the producer's commands plus worker, up, demo, make-test-model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from producer.cli import app, client_from_env, err, wait_with_progress
+from producer.errors import ConfigError, PixqError
+from producer.settings import Settings
+from worker.pipeline import DTYPES
+
+
+@app.command()
+def worker(
+    model: Annotated[Optional[str], typer.Option(help="Model to serve [default: PIXQ_MODEL]")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bf16 on GPU, fp32 on CPU")] = "auto",
+    name: Annotated[Optional[str], typer.Option(help="Celery node name [default: gpuN@host or cpu@host]")] = None,
+    offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
+    from worker.process import WorkerOptions, serve
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
+    settings = Settings.from_env(os.environ)
+    settings.require_redis()
+    settings.require_bucket()
+    serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
+                                  offload=offload, loglevel=loglevel))
+
+
+@app.command("make-test-model")
+def make_test_model_cmd(
+    directory: Annotated[Path, typer.Argument(help="Where to write the pipeline.")],
+) -> None:
+    """Write a tiny random PixArt-Σ pipeline (for tests and demos: it draws noise)."""
+    from worker.testmodel import make_test_model
+
+    path = make_test_model(directory)
+    typer.echo(str(path.resolve()))
+
+
+def _pick_model(root: Path, model: Optional[str], device: Optional[str]) -> tuple[str, str]:
+    """The configured model on GPU when there is one, else the tiny test model on CPU."""
+    import torch
+
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if model is None:
+        if device.startswith("cuda"):
+            model = Settings.from_env(os.environ).model
+        else:
+            from worker.testmodel import make_test_model
+
+            model = str(make_test_model(root / "tiny-model").resolve())
+            err.print("[yellow]no GPU: serving the tiny test model on CPU. Its weights are random, "
+                      "so it draws noise, not pictures.[/yellow]")
+    return model, device
+
+
+@app.command()
+def up(
+    state_dir: Annotated[Path, typer.Option("--dir", help="Where services keep data and logs.")] = Path(".pixq"),
+    model: Annotated[Optional[str], typer.Option(help="Model [default: PIXQ_MODEL on GPU, tiny on CPU]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="[default: cuda:0 if there is a GPU, else cpu]")] = None,
+) -> None:
+    """Start Redis, SeaweedFS (S3), one worker and Flower on loopback; Ctrl-C stops them all."""
+    from worker.stack import local_stack
+
+    root = state_dir.resolve()
+    model, device = _pick_model(root, model, device)
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    with local_stack(root, model, device, say=err.print) as stack:
+        env = stack.env
+        typer.echo("\npixart-queue is up. In another shell:\n")
+        for var in ("PIXQ_REDIS_URL", "PIXQ_S3_ENDPOINT_URL", "PIXQ_S3_BUCKET", "PIXQ_MODEL",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            typer.echo(f"  export {var}='{env[var]}'")
+        typer.echo(f"\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
+        typer.echo(f"Flower: {stack.flower_url}  (user {stack.flower_user}, password {stack.flower_password})")
+        typer.echo(f"Logs:   {root}/*.log\nCtrl-C stops everything.")
+        try:
+            while not stopping["now"] and all(s.alive() for s in stack.services):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        dead = [s.name for s in stack.services if not s.alive()]
+        if dead:
+            err.print(f"[red]{', '.join(dead)} stopped unexpectedly; stopping the rest[/red]")
+        err.print("stopping ...")
+    err.print("stopped.")
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")] = "A small cactus with a happy face in the Sahara desert.",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to save the image.")] = Path("out"),
+    state_dir: Annotated[Path, typer.Option("--dir", help="Where services keep data and logs.")] = Path(".pixq"),
+    size: Annotated[int, typer.Option(help="Width and height.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed; -1 draws one.")] = 42,
+) -> None:
+    """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
+    from producer.cli import download, finish
+    from worker.stack import local_stack
+
+    root = state_dir.resolve()
+    model, device = _pick_model(root, None, None)
+    with local_stack(root, model, device, with_flower=False, say=err.print) as stack:
+        os.environ.update(stack.env)
+        client = client_from_env()
+        job = client.submit(prompt, seed=seed, width=size, height=size)
+        typer.echo(f"job        {job.id}")
+        record = wait_with_progress(client, job.id, timeout_s=600)
+        finish(record, as_json=False)
+        typer.echo(f"s3 key     {record.images[0].key}")
+        typer.echo(f"url        {client.presigned_url(job.id, expires_in_s=3600)}")
+        download(job.id, output)
+
+
+def main() -> None:
+    """Run the CLI; a user mistake or a service error prints one line, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+    except PixqError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

