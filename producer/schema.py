@@ -10,7 +10,7 @@ import enum
 import secrets
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
 from producer.errors import InvalidRequest
 from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
@@ -36,6 +36,14 @@ class OutputFormat(str, enum.Enum):
     @property
     def extension(self) -> str:
         return "jpg" if self is OutputFormat.jpeg else self.value
+
+
+class RenderMode(str, enum.Enum):
+    """``exact``: the plain pipeline's output. ``fast``: opt-in approximations that do less work
+    per image; their measured difference from ``exact`` is stated in docs/performance.md."""
+
+    exact = "exact"
+    fast = "fast"
 
 
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
@@ -68,9 +76,17 @@ class JobRequest(BaseModel):
     )
     # Not strict: JSON callers can only send the format as a string.
     output_format: Annotated[OutputFormat, Strict(False)] = Field(OutputFormat.png, description="Image file format.")
+    mode: Annotated[RenderMode, Strict(False)] = Field(RenderMode.exact, description=RenderMode.__doc__)
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
         None, description="Two submits with the same key give one job."
     )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, side: int) -> int:
+        if side % 8:
+            raise ValueError(f"must be a multiple of 8 (got {side})")
+        return side
 
     @model_validator(mode="after")
     def _check_rules(self) -> JobRequest:
@@ -88,8 +104,6 @@ class JobRequest(BaseModel):
             )
         for field in ("width", "height"):
             side = getattr(self, field)
-            if side % 8:
-                errors.append((field, f"must be a multiple of 8 (got {side})"))
             if spec is not None and side > spec.max_side:
                 errors.append((field, f"must be at most {spec.max_side} for {spec.name} (got {side})"))
         if errors:
@@ -134,7 +148,7 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
         elif err["type"] == "missing":
             errors.append((field, "is required"))
         else:
-            errors.append((field, err["msg"]))
+            errors.append((field, err["msg"].removeprefix("Value error, ")))
     return errors
 
 
