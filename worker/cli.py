@@ -26,6 +26,7 @@ def worker(
     name: Annotated[Optional[str], typer.Option(help="Celery node name [default: gpuN@host or cpu@host]")] = None,
     offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    ready_file: Annotated[Optional[Path], typer.Option(help="File written once serving (readiness probes)")] = None,
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
     from worker.process import WorkerOptions, serve
@@ -36,7 +37,8 @@ def worker(
     settings.require_redis()
     settings.require_bucket()
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
-                                  offload=offload, loglevel=loglevel))
+                                  offload=offload, loglevel=loglevel,
+                                  ready_file=str(ready_file) if ready_file else None))
 
 
 @app.command("make-test-model")

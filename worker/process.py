@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -31,6 +32,7 @@ class WorkerOptions:
     name: str | None = None
     offload: bool = False
     loglevel: str = "INFO"
+    ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
 
     def node_name(self) -> str:
         if self.name:
@@ -94,8 +96,18 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
 
     from celery.signals import worker_ready, worker_shutdown
 
-    worker_ready.connect(lambda **_: presence.start(), weak=False)
-    worker_shutdown.connect(lambda **_: presence.stop(), weak=False)
+    def on_ready(**_: object) -> None:
+        presence.start()
+        if options.ready_file:
+            Path(options.ready_file).write_text(f"{name}\n")
+
+    def on_shutdown(**_: object) -> None:
+        presence.stop()
+        if options.ready_file:
+            Path(options.ready_file).unlink(missing_ok=True)
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
     # The threads pool runs the task in this process, next to the loaded pipeline; one at a time.
     app.worker_main(
         [
