@@ -34,10 +34,11 @@ def render(pipe: Any, request: JobRequest, on_step: Callable[[int], None] | None
     """
     import torch
 
-    def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    # PixArtSigmaPipeline takes the older ``callback(step, timestep, latents)`` (it silently
+    # ignores ``callback_on_step_end``); it runs after every denoising step.
+    def step_end(index: int, _timestep: Any, _latents: Any) -> None:
         if on_step is not None:
             on_step(index + 1)
-        return tensors
 
     gens = generators(request)
     with torch.inference_mode():
@@ -50,7 +51,8 @@ def render(pipe: Any, request: JobRequest, on_step: Callable[[int], None] | None
             height=request.height,
             num_images_per_prompt=request.num_images_per_prompt,
             generator=gens if len(gens) > 1 else gens[0],
-            callback_on_step_end=step_end,
+            callback=step_end,
+            callback_steps=1,
             output_type="pil",
         )
     return list(out.images)
