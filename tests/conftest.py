@@ -1,0 +1,95 @@
+"""Shared fixtures: real redis-server, SeaweedFS and worker processes on loopback.
+
+Expensive services are per session; tests that kill or restart a service start their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.settings import Settings
+from worker.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from worker.testmodel import make_test_model
+
+    return str(make_test_model(tmp_path_factory.mktemp("tiny-model")).resolve())
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    svc, url = start_redis(tmp_path_factory.mktemp("redis"), password="test-redis-password-5d1e")
+    yield url
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    svc, endpoint = start_seaweedfs(tmp_path_factory.mktemp("s3"), bucket="pixq-test")
+    yield endpoint
+    svc.stop()
+
+
+def stack_env(redis_url: str, s3: S3Endpoint, model: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
+    env.update(s3.env())
+    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": model, "PIXQ_S3_PREFIX": "jobs",
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def env(redis_url: str, s3: S3Endpoint, tiny_model: str) -> dict[str, str]:
+    return stack_env(redis_url, s3, tiny_model)
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="session")
+def worker(env: dict[str, str], tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    svc = start_worker(env, tiny_model, log, name="cpu-main@test")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture()
+def client(settings: Settings) -> Iterator[Client]:
+    c = Client(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
+    from worker.stack import s3_client_for
+
+    return s3_client_for(s3)
+
+
+@pytest.fixture()
+def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+def write_artifact(name: str, data: bytes) -> Path:
+    """Keep a file a person may want to look at after the run (tests/artifacts is git-ignored)."""
+    out = Path(__file__).parent / "artifacts"
+    out.mkdir(exist_ok=True)
+    path = out / name
+    path.write_bytes(data)
+    return path

@@ -1,0 +1,189 @@
+"""The whole job path on real services: producer → Redis → Celery worker → PixArt-Σ → S3."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from producer.client import Client
+from producer.errors import InvalidRequest, JobNotFound
+from producer.records import JobState
+from producer.wire import queue_name
+from tests.conftest import write_artifact
+from worker.stack import Service
+
+
+def observe(client: Client, job_id: str, timeout_s: float = 60) -> list[tuple[str, int]]:
+    """Every (state, step) seen while polling the record quickly until it ends."""
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = client.status(job_id)
+        if not seen or seen[-1] != (r.state.value, r.step):
+            seen.append((r.state.value, r.step))
+        if r.state.is_terminal:
+            return seen
+        time.sleep(0.002)
+    raise AssertionError(f"job {job_id} did not finish: {seen}")
+
+
+def test_job_goes_queued_running_succeeded_with_progress(client: Client, worker: Service, s3_client) -> None:
+    # A long job first keeps the worker busy, so the second is seen waiting in the queue.
+    blocker = client.submit("keep the worker busy", width=256, height=256, num_inference_steps=150, seed=1)
+    job = client.submit("A small cactus with a happy face", width=384, height=256, num_inference_steps=40, seed=3)
+    seen = observe(client, job.id)
+    states = [s for s, _ in seen]
+    assert states[0] == "queued"
+    assert states[-1] == "succeeded"
+    steps = [step for s, step in seen if s == "running"]
+    assert any(0 < step < 40 for step in steps), seen  # progress was visible mid-render
+    assert steps == sorted(steps)
+    assert client.wait(blocker.id, timeout_s=60).state is JobState.succeeded
+
+    record = client.status(job.id)
+    assert record.attempts == 1 and record.worker == "cpu-main@test"
+    assert record.started_at is not None and record.finished_at is not None
+    assert record.created_at <= record.started_at <= record.finished_at
+    assert record.step == record.total_steps == 40
+    (image,) = record.images
+    assert image.key == f"jobs/{job.id}/0.png"
+    obj = s3_client.get_object(Bucket=image.bucket, Key=image.key)
+    body = obj["Body"].read()
+    assert obj["ContentType"] == "image/png" == image.content_type
+    assert len(body) == image.size_bytes
+    meta = obj["Metadata"]
+    assert meta["seed"] == "3" and meta["steps"] == "40" and meta["width"] == "384" and meta["height"] == "256"
+    assert meta["job-id"] == job.id and meta["guidance-scale"] == "4.5"
+    assert meta["prompt"] == "A small cactus with a happy face"
+    png = Image.open(io.BytesIO(body))
+    assert png.format == "PNG" and png.size == (384, 256) and png.mode == "RGB"
+    write_artifact("end-to-end.png", body)
+
+
+def test_several_images_and_formats(client: Client, worker: Service, s3_client) -> None:
+    job = client.submit("three of them", width=256, height=192, num_images_per_prompt=3, seed=100,
+                        output_format="webp", num_inference_steps=5)
+    record = client.wait(job.id, timeout_s=60)
+    assert record.state is JobState.succeeded
+    assert [i.seed for i in record.images] == [100, 101, 102]
+    assert [i.key for i in record.images] == [f"jobs/{job.id}/{n}.webp" for n in range(3)]
+    bodies = []
+    for image in record.images:
+        obj = s3_client.get_object(Bucket=image.bucket, Key=image.key)
+        assert obj["ContentType"] == "image/webp"
+        body = obj["Body"].read()
+        assert Image.open(io.BytesIO(body)).size == (256, 192)
+        bodies.append(body)
+    assert len(set(bodies)) == 3  # each image its own seed
+
+    jpeg = client.wait(client.submit("jpeg", width=128, height=128, output_format="jpeg",
+                                     num_inference_steps=3).id, timeout_s=60)
+    assert jpeg.images[0].key.endswith(".jpg") and jpeg.images[0].content_type == "image/jpeg"
+
+
+def test_random_seed_is_recorded_and_a_seed_repeats_exactly(client: Client, worker: Service) -> None:
+    drawn = client.wait(client.submit("seeded", width=128, height=128, num_inference_steps=4).id, timeout_s=60)
+    assert drawn.request.seed >= 0 and drawn.images[0].seed == drawn.request.seed
+    again = client.wait(client.submit("seeded", width=128, height=128, num_inference_steps=4,
+                                      seed=drawn.request.seed).id, timeout_s=60)
+    assert again.images[0].sha256 == drawn.images[0].sha256  # identical bytes
+    other = client.wait(client.submit("seeded", width=128, height=128, num_inference_steps=4,
+                                      seed=drawn.request.seed + 1).id, timeout_s=60)
+    assert other.images[0].sha256 != drawn.images[0].sha256
+
+
+def test_image_from_the_queue_equals_a_direct_pipeline_call(
+    client: Client, worker: Service, s3_client, tiny_model: str
+) -> None:
+    import torch
+    from diffusers import PixArtSigmaPipeline
+
+    params = dict(prompt="A watercolor lighthouse at sunset", negative_prompt="blurry", num_inference_steps=12,
+                  guidance_scale=4.5, width=320, height=256)
+    record = client.wait(client.submit(seed=1234, **params).id, timeout_s=60)
+    body = s3_client.get_object(Bucket=record.images[0].bucket, Key=record.images[0].key)["Body"].read()
+    queued = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
+
+    pipe = PixArtSigmaPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe(**params, generator=torch.Generator("cpu").manual_seed(1234)).images[0]
+    reference = np.asarray(direct.convert("RGB"), dtype=np.int16)
+    assert queued.shape == reference.shape == (256, 320, 3)
+    assert np.abs(queued - reference).max() <= 1
+
+
+def test_invalid_requests_reach_nothing(client: Client, raw_redis: redis.Redis, tiny_model: str) -> None:
+    def footprint() -> tuple[int, int]:
+        return len(list(raw_redis.scan_iter("pixq:job:*"))), raw_redis.llen(queue_name(tiny_model))
+
+    before = footprint()
+    for fields in (
+        {"prompt": ""},
+        {"prompt": "x", "width": 1001},
+        {"prompt": "x", "height": 4096},
+        {"prompt": "x", "num_inference_steps": 0},
+        {"prompt": "x", "num_inference_steps": 100_000},
+        {"prompt": "x", "guidance_scale": -1.0},
+        {"prompt": "x", "num_images_per_prompt": 50},
+        {"prompt": "x", "model_name": "nobody/knows-this"},
+        {"prompt": "x", "width": "wide"},
+        {"prompt": "x", "colour": "red"},
+    ):
+        with pytest.raises(InvalidRequest):
+            client.submit(**fields)
+    assert footprint() == before
+
+
+def test_unknown_job_reads_as_unknown(client: Client) -> None:
+    with pytest.raises(JobNotFound, match="no job 'does-not-exist'"):
+        client.status("does-not-exist")
+    with pytest.raises(JobNotFound):
+        client.cancel("does-not-exist")
+
+
+def test_job_for_a_model_no_worker_serves_stays_queued(
+    client: Client, worker: Service, raw_redis: redis.Redis
+) -> None:
+    orphan_model = "/models/served-by-nobody"
+    orphan = client.submit("nobody renders me", model_name=orphan_model, width=128, height=128)
+    served = client.submit("rendered", width=128, height=128, num_inference_steps=3)
+    assert client.wait(served.id, timeout_s=60).state is JobState.succeeded
+    time.sleep(0.5)
+    record = client.status(orphan.id)
+    assert record.state is JobState.queued and record.attempts == 0 and record.worker is None
+    assert raw_redis.llen(queue_name(orphan_model)) >= 1
+    client.cancel(orphan.id)  # leave nothing behind for other tests
+
+
+def test_cancel_a_queued_job_before_it_starts(client: Client, worker: Service, s3_client) -> None:
+    blocker = client.submit("busy", width=256, height=256, num_inference_steps=120)
+    victim = client.submit("never rendered", width=128, height=128, num_inference_steps=3)
+    assert client.cancel(victim.id).state is JobState.canceled
+    client.wait(blocker.id, timeout_s=60)
+    time.sleep(0.3)
+    record = client.status(victim.id)
+    assert record.state is JobState.canceled and record.attempts == 0 and record.images == []
+    listing = s3_client.list_objects_v2(Bucket="pixq-test", Prefix=f"jobs/{victim.id}/")
+    assert listing.get("KeyCount", 0) == 0
+
+
+def test_cancel_a_running_job_stops_it_within_a_step(client: Client, worker: Service, s3_client) -> None:
+    job = client.submit("long one", width=256, height=256, num_inference_steps=200)
+    deadline = time.monotonic() + 30
+    while client.status(job.id).step < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.cancel(job.id)
+    record = client.wait(job.id, timeout_s=30)
+    assert record.state is JobState.canceled
+    assert record.step < 200 and record.images == []
+    listing = s3_client.list_objects_v2(Bucket="pixq-test", Prefix=f"jobs/{job.id}/")
+    assert listing.get("KeyCount", 0) == 0
+    # The worker serves the next job.
+    assert client.wait(client.submit("after cancel", width=128, height=128, num_inference_steps=2).id,
+                       timeout_s=60).state is JobState.succeeded

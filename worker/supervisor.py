@@ -1,0 +1,347 @@
+"""One worker process per GPU of a host, each pinned to its GPU, restarted when it crashes, drained together.
+
+``pixq worker --gpus all|0,1`` runs this in the parent; the parent never imports torch or
+touches CUDA. Each child is an ordinary ``pixq worker`` that sees exactly one GPU
+(``CUDA_VISIBLE_DEVICES=<that GPU>``, ``--device cuda:0``): whatever in the child reaches
+for "the current device" (a CUDA context, accelerate's offload hooks, a stray
+``.cuda()``) can then only land on its own card, never on GPU 0 of every process.
+
+Signals, as a container runtime or an operator sends them to the parent:
+first SIGTERM (or SIGINT) -> SIGTERM to every child: Celery's warm shutdown, each finishes
+its job; no more restarts; the parent exits once all have. A second one -> SIGQUIT to
+every child: Celery's cold shutdown (Celery ignores a repeated SIGTERM), the unfinished
+job goes back to the queue. SIGQUIT to the parent -> SIGQUIT to every child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from producer.errors import ConfigError
+
+log = logging.getLogger("pixq.supervisor")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One GPU's worker: what its process is told."""
+
+    gpu: int  # index among the GPUs this host (or container) lets us use
+    device: str  # the child's CUDA_VISIBLE_DEVICES: that index, or our own mask's entry (an index or a UUID)
+    name: str  # Celery node name, gpu{i}@host
+    ready_file: Path | None  # the child's own ready file
+
+
+ArgvBuilder = Callable[[Slot], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential restart delay: initial_s, 2x, 4x ... capped at max_s; reset once a child ran reset_after_s."""
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    reset_after_s: float = 300.0
+
+    def delay_s(self, failures: int) -> float:
+        """The wait before restart number ``failures`` (1 for the first crash in a row)."""
+        return min(self.max_s, self.initial_s * 2.0 ** min(max(failures - 1, 0), 60))
+
+
+def parse_gpus(spec: str, count: int) -> list[int]:
+    """``'all'`` or ``'0,1'`` -> GPU indexes in ``range(count)``; anything else raises ``ConfigError``."""
+    text = spec.strip().lower()
+    if text == "all":
+        if count == 0:
+            raise ConfigError(
+                "--gpus all: no GPU is visible (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES is empty); "
+                "is the NVIDIA driver / container toolkit set up?"
+            )
+        return list(range(count))
+    gpus: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            raise ConfigError(f"--gpus: {item!r} in {spec!r} is not a GPU index; use 'all' or indexes like 0,1")
+        gpu = int(item)
+        if gpu >= count:
+            shown = f"0-{count - 1}" if count else "none"
+            raise ConfigError(f"--gpus: GPU {gpu} does not exist; this host shows {count} GPU(s) ({shown})")
+        if gpu in gpus:
+            raise ConfigError(f"--gpus: GPU {gpu} is named twice in {spec!r}")
+        gpus.append(gpu)
+    return gpus
+
+
+def count_gpus_nvidia_smi() -> int:
+    """How many GPUs ``nvidia-smi`` lists (0 when it is missing or fails): no CUDA in this process."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if done.returncode != 0:
+        return 0
+    return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+
+
+def visible_gpus(env: Mapping[str, str], count_gpus: Callable[[], int] = count_gpus_nvidia_smi) -> list[str]:
+    """The GPUs we may use, as CUDA_VISIBLE_DEVICES entries: our own mask when set, else every listed GPU."""
+    mask = env.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        return [entry.strip() for entry in mask.split(",") if entry.strip()]
+    return [str(i) for i in range(count_gpus())]
+
+
+def plan_slots(gpus: Sequence[int], visible: Sequence[str], host: str, ready_file: Path | None) -> list[Slot]:
+    """One slot per GPU index; child ready files sit beside the aggregate one (``ready.gpu0`` ...)."""
+    return [
+        Slot(
+            gpu=i,
+            device=visible[i],
+            name=f"gpu{i}@{host}",
+            ready_file=ready_file.with_name(f"{ready_file.name}.gpu{i}") if ready_file else None,
+        )
+        for i in gpus
+    ]
+
+
+def worker_argv(model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO") -> ArgvBuilder:
+    """The real child: ``pixq worker`` on ``cuda:0`` of its masked view. Secrets stay in the environment."""
+
+    def build(slot: Slot) -> list[str]:
+        argv = [sys.executable, "-m", "worker.cli", "worker", "--model", model, "--device", "cuda:0",
+                "--dtype", dtype, "--name", slot.name, "--loglevel", loglevel]
+        if offload:
+            argv.append("--offload")
+        if slot.ready_file:
+            argv += ["--ready-file", str(slot.ready_file)]
+        return argv
+
+    return build
+
+
+def run_gpu_workers(
+    spec: str, *, model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO",
+    ready_file: Path | None = None,
+) -> int:
+    """``pixq worker --gpus SPEC``: one supervised worker per GPU until stopped; returns the exit code."""
+    env = dict(os.environ)
+    visible = visible_gpus(env)
+    slots = plan_slots(parse_gpus(spec, len(visible)), visible, socket.gethostname(), ready_file)
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
+    return Supervisor(slots, worker_argv(model, dtype, offload, loglevel), env, ready_file=ready_file).run()
+
+
+@dataclass
+class _Child:
+    slot: Slot
+    proc: subprocess.Popen[bytes] | None = None
+    pump: threading.Thread | None = None
+    started_at: float = 0.0
+    failures: int = 0  # crashes in a row
+    restart_at: float | None = None  # monotonic time of a pending restart
+    exit_code: int | None = None  # of the last run
+
+
+class Supervisor:
+    """Runs one child per slot until told to stop; see the module docstring for the signals."""
+
+    def __init__(
+        self, slots: Sequence[Slot], build_argv: ArgvBuilder, env: Mapping[str, str], *,
+        ready_file: Path | None = None, backoff: Backoff = Backoff(), poll_s: float = 0.1,
+    ):
+        names = [s.name for s in slots]
+        if not slots or len(set(names)) != len(names):
+            raise ConfigError(f"supervisor: need at least one worker and distinct names, got {names}")
+        self.children = [_Child(s) for s in slots]
+        self.build_argv = build_argv
+        self.env = dict(env)
+        self.ready_file = ready_file
+        self.backoff = backoff
+        self.poll_s = poll_s
+        self.stops = 0  # stop requests handled so far
+        self._pending: list[int] = []  # signals received, handled in the loop
+        self._ready_shown = False
+
+    def child_env(self, slot: Slot) -> dict[str, str]:
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": slot.device, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's index i is nvidia-smi's GPU i
+        return env
+
+    def run(self) -> int:
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            self._set_ready(False)
+            for child in self.children:
+                self._start(child)
+            while any(c.proc or c.restart_at is not None for c in self.children):
+                self._handle_signals()
+                for child in self.children:
+                    self._check(child)
+                self._update_ready()
+                time.sleep(self.poll_s)
+            log.info("all workers stopped")
+            return self._exit_code()
+        finally:
+            self._kill_leftovers()
+            self._set_ready(False)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- children ------------------------------------------------------------------------
+
+    def _start(self, child: _Child) -> None:
+        slot = child.slot
+        if slot.ready_file:
+            slot.ready_file.unlink(missing_ok=True)  # a crashed run may have left it behind
+        child.proc = subprocess.Popen(
+            list(self.build_argv(slot)), env=self.child_env(slot), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only, which forwards it
+            preexec_fn=_die_with_parent(),
+        )
+        child.pump = threading.Thread(target=_pump, args=(child.proc.stdout, slot.name), daemon=True)
+        child.pump.start()
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("%s started (pid %d, CUDA_VISIBLE_DEVICES=%s)", slot.name, child.proc.pid, slot.device)
+
+    def _check(self, child: _Child) -> None:
+        now = time.monotonic()
+        if child.proc is None:
+            if child.restart_at is not None and now >= child.restart_at:
+                self._start(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            return
+        if child.pump:
+            child.pump.join(timeout=2)
+        ran_s = now - child.started_at
+        child.proc, child.pump, child.exit_code = None, None, _exit_status(code)
+        if child.slot.ready_file:
+            child.slot.ready_file.unlink(missing_ok=True)
+        if self.stops:
+            log.info("%s stopped (%s)", child.slot.name, _describe(code))
+        elif code == 0:
+            log.warning("%s exited cleanly on its own (a remote shutdown?); not restarting it", child.slot.name)
+        else:
+            child.failures = 1 if ran_s >= self.backoff.reset_after_s else child.failures + 1
+            delay = self.backoff.delay_s(child.failures)
+            child.restart_at = now + delay
+            log.warning("%s crashed (%s) after %.1f s; restart %d in %.1f s",
+                        child.slot.name, _describe(code), ran_s, child.failures, delay)
+
+    def _send(self, sig: int) -> None:
+        for child in self.children:
+            child.restart_at = None
+            if child.proc and child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(sig)
+
+    def _kill_leftovers(self) -> None:
+        """Only reached with live children when the loop itself failed: don't leave orphans."""
+        for child in self.children:
+            if child.proc and child.proc.poll() is None:
+                log.error("%s still running as the supervisor exits; killing it", child.slot.name)
+                child.proc.kill()
+                child.proc.wait()
+
+    # -- signals -------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._pending.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._pending:
+            signum = self._pending.pop(0)
+            self.stops += 1
+            if signum == signal.SIGQUIT or self.stops > 1:
+                log.warning("%s: cold shutdown, SIGQUIT to every worker (running jobs go back to the queue)",
+                            signal.Signals(signum).name)
+                self._send(signal.SIGQUIT)
+            else:
+                log.info("%s: draining, SIGTERM to every worker (each finishes its job; again to stop now)",
+                         signal.Signals(signum).name)
+                self._send(signal.SIGTERM)
+
+    # -- readiness and exit --------------------------------------------------------------
+
+    def _update_ready(self) -> None:
+        if self.ready_file:
+            ready = not self.stops and all(
+                c.proc and c.slot.ready_file and c.slot.ready_file.exists() for c in self.children
+            )
+            if ready != self._ready_shown:
+                self._set_ready(ready)
+
+    def _set_ready(self, ready: bool) -> None:
+        if not self.ready_file:
+            return
+        if ready:
+            self.ready_file.write_text("".join(f"{c.slot.name}\n" for c in self.children))
+            log.info("every worker is ready")
+        else:
+            self.ready_file.unlink(missing_ok=True)
+        self._ready_shown = ready
+
+    def _exit_code(self) -> int:
+        return next((c.exit_code for c in self.children if c.exit_code), 0)
+
+
+def _exit_status(code: int) -> int:
+    """A shell's view of a child's end: 128+N for a signal N."""
+    return 128 - code if code < 0 else code
+
+
+def _describe(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def _pump(stream: IO[bytes] | None, name: str) -> None:
+    """Copy a child's output to ours, each line tagged with the worker's name."""
+    if stream is None:
+        return
+    tag = f"{name} | ".encode()
+    out = getattr(sys.stderr, "buffer", None)
+    with stream:
+        for line in stream:
+            if out is None:  # a text-only stderr (an embedding host)
+                sys.stderr.write((tag + line).decode(errors="replace"))
+            else:
+                out.write(tag + line)
+                out.flush()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook: the child gets SIGTERM (a warm drain) if the supervisor dies without forwarding."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
