@@ -1,0 +1,96 @@
+"""`pixq up` and `pixq demo`: what a newcomer runs first."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image
+
+
+def children_of(pid: int) -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def services_under(root: Path) -> list[psutil.Process]:
+    """Processes whose command line mentions the stack's directory (redis, weed, worker, flower)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            text = " ".join(p.info["cmdline"] or []) + " ".join((p.info["environ"] or {}).values())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(root) in text and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "A cozy cabin in the snow", "--dir", str(tmp_path / "state"),
+         "-o", str(tmp_path / "out"), "--size", "256"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "random" in out.stderr  # says plainly that the tiny model draws noise
+    job_id = re.search(r"^job\s+([0-9a-f]{32})$", out.stdout, re.M).group(1)  # type: ignore[union-attr]
+    assert re.search(rf"^s3 key\s+pixq/{job_id}/0.png$", out.stdout, re.M)
+    url = re.search(r"^url\s+(http://127\.0\.0\.1:\d+/\S+)$", out.stdout, re.M)
+    assert url and "Expires=" in url.group(1)
+    saved = tmp_path / "out" / f"{job_id}-0.png"
+    with Image.open(saved) as png:
+        assert png.size == (256, 256)
+    assert services_under(tmp_path / "state") == []  # everything stopped
+
+
+def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--dir", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines) + proc.stderr.read()
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        exports = dict(re.findall(r"export (\w+)='([^']*)'", text))
+        assert set(exports) >= {"PIXQ_REDIS_URL", "PIXQ_S3_ENDPOINT_URL", "PIXQ_S3_BUCKET", "PIXQ_MODEL",
+                                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        flower = re.search(r"Flower: (http://127\.0\.0\.1:\d+/)\s+\(user (\S+), password (\S+)\)", text)
+        assert flower
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(flower.group(1), timeout=5)
+        assert denied.value.code == 401
+
+        env = {**os.environ, **exports}
+        sub = subprocess.run([sys.executable, "-m", "worker.cli", "submit", "hello", "--width", "128",
+                              "--height", "128", "--steps", "3", "--wait", "--json"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert sub.returncode == 0 and '"state": "succeeded"' in sub.stdout, sub.stderr
+
+        started = children_of(proc.pid)
+        assert len(started) >= 4  # redis, weed, worker, flower
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopped." in proc.stderr.read()
+        time.sleep(0.5)
+        assert [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
