@@ -240,7 +240,7 @@ class Supervisor:
         elif code == 0:
             log.warning("%s exited cleanly on its own (a remote shutdown?); not restarting it", child.slot.name)
         else:
-            child.failures = 1
+            child.failures = 1 if ran_s >= self.backoff.reset_after_s else child.failures + 1
             delay = self.backoff.delay_s(child.failures)
             child.restart_at = now + delay
             log.warning("%s crashed (%s) after %.1f s; restart %d in %.1f s",

@@ -1,0 +1,198 @@
+"""Per-process speed-ups around one loaded ``PixArtSigmaPipeline``: what a worker keeps between jobs.
+
+* prompt embeddings: the T5-XXL encoding of each prompt is kept in a small LRU on the device;
+  the empty negative prompt is encoded once. The pipeline gets ``prompt_embeds`` and
+  ``negative_prompt_embeds`` with their attention masks, which is the same T5 call the pipeline
+  would make (bit-identical output, tests/test_render_fidelity.py);
+* text trimming: T5 pads every prompt to 300 tokens and the cross-attention masks the padding
+  out with a -10000 bias, whose softmax weight is exactly 0 in float32. Cutting the padded tail
+  (rounded up to ``text_bucket`` tokens) changes only summation order, and saves the projection
+  and cross-attention work of the padding (about 3% of the transformer at 1024²);
+* ``torch.compile`` of the transformer (fullgraph, static shapes except the text length, which is
+  marked dynamic so trimmed prompts share one graph); inductor's on-disk caches make a restart
+  compile from cache (``configure_compile_cache``);
+* fast mode's step plan (``worker.fastmode``), switched per render on the same pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.fastmode import Action, FastPlan, StepController
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default)
+
+
+@dataclass(frozen=True)
+class AccelOptions:
+    compile: bool = False
+    compile_mode: str = "default"
+    trim_text: bool = True
+    text_bucket: int = 32
+    prompt_cache: int = 64  # prompts whose embeddings stay on the device (≈2.4 MB each at full size)
+    fast_plan: FastPlan = field(default_factory=FastPlan)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt's T5 output (batch 1) and mask, with its token count."""
+
+    embeds: Any
+    mask: Any
+    tokens: int
+
+
+class PromptCache:
+    """A thread-safe LRU of ``Encoded`` by (text, max_sequence_length, clean_caption)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[tuple[str, int, bool], Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, bool]) -> Encoded | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[str, int, bool], item: Encoded) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def configure_compile_cache(cache_dir: str | os.PathLike[str]) -> Path:
+    """Keep inductor's FX-graph, AOT-autograd and Triton caches in ``cache_dir`` across restarts.
+
+    Read lazily by torch at compile time, so setting it before the first compile is enough.
+    """
+    path = Path(cache_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    return path
+
+
+def compile_forward(forward: Any, mode: str = "default") -> Any:
+    """``torch.compile`` one transformer forward: one full graph per batch size and image size."""
+    import torch
+    import torch._dynamo
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)} (got {mode!r})")
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(int(getattr(cfg, name)), 64))
+    kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+    if mode != "default":
+        kwargs["mode"] = mode
+    compiled = torch.compile(forward, **kwargs)
+
+    def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
+        # The text length varies with trimming; one symbolic graph serves all lengths.
+        for name in ("encoder_hidden_states", "encoder_attention_mask"):
+            value = kw.get(name)
+            if value is not None and value.ndim >= 2 and value.shape[1] > 1:
+                torch._dynamo.mark_dynamic(value, 1)
+        return compiled(hidden_states, *args, **kw)
+
+    return call
+
+
+class Accelerator:
+    """The per-pipeline state: prompt cache, compiled transformer, fast-mode controller."""
+
+    ATTRIBUTE = "_pixq_accel"
+
+    def __init__(self, pipe: Any, options: AccelOptions | None = None):
+        self.pipe = pipe
+        self.options = options or AccelOptions()
+        self.cache = PromptCache(self.options.prompt_cache)
+        forward = pipe.transformer.forward
+        before_call = None
+        if self.options.compile:
+            forward = compile_forward(forward, self.options.compile_mode)
+            if self.options.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA-graph trees
+                before_call = _cudagraph_step_begin
+        self.controller = StepController.install(pipe.transformer, forward, before_call=before_call)
+        setattr(pipe, self.ATTRIBUTE, self)
+
+    @classmethod
+    def of(cls, pipe: Any) -> Accelerator:
+        """The pipeline's accelerator; a plain one (no compile) is attached on first use."""
+        accel = getattr(pipe, cls.ATTRIBUTE, None)
+        return accel if isinstance(accel, Accelerator) else cls(pipe)
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def encode(self, text: str, clean_caption: bool = True) -> Encoded:
+        key = (text, MAX_SEQUENCE_LENGTH, clean_caption)
+        item = self.cache.get(key)
+        if item is None:
+            embeds, mask, _, _ = self.pipe.encode_prompt(
+                text,
+                do_classifier_free_guidance=False,
+                num_images_per_prompt=1,
+                device=self.pipe._execution_device,
+                clean_caption=clean_caption,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+            item = Encoded(embeds, mask, int(mask.sum().item()))
+            self.cache.put(key, item)
+        return item
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, guided: bool) -> dict[str, Any]:
+        """``prompt_embeds`` & co. for one pipeline call, trimmed to the longest prompt's bucket."""
+        pos = self.encode(prompt)
+        neg = self.encode(negative_prompt) if guided else None
+        length = pos.embeds.shape[1]
+        if self.options.trim_text:
+            tokens = max(pos.tokens, neg.tokens if neg is not None else 0, 1)
+            bucket = max(1, self.options.text_bucket)
+            length = min(length, math.ceil(tokens / bucket) * bucket)
+        kwargs: dict[str, Any] = {
+            "prompt_embeds": pos.embeds[:, :length],
+            "prompt_attention_mask": pos.mask[:, :length],
+        }
+        if neg is not None:
+            kwargs["negative_prompt_embeds"] = neg.embeds[:, :length]
+            kwargs["negative_prompt_attention_mask"] = neg.mask[:, :length]
+        return kwargs
+
+    # -- fast mode ----------------------------------------------------------------------------
+
+    def plan(self, fast: bool, steps: int, guided: bool) -> list[Action] | None:
+        return self.options.fast_plan.actions(steps, guided) if fast else None
+
+
+def _cudagraph_step_begin() -> None:
+    import torch
+
+    torch.compiler.cudagraph_mark_step_begin()
