@@ -14,7 +14,7 @@ from producer.records import JobRecord, JobState, RecordStore
 from producer.s3 import make_s3_client
 from producer.schema import JobRequest, parse_request
 from producer.settings import Settings
-from producer.wire import RENDER_TASK, make_celery, queue_name
+from producer.wire import make_celery, queue_lists, send_job
 
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
@@ -90,13 +90,7 @@ class Client:
                 self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
         try:
             self.records.create(job_id, request)
-            self._celery.send_task(
-                RENDER_TASK,
-                kwargs={"job_id": job_id},
-                queue=queue_name(request.model_name),
-                task_id=job_id,
-                kwargsrepr=_task_summary(job_id, request),
-            )
+            send_job(self._celery, job_id, request, task_id=job_id)
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
             self._undo(job_id, idem_key)
@@ -118,7 +112,10 @@ class Client:
 
     def queue_depth(self, model_name: str) -> int:
         """Messages waiting on the model's queue (not counting the ones being rendered)."""
-        return int(self.conn.llen(queue_name(model_name)))
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in queue_lists(model_name):
+                pipe.llen(name)
+            return sum(pipe.execute())
 
     # -- read -------------------------------------------------------------------------------
 
@@ -180,13 +177,5 @@ class Client:
         return make_s3_client(self.settings)
 
     def close(self) -> None:
+        self._celery.close()
         self.conn.close()
-
-
-def _task_summary(job_id: str, request: JobRequest) -> str:
-    """What Flower shows as the task's arguments: no secrets, a shortened prompt."""
-    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
-    return (
-        f"{{'job_id': '{job_id}', 'model': '{request.model_name}', "
-        f"'size': '{request.width}x{request.height}', 'prompt': {prompt!r}}}"
-    )

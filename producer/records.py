@@ -70,6 +70,10 @@ class JobRecord(BaseModel):
         return self.model_dump(mode="json")
 
 
+RUNNING_KEY = "pixq:running"  # ZSET job id -> claim time: jobs some worker holds a lease on
+DEAD_KEY = "pixq:dead"  # ZSET job id -> time: jobs that ran out of attempts
+LEASE_PREFIX = "pixq:lease:"
+
 # KEYS[1]: the job hash. ARGV[1]: allowed current states, comma-joined ("*": any).
 # ARGV[2..]: field, value pairs to set. Returns {1, old_state} if set, {0, state} if not
 # (state false when the job does not exist).
@@ -93,6 +97,100 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
+"""
+
+# Shared by claim and reap: a running job whose lease lapsed and that has used all its attempts
+# ends failed and goes on the dead list. KEYS: job, lease, running, dead.
+# ARGV: job id, now, max attempts, retention, [worker, lease ms].
+_DEAD_IF_SPENT = """
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[3]) then
+  local message = 'worker lost ' .. attempts .. ' times'
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[2],
+    'error', cjson.encode({type = 'WorkerLost', message = message}))
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {'dead', message}
+end
+"""
+
+# Take a job to run: a queued one, or a running one whose worker's lease lapsed.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if state == 'running' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder then return {'busy', holder} end
+elseif state ~= 'queued' then
+  return {'settled', state}
+end
+""" + _DEAD_IF_SPENT + """
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0')
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return {'claimed', tostring(n)}
+"""
+
+# A running job whose lease lapsed goes back to queued (the caller sends a new message) or,
+# out of attempts, to the dead list.
+_REAP = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then redis.call('ZREM', KEYS[3], ARGV[1]) return {'gone', ''} end
+if state ~= 'running' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'settled', state} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', ''} end
+""" + _DEAD_IF_SPENT + """
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0')
+redis.call('ZREM', KEYS[3], ARGV[1])
+return {'requeued', ''}
+"""
+
+# KEYS: lease. ARGV: worker, lease ms. Extend the lease only while we hold it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job, lease. ARGV: worker, step. Record progress if we still hold the job; answer
+# 'cancel' when a cancel was asked for, 'lost' when the job is no longer ours.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
+   or redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 'lost'
+end
+redis.call('HSET', KEYS[1], 'step', ARGV[2])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
+return 'ok'
+"""
+
+# KEYS: job, lease, running. ARGV: worker, job id, retention, attempts delta, field/value pairs.
+# End (or give back) a job we hold: set fields, drop the lease and the running entry.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return {0, redis.call('HGET', KEYS[1], 'state') or false}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[4]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return {1, 'running'}
+"""
+
+# KEYS: job, dead. ARGV: job id, retention. A failed or canceled job goes back to queued with
+# fresh attempts (the caller sends the message).
+_RETRY = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'worker', '',
+  'error', '', 'images', '[]', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1, state}
 """
 
 
@@ -144,10 +242,22 @@ class RecordStore:
         self.retention_s = retention_s
         self._transition = conn.register_script(_TRANSITION)
         self._create = conn.register_script(_CREATE)
+        self._claim = conn.register_script(_CLAIM)
+        self._reap = conn.register_script(_REAP)
+        self._renew = conn.register_script(_RENEW)
+        self._progress = conn.register_script(_PROGRESS)
+        self._release = conn.register_script(_RELEASE)
+        self._retry = conn.register_script(_RETRY)
 
     @staticmethod
     def key(job_id: str) -> str:
         return KEY_PREFIX + job_id
+
+    @staticmethod
+    def lease_key(job_id: str) -> str:
+        return LEASE_PREFIX + job_id
+
+    # -- producer side ----------------------------------------------------------------------
 
     def create(self, job_id: str, request: JobRequest) -> JobRecord:
         record = JobRecord(
@@ -186,12 +296,53 @@ class RecordStore:
             self.conn.expire(self.key(job_id), self.retention_s)  # retention counts from the end
         return bool(done), JobState(state.decode()) if state else None
 
-    def set_progress(self, job_id: str, step: int) -> bool:
-        done, _ = self.transition(job_id, (JobState.running,), step=step)
-        return done
+    def retry(self, job_id: str) -> bool:
+        """Put a failed or canceled job back to queued with fresh attempts (caller re-sends)."""
+        done, _ = self._retry(keys=[self.key(job_id), DEAD_KEY], args=[job_id, self.retention_s])
+        return bool(done)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.conn.hget(self.key(job_id), "cancel_requested") == b"1"
+    def dead_ids(self) -> list[str]:
+        return [m.decode() for m in self.conn.zrange(DEAD_KEY, 0, -1)]
+
+    def running_ids(self) -> list[str]:
+        return [m.decode() for m in self.conn.zrange(RUNNING_KEY, 0, -1)]
 
     def delete(self, job_id: str) -> None:
         self.conn.delete(self.key(job_id))
+
+    # -- worker side ------------------------------------------------------------------------
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self.key(job_id), self.lease_key(job_id), RUNNING_KEY, DEAD_KEY]
+
+    def claim(self, job_id: str, worker: str, lease_ttl_s: float, max_attempts: int) -> tuple[str, str]:
+        """Take the job: ``('claimed', attempts)``, or why not: ``missing``, ``busy`` (another
+        worker holds its lease), ``settled`` (already ended), ``dead`` (out of attempts)."""
+        outcome, detail = self._claim(
+            keys=self._job_keys(job_id),
+            args=[job_id, time.time(), max_attempts, self.retention_s, worker, int(lease_ttl_s * 1000)],
+        )
+        return outcome.decode(), detail.decode() if isinstance(detail, bytes) else str(detail)
+
+    def reap(self, job_id: str, max_attempts: int) -> tuple[str, str]:
+        """Re-queue a running job whose lease lapsed: ``requeued``, ``dead``, ``alive``, ..."""
+        outcome, detail = self._reap(
+            keys=self._job_keys(job_id), args=[job_id, time.time(), max_attempts, self.retention_s]
+        )
+        return outcome.decode(), detail.decode() if isinstance(detail, bytes) else str(detail)
+
+    def renew_lease(self, job_id: str, worker: str, lease_ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.lease_key(job_id)], args=[worker, int(lease_ttl_s * 1000)]))
+
+    def progress(self, job_id: str, worker: str, step: int) -> str:
+        """Record a finished step: ``ok``, ``cancel`` (asked to stop) or ``lost`` (not ours)."""
+        answer = self._progress(keys=[self.key(job_id), self.lease_key(job_id)], args=[worker, step])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    def release(self, job_id: str, worker: str, attempts_delta: int = 0, **fields: Any) -> bool:
+        """End (or give back) a job this worker holds; ``False`` if it is no longer ours."""
+        done, _ = self._release(
+            keys=[self.key(job_id), self.lease_key(job_id), RUNNING_KEY],
+            args=[worker, job_id, self.retention_s, attempts_delta, *_encode(fields)],
+        )
+        return bool(done)

@@ -76,6 +76,7 @@ class JobRequest(BaseModel):
     )
     # Not strict: JSON callers can only send the format as a string.
     output_format: Annotated[OutputFormat, Strict(False)] = Field(OutputFormat.png, description="Image file format.")
+    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent); higher runs first.")
     mode: Annotated[RenderMode, Strict(False)] = Field(RenderMode.exact, description=RenderMode.__doc__)
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
         None, description="Two submits with the same key give one job."

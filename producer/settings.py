@@ -25,6 +25,10 @@ ENV_VARS = (
     "PIXQ_MODEL",
     "PIXQ_RETENTION_S",
     "PIXQ_MAX_QUEUE_DEPTH",
+    "PIXQ_JOB_TIMEOUT_S",
+    "PIXQ_VISIBILITY_TIMEOUT_S",
+    "PIXQ_MAX_ATTEMPTS",
+    "PIXQ_LEASE_TTL_S",
     "AWS_DEFAULT_REGION",
 )
 
@@ -42,6 +46,15 @@ class Settings(BaseModel):
     aws_region: str = "us-east-1"
     retention_s: int = DEFAULT_RETENTION_S
     max_queue_depth: int = 0  # 0: no limit
+    job_timeout_s: int = 600  # a job still rendering after this fails "timed out"
+    visibility_timeout_s: int | None = None  # Redis redelivery of unacked messages; default derived below
+    max_attempts: int = 3  # deliveries of one job before it is dead
+    lease_ttl_s: int = 15  # a running job whose worker stops renewing this is re-queued
+
+    @property
+    def effective_visibility_timeout_s(self) -> int:
+        """Longer than the longest allowed job unless set explicitly (tests set it short)."""
+        return self.visibility_timeout_s or 2 * self.job_timeout_s + 600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -79,6 +92,10 @@ class Settings(BaseModel):
         for var, field, minimum in (
             ("PIXQ_RETENTION_S", "retention_s", 1),
             ("PIXQ_MAX_QUEUE_DEPTH", "max_queue_depth", 0),
+            ("PIXQ_JOB_TIMEOUT_S", "job_timeout_s", 1),
+            ("PIXQ_VISIBILITY_TIMEOUT_S", "visibility_timeout_s", 1),
+            ("PIXQ_MAX_ATTEMPTS", "max_attempts", 1),
+            ("PIXQ_LEASE_TTL_S", "lease_ttl_s", 2),
         ):
             if (raw := get(var)) is not None:
                 values[field] = _check_int(var, raw, minimum)

@@ -1,6 +1,7 @@
 """What travels between producer and worker through Celery: task name, queues, serialization.
 
-The producer enqueues by task *name* (``send_task``) and never imports the worker.
+The producer enqueues by task *name* (``send_task``) and never imports the worker. The broker
+is treated as lossy; the job record in Redis is the truth (see ``records.py``).
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from typing import Any
 
 from celery import Celery
 
+from producer.schema import JobRequest
 from producer.settings import Settings
 
 RENDER_TASK = "pixq.render"
 QUEUE_PREFIX = "pixq."
 
-# Longer than the longest job a worker will run, so Redis does not hand a running job's
-# message to a second worker (the reliability issue adds leases on top).
-VISIBILITY_TIMEOUT_S = 2 * 3600
+# Kombu's Redis transport keeps one list per priority step: ``name`` for step 0, then
+# ``name:1`` ... ``name:9``; it serves lower steps first. Requests say 9 for most urgent.
+PRIORITY_STEPS = list(range(10))
+PRIORITY_SEP = ":"
+
+# A live worker keeps ``pixq:worker:{name}`` (JSON: model, device, pid, ...) with a short TTL.
+WORKER_KEY_PREFIX = "pixq:worker:"
+WORKER_KEY_TTL_S = 15
 
 
 def queue_name(model_name: str) -> str:
@@ -24,8 +31,31 @@ def queue_name(model_name: str) -> str:
     return QUEUE_PREFIX + model_name
 
 
+def queue_lists(model_name: str) -> list[str]:
+    """The Redis lists that hold the model's waiting messages, most urgent first."""
+    name = queue_name(model_name)
+    return [name] + [f"{name}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS[1:]]
+
+
+def broker_priority(priority: int) -> int:
+    return 9 - priority
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.require_redis()
+    transport = {
+        # Longer than the longest allowed job, so Redis does not hand a running job's message to
+        # a second worker; leases (worker/lease.py) catch dead workers much sooner.
+        "visibility_timeout": settings.effective_visibility_timeout_s,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": PRIORITY_SEP,
+        "queue_order_strategy": "priority",
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
     return {
         "broker_url": url,
         "result_backend": url,  # only for task progress (update_state); the job record is the truth
@@ -33,25 +63,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_serializer": "json",
         "result_serializer": "json",
-        "accept_content": ["json"],
+        "accept_content": ["json"],  # a pickle message is refused, never executed
         "result_accept_content": ["json"],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_deduplicate_successful_tasks": False,
         "task_track_started": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
-            "socket_connect_timeout": 5,
-            "socket_timeout": 30,
-            "health_check_interval": 10,
-        },
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_connection_max_retries": None,  # keep reconnecting after a Redis restart
+        "broker_heartbeat": 0,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.effective_visibility_timeout_s,
+                                             "retry_policy": {"timeout": 5.0}},
         "redis_socket_connect_timeout": 5,
         "redis_socket_timeout": 30,
-        # Publishing is one attempt with a short timeout: the caller gets a clear error.
+        "redis_retry_on_timeout": True,
+        "redis_backend_health_check_interval": 10,
+        # Publishing retries briefly, then the caller gets a clear error.
         "task_publish_retry": True,
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     }
@@ -62,6 +95,20 @@ def make_celery(settings: Settings, name: str = "pixq") -> Celery:
     app.conf.update(celery_config(settings))
     return app
 
-# A live worker keeps ``pixq:worker:{name}`` (JSON: model, device, pid, ...) with a short TTL.
-WORKER_KEY_PREFIX = "pixq:worker:"
-WORKER_KEY_TTL_S = 15
+
+def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None = None) -> None:
+    """Put one message for ``job_id`` on its model's queue (the worker reads the record).
+
+    The first message's Celery task id is the job id, so Flower finds a job by its id.
+    """
+    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+    app.send_task(
+        RENDER_TASK,
+        kwargs={"job_id": job_id},
+        queue=queue_name(request.model_name),
+        priority=broker_priority(request.priority),
+        task_id=task_id,
+        # What Flower shows as the arguments: no secrets, a shortened prompt.
+        kwargsrepr=repr({"job_id": job_id, "model": request.model_name,
+                         "size": f"{request.width}x{request.height}", "prompt": prompt}),
+    )

@@ -13,7 +13,6 @@ from PIL import Image
 from producer.client import Client
 from producer.errors import InvalidRequest, JobNotFound
 from producer.records import JobState
-from producer.wire import queue_name
 from tests.conftest import write_artifact
 from worker.stack import Service
 
@@ -119,7 +118,7 @@ def test_image_from_the_queue_equals_a_direct_pipeline_call(
 
 def test_invalid_requests_reach_nothing(client: Client, raw_redis: redis.Redis, tiny_model: str) -> None:
     def footprint() -> tuple[int, int]:
-        return len(list(raw_redis.scan_iter("pixq:job:*"))), raw_redis.llen(queue_name(tiny_model))
+        return len(list(raw_redis.scan_iter("pixq:job:*"))), client.queue_depth(tiny_model)
 
     before = footprint()
     for fields in (
@@ -156,7 +155,7 @@ def test_job_for_a_model_no_worker_serves_stays_queued(
     time.sleep(0.5)
     record = client.status(orphan.id)
     assert record.state is JobState.queued and record.attempts == 0 and record.worker is None
-    assert raw_redis.llen(queue_name(orphan_model)) >= 1
+    assert client.queue_depth(orphan_model) == 1
     client.cancel(orphan.id)  # leave nothing behind for other tests
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A stand-in for `pixq worker`: logs what it was given and every signal to an events file,
 # behaves as its mode says (argv: name, ready file, state dir, mode).
-CHILD = r'''
+CHILD = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 
@@ -70,10 +71,10 @@ while time.time() < deadline:
         note("exit")
         sys.exit(0 if sig == "TERM" else 1)
 note("timeout")
-'''
+"""
 
 # Runs the Supervisor as the real process a container would have as its main process.
-DRIVER = r'''
+DRIVER = r"""
 import json, logging, sys
 from pathlib import Path
 from worker.supervisor import Backoff, Supervisor, plan_slots
@@ -89,7 +90,7 @@ def argv(slot):
 
 env = {"PATH": "/usr/bin:/bin", "PIXQ_REDIS_URL": "redis://:s3cret@redis:6379/0"}
 sys.exit(Supervisor(slots, argv, env, ready_file=ready, backoff=Backoff(**cfg["backoff"]), poll_s=0.02).run())
-'''
+"""
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Running:
     log_path: Path
     ready: Path
 
-    def events(self, name: str) -> list[dict[str, object]]:
+    def events(self, name: str) -> list[dict[str, Any]]:
         path = self.state / f"{name}.events"
         if not path.exists():
             return []
@@ -129,26 +130,36 @@ class Running:
 def supervise(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(gpus: list[int], modes: dict[str, str] | None = None, *, ready: bool = False,
-              backoff: Backoff = Backoff(initial_s=0.2, max_s=0.3)) -> Running:
+    def start(
+        gpus: list[int],
+        modes: dict[str, str] | None = None,
+        *,
+        ready: bool = False,
+        backoff: Backoff = Backoff(initial_s=0.2, max_s=0.3),
+    ) -> Running:
         run_dir = tmp_path / f"run{len(started)}"
         state = run_dir / "state"
         state.mkdir(parents=True)
         (run_dir / "child.py").write_text(CHILD)
         (run_dir / "driver.py").write_text(DRIVER)
         cfg = {
-            "gpus": gpus, "visible": [str(i) for i in range(4)], "modes": modes or {},
-            "child": str(run_dir / "child.py"), "state": str(state),
+            "gpus": gpus,
+            "visible": [str(i) for i in range(4)],
+            "modes": modes or {},
+            "child": str(run_dir / "child.py"),
+            "state": str(state),
             "ready": str(run_dir / "ready") if ready else "",
-            "backoff": {"initial_s": backoff.initial_s, "max_s": backoff.max_s,
-                        "reset_after_s": backoff.reset_after_s},
+            "backoff": {"initial_s": backoff.initial_s, "max_s": backoff.max_s, "reset_after_s": backoff.reset_after_s},
         }
         log_path = run_dir / "supervisor.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, str(run_dir / "driver.py"), json.dumps(cfg)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                start_new_session=True,
             )
         running = Running(proc, state, log_path, run_dir / "ready")
         started.append(running)
@@ -235,6 +246,11 @@ def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Pa
     assert argv[argv.index("--ready-file") + 1] == str(tmp_path / "ready.gpu3")
     assert "--offload" in argv
     assert "--offload" not in worker_argv("m")(slot)
+    assert list(worker_argv("m", extra_args=["--compile", "--warmup", "512x512"])(slot))[-3:] == [
+        "--compile",
+        "--warmup",
+        "512x512",
+    ]
     # Every option the supervisor passes exists on the real `pixq worker` command.
     command = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
@@ -249,7 +265,7 @@ def test_each_gpu_gets_its_own_pinned_worker_with_a_distinct_name(supervise: Cal
     names = ["gpu0@testhost", "gpu2@testhost", "gpu3@testhost"]
     run.wait_for(lambda: all(run.count(n, "start") == 1 for n in names))
     starts = {n: run.events(n)[0] for n in names}
-    assert {n: e["cvd"] for n, e in starts.items()} == dict(zip(names, ["0", "2", "3"]))
+    assert {n: e["cvd"] for n, e in starts.items()} == dict(zip(names, ["0", "2", "3"], strict=True))
     assert all(e["order"] == "PCI_BUS_ID" for e in starts.values())
     assert all(e["secret"] == "redis://:s3cret@redis:6379/0" for e in starts.values())  # by env ...
     assert all("s3cret" not in " ".join(e["argv"]) for e in starts.values())  # ... never by argv
@@ -278,7 +294,7 @@ def test_sigterm_drains_every_worker_before_the_supervisor_exits(supervise: Call
     run = supervise([0, 1])
     names = ["gpu0@testhost", "gpu1@testhost"]
     run.wait_for(lambda: all(run.count(n, "start") for n in names))
-    pids = [int(run.events(n)[0]["pid"]) for n in names]  # type: ignore[call-overload]
+    pids = [int(run.events(n)[0]["pid"]) for n in names]
     run.proc.send_signal(signal.SIGTERM)
     time.sleep(0.25)
     assert run.proc.poll() is None  # still waiting: each worker takes 0.5 s to finish its job
@@ -315,8 +331,12 @@ def test_stop_during_backoff_cancels_the_restart(supervise: Callable[..., Runnin
 
 
 def test_ready_file_only_while_every_worker_is_ready(supervise: Callable[..., Running]) -> None:
-    run = supervise([0, 1], {"gpu0@testhost": "ready_then_crash_once", "gpu1@testhost": "slow_ready"},
-                    ready=True, backoff=Backoff(initial_s=0.5, max_s=0.5))
+    run = supervise(
+        [0, 1],
+        {"gpu0@testhost": "ready_then_crash_once", "gpu1@testhost": "slow_ready"},
+        ready=True,
+        backoff=Backoff(initial_s=0.5, max_s=0.5),
+    )
     child0 = run.ready.with_name("ready.gpu0")
     run.wait_for(child0.exists)
     assert not run.ready.exists()  # gpu1 is still loading

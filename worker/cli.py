@@ -15,7 +15,8 @@ import typer
 from producer.cli import app, client_from_env, err, wait_with_progress
 from producer.errors import ConfigError, PixqError
 from producer.settings import Settings
-from worker.pipeline import DTYPES
+from worker.accel import COMPILE_MODES
+from worker.pipeline import DTYPES, parse_size
 
 
 @app.command()
@@ -27,18 +28,58 @@ def worker(
     offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     ready_file: Annotated[Optional[Path], typer.Option(help="File written once serving (readiness probes)")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the transformer")] = False,
+    compile_mode: Annotated[str, typer.Option(help="default, reduce-overhead (CUDA graphs), "
+                                              "max-autotune-no-cudagraphs, max-autotune")] = "default",
+    compile_cache: Annotated[Optional[Path], typer.Option(help="Inductor cache directory kept across "
+                                                          "restarts [default: torch's, under /tmp]")] = None,
+    warmup: Annotated[Optional[list[str]], typer.Option(help="Render one job at this WIDTHxHEIGHT per mode "
+                                                        "before serving; repeatable")] = None,
+    warmup_mode: Annotated[Optional[list[str]], typer.Option(help="Modes to warm up: exact, fast; "
+                                                             "repeatable [default: both]")] = None,
+    prompt_cache: Annotated[int, typer.Option(help="Prompts whose T5 embeddings stay on the device")] = 64,
+    gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
+    trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
+                                            help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
     from worker.process import WorkerOptions, serve
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile-mode: must be one of {', '.join(COMPILE_MODES)}")
+    for size in warmup or []:
+        try:
+            parse_size(size)
+        except ValueError as exc:
+            raise ConfigError(f"--warmup: {exc}") from None
+    if any(m not in ("exact", "fast") for m in warmup_mode or []):
+        raise ConfigError("--warmup-mode: must be exact or fast")
     settings = Settings.from_env(os.environ)
     settings.require_redis()
     settings.require_bucket()
+    if gpus is not None:
+        if name or device != "cpu":
+            raise ConfigError("--gpus sets each worker's --device and --name; drop them")
+        from worker.supervisor import run_gpu_workers
+
+        extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
+                 "--prompt-cache", str(prompt_cache), "--trim-text" if trim_text else "--no-trim-text"]
+        extra += ["--compile-cache", str(compile_cache)] if compile_cache else []
+        for size in warmup or []:
+            extra += ["--warmup", size]
+        for mode in warmup_mode or []:
+            extra += ["--warmup-mode", mode]
+        raise typer.Exit(run_gpu_workers(gpus, model=model or settings.model, dtype=dtype, offload=offload,
+                                         loglevel=loglevel, ready_file=ready_file, extra_args=extra))
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
                                   offload=offload, loglevel=loglevel,
-                                  ready_file=str(ready_file) if ready_file else None))
+                                  ready_file=str(ready_file) if ready_file else None,
+                                  compile=compile, compile_mode=compile_mode,
+                                  compile_cache=str(compile_cache) if compile_cache else None,
+                                  warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
+                                  prompt_cache=prompt_cache, trim_text=trim_text))
 
 
 @app.command("make-test-model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -12,16 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from producer.records import RecordStore
 from producer.settings import Settings
 from producer.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
-from worker.pipeline import load_pipeline
-from worker.runner import JobRunner
+from worker.lease import Leases
+from worker.accel import AccelOptions
+from worker.pipeline import load_pipeline, parse_size
+from worker.reaper import Reaper
+from worker.runner import JobRunner, RunnerConfig, Shutdown
 from worker.storage import Storage
-from worker.tasks import create_app
+from worker.tasks import create_app, register_render_task
 
 log = logging.getLogger(__name__)
+
+UPLOAD_RETRY_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,19 @@ class WorkerOptions:
     offload: bool = False
     loglevel: str = "INFO"
     ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
+    concurrency: int = 2  # job threads: one renders while the other encodes and uploads
+    # Speed-ups (worker/accel.py, docs/performance.md)
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_cache: str | None = None
+    warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
+    warmup_modes: tuple[str, ...] = ("exact", "fast")
+    prompt_cache: int = 64
+    trim_text: bool = True
+
+    def accel_options(self) -> AccelOptions:
+        return AccelOptions(compile=self.compile, compile_mode=self.compile_mode,
+                            prompt_cache=self.prompt_cache, trim_text=self.trim_text)
 
     def node_name(self) -> str:
         if self.name:
@@ -70,16 +91,65 @@ class Presence:
             pass
 
 
+def resilient_redis(url: str) -> redis.Redis:
+    """A connection that rides out a Redis restart (about a minute of retries) instead of
+    failing the job it is recording."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        socket_keepalive=True,
+        health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 25),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def install_second_stop(shutdown: Shutdown) -> None:
+    """Celery ignores a repeated SIGTERM; ours gives the running job back at its next step.
+
+    The first SIGTERM still goes to Celery (warm shutdown: stop consuming, finish the job).
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        if shutdown.draining.is_set():
+            shutdown.request()
+            log.warning("second SIGTERM: giving the running job back to the queue")
+            return
+        shutdown.request()
+        if callable(previous):
+            previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: keep Celery's own handling
+        log.warning("could not install the second-SIGTERM handler")
+
+
 def serve(settings: Settings, options: WorkerOptions) -> None:
-    """Load once, then consume the model's queue with one task at a time until told to stop."""
-    settings.require_redis()
-    storage = Storage(settings)
-    loaded = load_pipeline(options.model, options.device, options.dtype, options.offload)
-    conn = redis.Redis.from_url(settings.require_redis(), socket_connect_timeout=5, socket_timeout=30)
+    """Load once, then consume the model's queue until told to stop (two-stage on SIGTERM)."""
+    storage = Storage(settings, retry_budget_s=UPLOAD_RETRY_BUDGET_S)
+    loaded = load_pipeline(
+        options.model, options.device, options.dtype, options.offload,
+        accel=options.accel_options(), compile_cache=options.compile_cache,
+        warmup=[parse_size(size) for size in options.warmup], warmup_modes=options.warmup_modes,
+    )
+    conn = resilient_redis(settings.require_redis())
     records = RecordStore(conn, settings.retention_s)
     name = options.node_name()
-    runner = JobRunner(records, loaded.pipe, storage, worker_name=name, model_name=options.model)
-    app = create_app(settings, runner)
+    app = create_app(settings)
+    leases = Leases(records, name, ttl_s=settings.lease_ttl_s,
+                    hard_limit_s=settings.job_timeout_s + UPLOAD_RETRY_BUDGET_S + 60)
+    shutdown = Shutdown()
+    runner = JobRunner(
+        records, loaded, storage,
+        RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
+                     lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts),
+        leases, app, shutdown,
+    )
+    register_render_task(app, runner)
+    reaper = Reaper(records, app, settings.max_attempts, interval_s=max(settings.lease_ttl_s / 3, 0.5))
     presence = Presence(
         conn,
         name,
@@ -94,26 +164,35 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         },
     )
 
-    from celery.signals import worker_ready, worker_shutdown
+    from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
     def on_ready(**_: object) -> None:
+        install_second_stop(shutdown)
+        leases.start()
+        reaper.start()
         presence.start()
         if options.ready_file:
             Path(options.ready_file).write_text(f"{name}\n")
 
+    def on_shutting_down(**_: object) -> None:
+        shutdown.request()  # first stop: jobs waiting for the GPU go back, the running one finishes
+
     def on_shutdown(**_: object) -> None:
         presence.stop()
+        reaper.stop()
+        leases.stop()
         if options.ready_file:
             Path(options.ready_file).unlink(missing_ok=True)
 
     worker_ready.connect(on_ready, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
-    # The threads pool runs the task in this process, next to the loaded pipeline; one at a time.
+    # The threads pool runs tasks in this process, next to the loaded pipeline.
     app.worker_main(
         [
             "worker",
             "--pool=threads",
-            "--concurrency=1",
+            f"--concurrency={options.concurrency}",
             f"--queues={queue_name(options.model)}",
             f"--hostname={name}",
             f"--loglevel={options.loglevel}",

@@ -1,18 +1,27 @@
-"""Running one job: claim it, render with progress and cancel checks, store, record the end.
+"""Running one job: claim it, render with progress, cancel and deadline checks, store, record.
 
 Kept apart from Celery (``tasks.py``) so the in-process path and the queue path are the same
 code, and so a benchmark can time it without a broker.
+
+Two job threads share one pipeline: the render runs under ``gpu_lock``, and encoding and
+upload happen outside it, so the GPU starts the next job while the last one is stored. A job
+is acknowledged only after its images are stored and its record says so.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from producer.errors import JobNotFound
-from producer.records import JobError, JobRecord, JobState, RecordStore
+from celery import Celery
+
+from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordStore
+from producer.wire import send_job
+from worker.lease import HeldJob, Leases
 from worker.render import encode, render
 from worker.storage import Storage
 
@@ -21,101 +30,172 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 
 
-class JobCanceled(Exception):
-    """Raised from the step callback when the job's cancel flag is set."""
+class JobStopped(Exception):
+    """Raised from the step callback to stop a render; says what the record becomes."""
+
+
+class JobCanceled(JobStopped):
+    pass
+
+
+class LeaseLost(JobStopped):
+    """Another worker holds the job now: touch nothing."""
+
+
+class DeadlineExceeded(JobStopped):
+    pass
+
+
+class GiveBack(JobStopped):
+    """The worker is stopping now: put the job back for another worker."""
+
+
+@dataclass
+class Shutdown:
+    """Two-stage stop: the first signal drains (finish the running job, take no new one),
+    the second gives running jobs back to the queue at their next step."""
+
+    draining: threading.Event = field(default_factory=threading.Event)
+    now: threading.Event = field(default_factory=threading.Event)
+
+    def request(self) -> None:
+        if self.draining.is_set():
+            self.now.set()
+        self.draining.set()
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    worker_name: str
+    model_name: str
+    job_timeout_s: float = 600
+    lease_ttl_s: float = 15
+    max_attempts: int = 3
 
 
 class JobRunner:
     """Runs jobs for one loaded pipeline; one instance per worker process."""
 
-    def __init__(self, records: RecordStore, pipe: Any, storage: Storage, worker_name: str, model_name: str):
+    def __init__(
+        self,
+        records: RecordStore,
+        pipe: Any,
+        storage: Storage,
+        config: RunnerConfig,
+        leases: Leases,
+        app: Celery,
+        shutdown: Shutdown | None = None,
+    ):
         self.records = records
         self.pipe = pipe
         self.storage = storage
-        self.worker_name = worker_name
-        self.model_name = model_name
+        self.config = config
+        self.leases = leases
+        self.app = app
+        self.shutdown = shutdown or Shutdown()
+        self.gpu_lock = threading.Lock()
+
+    @property
+    def worker_name(self) -> str:
+        return self.config.worker_name
 
     def run(self, job_id: str, on_progress: ProgressFn | None = None) -> JobRecord | None:
         """Run the job if it is still to be run; returns its final record (``None`` if skipped)."""
-        record = self._claim(job_id)
-        if record is None:
-            return None
-        log.info("job %s: running (attempt %d)", job_id, record.attempts)
-        try:
-            self._render_and_store(record, on_progress)
-        except JobCanceled:
-            self._finish(job_id, JobState.canceled)
-            log.info("job %s: canceled while running", job_id)
-        except Exception as exc:  # an ordinary error fails this job, not the worker
-            self._release_memory()
-            self._finish(job_id, JobState.failed, error=JobError(type=type(exc).__name__, message=str(exc)))
-            log.warning("job %s: failed: %s: %s", job_id, type(exc).__name__, exc)
-        return self.records.get(job_id)
-
-    def _claim(self, job_id: str) -> JobRecord | None:
-        try:
-            record = self.records.get(job_id)
-        except JobNotFound:
-            log.warning("job %s: no record (expired or never written); message dropped", job_id)
-            return None
-        if record.request.model_name != self.model_name:
-            self._finish(
-                job_id,
-                JobState.failed,
-                error=JobError(
-                    type="WrongModel",
-                    message=f"worker {self.worker_name} serves {self.model_name}, not {record.request.model_name}",
-                ),
-            )
-            return None
-        claimed, state = self.records.transition(
-            job_id,
-            (JobState.queued, JobState.running),
-            state=JobState.running,
-            started_at=time.time(),
-            worker=self.worker_name,
-            attempts=record.attempts + 1,
-            step=0,
+        if self.shutdown.draining.is_set():
+            raise GiveBack("worker is stopping")  # not claimed: the message goes back as it is
+        outcome, detail = self.records.claim(
+            job_id, self.worker_name, self.config.lease_ttl_s, self.config.max_attempts
         )
-        if not claimed:
-            log.info("job %s: already %s; message dropped", job_id, state.value if state else "gone")
+        if outcome != "claimed":
+            log.info("job %s: not run (%s %s)", job_id, outcome, detail)
             return None
+        log.info("job %s: running (attempt %s)", job_id, detail)
+        with self.leases.hold(job_id) as held:
+            try:
+                record = self.records.get(job_id)
+                if record.request.model_name != self.config.model_name:
+                    raise ValueError(f"worker {self.worker_name} serves {self.config.model_name}, "
+                                     f"not {record.request.model_name}")
+                images = self._render(record, held, on_progress)
+                stored = self._store(record, images, held)
+            except LeaseLost:
+                log.warning("job %s: lease lost; left to the worker that holds it", job_id)
+                return None
+            except GiveBack:
+                self._release_memory()
+                if self.records.release(job_id, self.worker_name, attempts_delta=-1, state=JobState.queued,
+                                        step=0, worker=""):
+                    send_job(self.app, job_id, self.records.get(job_id).request)
+                    log.warning("job %s: given back to the queue (worker stopping)", job_id)
+                return None
+            except JobCanceled:
+                self._release_memory()
+                self._end(job_id, JobState.canceled)
+                log.info("job %s: canceled while running", job_id)
+            except DeadlineExceeded as exc:
+                self._release_memory()
+                self._end(job_id, JobState.failed, JobError(type="TimedOut", message=str(exc)))
+                log.warning("job %s: %s", job_id, exc)
+            except Exception as exc:  # an ordinary error fails this job, not the worker
+                self._release_memory()
+                self._end(job_id, JobState.failed, JobError(type=type(exc).__name__, message=str(exc)))
+                log.warning("job %s: failed: %s: %s", job_id, type(exc).__name__, exc)
+            else:
+                ended = self._end(job_id, JobState.succeeded, images=stored,
+                                  step=record.request.num_inference_steps)
+                if ended:
+                    log.info("job %s: succeeded, %d image(s)", job_id, len(stored))
         return self.records.get(job_id)
 
-    def _render_and_store(self, record: JobRecord, on_progress: ProgressFn | None) -> None:
+    def _render(self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None) -> list[Any]:
         request = record.request
         total = request.num_inference_steps
+        started = time.monotonic()
 
         def on_step(step: int) -> None:
-            still_running = self.records.set_progress(record.id, step)
-            if not still_running or self.records.cancel_requested(record.id):
+            held.beat()
+            answer = self.records.progress(record.id, self.worker_name, step)
+            if answer == "lost" or held.lost.is_set():
+                raise LeaseLost()
+            if answer == "cancel":
                 raise JobCanceled()
+            if time.monotonic() - started > self.config.job_timeout_s:
+                raise DeadlineExceeded(f"timed out after {self.config.job_timeout_s:.0f} s (at step {step}/{total})")
+            if self.shutdown.now.is_set():
+                raise GiveBack()
             if on_progress is not None:
                 on_progress(step, total)
 
-        images = render(self.pipe, request, on_step)
-        stored = [
-            self.storage.put_image(record.id, index, encode(image, request.output_format), request, seed)
-            for index, (image, seed) in enumerate(zip(images, request.image_seeds(), strict=True))
-        ]
-        done, state = self.records.transition(
-            record.id,
-            (JobState.running,),
-            state=JobState.succeeded,
-            finished_at=time.time(),
-            step=total,
-            images=stored,
-        )
-        if done:
-            log.info("job %s: succeeded, %d image(s)", record.id, len(stored))
-        else:
-            log.info("job %s: finished rendering but is now %s", record.id, state)
+        with self.gpu_lock:
+            # Waiting for the GPU counts as life; the deadline counts from the render's start.
+            held.beat()
+            started = time.monotonic()
+            if self.shutdown.now.is_set():
+                raise GiveBack()
+            return render(self.pipe, request, on_step)
 
-    def _finish(self, job_id: str, state: JobState, error: JobError | None = None) -> None:
-        fields: dict[str, Any] = {"state": state, "finished_at": time.time()}
+    def _store(self, record: JobRecord, images: list[Any], held: HeldJob) -> list[ImageRecord]:
+        request = record.request
+
+        def keep_going() -> bool:
+            held.beat()
+            return not held.lost.is_set()
+
+        stored = []
+        for index, (image, seed) in enumerate(zip(images, request.image_seeds(), strict=True)):
+            data = encode(image, request.output_format)
+            if held.lost.is_set():
+                raise LeaseLost()
+            stored.append(self.storage.put_image(record.id, index, data, request, seed, keep_going=keep_going))
+        return stored
+
+    def _end(self, job_id: str, state: JobState, error: JobError | None = None, **fields: Any) -> bool:
         if error is not None:
             fields["error"] = error
-        self.records.transition(job_id, (JobState.queued, JobState.running), **fields)
+        ended = self.records.release(job_id, self.worker_name, state=state, finished_at=time.time(), **fields)
+        if not ended:
+            log.warning("job %s: could not record %s: no longer held by this worker", job_id, state.value)
+        return ended
 
     def _release_memory(self) -> None:
         try:

@@ -142,7 +142,11 @@ def start_redis(
     svc = Service("redis", redis_argv(port, data_dir, password, persist), data_dir / "redis.log").start()
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
-    svc.wait_until(lambda: bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping()), 20)
+    def answers() -> bool:
+        with redis.Redis.from_url(url, socket_connect_timeout=1) as conn:
+            return bool(conn.ping())
+
+    svc.wait_until(answers, 20)
     return svc, url
 
 
@@ -295,7 +299,10 @@ def start_worker(
                 return True
         return False
 
-    svc.wait_until(announced, timeout_s)
+    try:
+        svc.wait_until(announced, timeout_s)
+    finally:
+        conn.close()
     return svc
 
 

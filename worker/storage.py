@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -18,8 +20,31 @@ log = logging.getLogger(__name__)
 _MAX_META_PROMPT = 512
 
 
+# The store said no for good: retrying cannot help, so the job fails at once.
+PERMANENT_CODES = frozenset(
+    {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+     "InvalidBucketName", "AccountProblem", "InvalidArgument", "EntityTooLarge", "MethodNotAllowed"}
+)
+
+
 class StorageError(Exception):
-    """An image could not be stored (after botocore's own retries)."""
+    """An image could not be stored."""
+
+
+class StorageRefused(StorageError):
+    """A permanent refusal (no such bucket, access denied, bad credentials)."""
+
+
+def is_permanent(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in PERMANENT_CODES or (400 <= int(status or 0) < 500 and status not in (408, 429))
+    return False
 
 
 def object_key(prefix: str, job_id: str, index: int, fmt: OutputFormat) -> str:
@@ -49,13 +74,39 @@ def object_metadata(request: JobRequest, job_id: str, index: int, seed: int, dig
 class Storage:
     """One bucket behind a boto3 client; credentials come from the standard AWS chain."""
 
-    def __init__(self, settings: Settings, client: Any = None):
+    def __init__(self, settings: Settings, client: Any = None, retry_budget_s: float = 120.0):
         self.bucket = settings.require_bucket()
         self.prefix = settings.s3_prefix
         self.client = client or make_s3_client(settings)
+        self.retry_budget_s = retry_budget_s
 
-    def put_image(self, job_id: str, index: int, data: bytes, request: JobRequest, seed: int) -> ImageRecord:
-        """Store one encoded image; a key already written by an earlier attempt is kept as is."""
+    def put_image(
+        self, job_id: str, index: int, data: bytes, request: JobRequest, seed: int,
+        keep_going: Callable[[], bool] = lambda: True,
+    ) -> ImageRecord:
+        """Store one image, riding out an unreachable or failing store.
+
+        botocore's standard retry mode retries each call a few times; past that this keeps
+        trying with backoff for ``retry_budget_s`` (the rendered bytes are kept, so nothing is
+        rendered again) while ``keep_going()`` holds. Permanent refusals raise ``StorageRefused``
+        at once.
+        """
+        deadline = time.monotonic() + self.retry_budget_s
+        delay = 0.5
+        while True:
+            try:
+                return self._put_once(job_id, index, data, request, seed)
+            except Exception as exc:
+                if is_permanent(exc):
+                    raise StorageRefused(f"S3 refused the upload to bucket {self.bucket!r}: {_describe(exc)}") from exc
+                if time.monotonic() + delay > deadline or not keep_going():
+                    raise StorageError(f"S3 unreachable for {self.retry_budget_s:.0f} s: {_describe(exc)}") from exc
+                log.warning("job %s: upload of image %d failed (%s); retrying in %.1f s",
+                            job_id, index, _describe(exc), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _put_once(self, job_id: str, index: int, data: bytes, request: JobRequest, seed: int) -> ImageRecord:
         fmt = request.output_format
         key = object_key(self.prefix, job_id, index, fmt)
         digest = hashlib.sha256(data).hexdigest()
@@ -89,3 +140,12 @@ class Storage:
             size_bytes=size,
             sha256=digest,
         )
+
+
+def _describe(exc: Exception) -> str:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip()
+    return f"{type(exc).__name__}: {exc}"

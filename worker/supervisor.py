@@ -118,31 +118,61 @@ def plan_slots(gpus: Sequence[int], visible: Sequence[str], host: str, ready_fil
     ]
 
 
-def worker_argv(model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO") -> ArgvBuilder:
-    """The real child: ``pixq worker`` on ``cuda:0`` of its masked view. Secrets stay in the environment."""
+def worker_argv(
+    model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO", extra_args: Sequence[str] = ()
+) -> ArgvBuilder:
+    """The real child: ``pixq worker`` on ``cuda:0`` of its masked view, plus ``extra_args`` (e.g. ``--compile``).
+
+    Secrets stay in the environment, never in an argv.
+    """
 
     def build(slot: Slot) -> list[str]:
-        argv = [sys.executable, "-m", "worker.cli", "worker", "--model", model, "--device", "cuda:0",
-                "--dtype", dtype, "--name", slot.name, "--loglevel", loglevel]
+        argv = [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "worker",
+            "--model",
+            model,
+            "--device",
+            "cuda:0",
+            "--dtype",
+            dtype,
+            "--name",
+            slot.name,
+            "--loglevel",
+            loglevel,
+        ]
         if offload:
             argv.append("--offload")
         if slot.ready_file:
             argv += ["--ready-file", str(slot.ready_file)]
-        return argv
+        return argv + list(extra_args)
 
     return build
 
 
 def run_gpu_workers(
-    spec: str, *, model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO",
+    spec: str,
+    *,
+    model: str,
+    dtype: str = "auto",
+    offload: bool = False,
+    loglevel: str = "INFO",
     ready_file: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> int:
-    """``pixq worker --gpus SPEC``: one supervised worker per GPU until stopped; returns the exit code."""
+    """``pixq worker --gpus SPEC``: one supervised worker per GPU until stopped; returns the exit code.
+
+    ``extra_args`` go to every child unchanged (``--compile``, ``--warmup 1024x1024`` ...);
+    ``--device``, ``--name`` and ``--ready-file`` are the supervisor's to set.
+    """
     env = dict(os.environ)
     visible = visible_gpus(env)
     slots = plan_slots(parse_gpus(spec, len(visible)), visible, socket.gethostname(), ready_file)
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
-    return Supervisor(slots, worker_argv(model, dtype, offload, loglevel), env, ready_file=ready_file).run()
+    argv = worker_argv(model, dtype, offload, loglevel, extra_args)
+    return Supervisor(slots, argv, env, ready_file=ready_file).run()
 
 
 @dataclass
@@ -160,8 +190,14 @@ class Supervisor:
     """Runs one child per slot until told to stop; see the module docstring for the signals."""
 
     def __init__(
-        self, slots: Sequence[Slot], build_argv: ArgvBuilder, env: Mapping[str, str], *,
-        ready_file: Path | None = None, backoff: Backoff = Backoff(), poll_s: float = 0.1,
+        self,
+        slots: Sequence[Slot],
+        build_argv: ArgvBuilder,
+        env: Mapping[str, str],
+        *,
+        ready_file: Path | None = None,
+        backoff: Backoff = Backoff(),
+        poll_s: float = 0.1,
     ):
         names = [s.name for s in slots]
         if not slots or len(set(names)) != len(names):
@@ -209,8 +245,11 @@ class Supervisor:
         if slot.ready_file:
             slot.ready_file.unlink(missing_ok=True)  # a crashed run may have left it behind
         child.proc = subprocess.Popen(
-            list(self.build_argv(slot)), env=self.child_env(slot), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            list(self.build_argv(slot)),
+            env=self.child_env(slot),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only, which forwards it
             preexec_fn=_die_with_parent(),
         )
@@ -243,8 +282,14 @@ class Supervisor:
             child.failures = 1 if ran_s >= self.backoff.reset_after_s else child.failures + 1
             delay = self.backoff.delay_s(child.failures)
             child.restart_at = now + delay
-            log.warning("%s crashed (%s) after %.1f s; restart %d in %.1f s",
-                        child.slot.name, _describe(code), ran_s, child.failures, delay)
+            log.warning(
+                "%s crashed (%s) after %.1f s; restart %d in %.1f s",
+                child.slot.name,
+                _describe(code),
+                ran_s,
+                child.failures,
+                delay,
+            )
 
     def _send(self, sig: int) -> None:
         for child in self.children:
@@ -271,12 +316,16 @@ class Supervisor:
             signum = self._pending.pop(0)
             self.stops += 1
             if signum == signal.SIGQUIT or self.stops > 1:
-                log.warning("%s: cold shutdown, SIGQUIT to every worker (running jobs go back to the queue)",
-                            signal.Signals(signum).name)
+                log.warning(
+                    "%s: cold shutdown, SIGQUIT to every worker (running jobs go back to the queue)",
+                    signal.Signals(signum).name,
+                )
                 self._send(signal.SIGQUIT)
             else:
-                log.info("%s: draining, SIGTERM to every worker (each finishes its job; again to stop now)",
-                         signal.Signals(signum).name)
+                log.info(
+                    "%s: draining, SIGTERM to every worker (each finishes its job; again to stop now)",
+                    signal.Signals(signum).name,
+                )
                 self._send(signal.SIGTERM)
 
     # -- readiness and exit --------------------------------------------------------------
