@@ -160,6 +160,31 @@ def cancel(
 
 
 @app.command()
+def dead(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list.")] = False,
+) -> None:
+    """List jobs that ran out of attempts (dead letters), with the reason."""
+    records = client_from_env().dead()
+    if as_json:
+        print_json([r.to_json_dict() for r in records])
+        return
+    if not records:
+        typer.echo("no dead jobs")
+    for r in records:
+        reason = f"{r.error.type}: {r.error.message}" if r.error else r.state.value
+        typer.echo(f"{r.id}  attempts {r.attempts}  {reason}  {r.request.prompt[:50]!r}")
+
+
+@app.command()
+def retry(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+) -> None:
+    """Queue a failed (or dead, or canceled) job again with fresh attempts."""
+    record = client_from_env().retry(job)
+    typer.echo(f"{job} {record.state.value}")
+
+
+@app.command()
 def download(
     job: Annotated[str, typer.Argument(help="Job id.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the images to.")] = Path("."),

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobTimeout, QueueFull
+from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
 from producer.records import JobRecord, JobState, RecordStore
 from producer.s3 import make_s3_client
 from producer.schema import JobRequest, parse_request
@@ -154,6 +154,25 @@ class Client:
         )
         if not done:
             self.records.transition(job_id, (JobState.running,), cancel_requested=True)
+        return self.status(job_id)
+
+    def dead(self) -> list[JobRecord]:
+        """Jobs that ran out of attempts (``failed``, reason in ``error``), oldest first."""
+        records = []
+        for job_id in self.records.dead_ids():
+            try:
+                records.append(self.records.get(job_id))
+            except JobNotFound:
+                continue  # expired after its retention
+        return records
+
+    def retry(self, job_id: str) -> JobRecord:
+        """Queue a failed or canceled job again, with fresh attempts."""
+        record = self.status(job_id)
+        if not self.records.retry(job_id):
+            raise InvalidRequest([("job", f"job {job_id} is {record.state.value}; only failed or canceled "
+                                          "jobs can be retried")])
+        send_job(self._celery, job_id, record.request)
         return self.status(job_id)
 
     # -- images -----------------------------------------------------------------------------

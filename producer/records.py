@@ -339,10 +339,10 @@ class RecordStore:
         answer = self._progress(keys=[self.key(job_id), self.lease_key(job_id)], args=[worker, step])
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
-    def release(self, job_id: str, worker: str, attempts_delta: int = 0, **fields: Any) -> bool:
-        """End (or give back) a job this worker holds; ``False`` if it is no longer ours."""
+    def release(self, job_id: str, holder: str, attempts_delta: int = 0, **fields: Any) -> bool:
+        """End (or give back) a job ``holder`` holds; ``False`` if it is no longer theirs."""
         done, _ = self._release(
             keys=[self.key(job_id), self.lease_key(job_id), RUNNING_KEY],
-            args=[worker, job_id, self.retention_s, attempts_delta, *_encode(fields)],
+            args=[holder, job_id, self.retention_s, attempts_delta, *_encode(fields)],
         )
         return bool(done)

@@ -43,10 +43,17 @@ def broker_priority(priority: int) -> int:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.require_redis()
+    visibility = settings.effective_visibility_timeout_s
+    # Sweep for overdue unacked messages a few times per visibility timeout (kombu's default
+    # sweep is every 100 s, which a short timeout would outpace).
+    sweep_s = min(100.0, visibility / 4)
+    restore_interval = min(10, max(1, int(sweep_s)))
     transport = {
         # Longer than the longest allowed job, so Redis does not hand a running job's message to
         # a second worker; leases (worker/lease.py) catch dead workers much sooner.
-        "visibility_timeout": settings.effective_visibility_timeout_s,
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": restore_interval,
+        "unacked_restore_throttle": max(1, round(sweep_s / restore_interval)),
         "priority_steps": PRIORITY_STEPS,
         "sep": PRIORITY_SEP,
         "queue_order_strategy": "priority",

@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same kind of pipeline with more layers: about 40 ms a step on one core."""
+    from worker.testmodel import make_test_model
+
+    return str(make_test_model(tmp_path_factory.mktemp("slow-model"), layers=8, heads=8).resolve())
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     svc, url = start_redis(tmp_path_factory.mktemp("redis"), password="test-redis-password-5d1e")
     yield url

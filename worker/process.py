@@ -116,10 +116,10 @@ def install_second_stop(shutdown: Shutdown) -> None:
         if shutdown.draining.is_set():
             shutdown.request()
             log.warning("second SIGTERM: giving the running job back to the queue")
-            return
-        shutdown.request()
-        if callable(previous):
-            previous(signum, frame)
+        elif callable(previous):
+            previous(signum, frame)  # Celery's warm shutdown, which reports worker_shutting_down
+        else:
+            shutdown.request()
 
     try:
         signal.signal(signal.SIGTERM, on_term)
@@ -175,7 +175,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
             Path(options.ready_file).write_text(f"{name}\n")
 
     def on_shutting_down(**_: object) -> None:
-        shutdown.request()  # first stop: jobs waiting for the GPU go back, the running one finishes
+        shutdown.draining.set()  # first stop: jobs waiting for the GPU go back, the running one finishes
 
     def on_shutdown(**_: object) -> None:
         presence.stop()

@@ -170,8 +170,8 @@ class JobRunner:
             # Waiting for the GPU counts as life; the deadline counts from the render's start.
             held.beat()
             started = time.monotonic()
-            if self.shutdown.now.is_set():
-                raise GiveBack()
+            if self.shutdown.draining.is_set():
+                raise GiveBack()  # it waited behind the job being finished: not started, so back it goes
             return render(self.pipe, request, on_step)
 
     def _store(self, record: JobRecord, images: list[Any], held: HeldJob) -> list[ImageRecord]:

@@ -199,6 +199,7 @@ def weed_argv(data_dir: Path, config: Path, ports: list[int]) -> list[str]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
+        "-s3.autoCreateBucket=false",  # a missing bucket is an error, as on AWS
         "-webdav=false",
         "-admin.ui=false",
         f"-admin.port={admin}",

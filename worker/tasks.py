@@ -7,11 +7,15 @@ from celery.exceptions import Reject
 
 from producer.settings import Settings
 from producer.wire import RENDER_TASK, make_celery
+from worker.broker import TRANSPORT
 from worker.runner import GiveBack, JobRunner
 
 
 def create_app(settings: Settings) -> Celery:
-    return make_celery(settings, name="pixq-worker")
+    app = make_celery(settings, name="pixq-worker")
+    if settings.require_redis().startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = TRANSPORT  # survives a broker reconnect (worker/broker.py)
+    return app
 
 
 def register_render_task(app: Celery, runner: JobRunner) -> None:

@@ -69,8 +69,11 @@ def _t5_tokenizer(cls, spm_file: str):  # type: ignore[no-untyped-def]
     return cls(vocab=vocab, extra_ids=0, model_max_length=300)
 
 
-def make_test_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random PixArt-Σ pipeline to ``out_dir`` with ``save_pretrained``."""
+def make_test_model(out_dir: str | Path, seed: int = 0, layers: int = 2, heads: int = 2) -> Path:
+    """Write a tiny random PixArt-Σ pipeline to ``out_dir`` with ``save_pretrained``.
+
+    More ``layers`` and ``heads`` make a slower model (fault tests need renders that last).
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -85,13 +88,13 @@ def make_test_model(out_dir: str | Path, seed: int = 0) -> Path:
     _train_tokenizer(out)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2,
+        num_attention_heads=heads,
         attention_head_dim=8,
         in_channels=4,
         out_channels=8,
-        num_layers=2,
+        num_layers=layers,
         norm_num_groups=16,
-        cross_attention_dim=16,
+        cross_attention_dim=heads * 8,
         sample_size=32,  # the 256-pixel bins: any requested size renders small, then resizes
         patch_size=2,
         caption_channels=_TEXT_DIM,
