@@ -62,8 +62,8 @@ while time.time() < deadline:
         sig = terms[seen]
         seen += 1
         note(sig)
-        if mode == "stubborn" and sig == "TERM":
-            continue  # a long job: a warm shutdown would wait for it
+        if mode == "stubborn" and sig == "TERM" and terms.count("TERM") < 2:
+            continue  # a long job: a warm shutdown waits for it; a second TERM gives it back
         if sig == "TERM":
             time.sleep(0.5)  # finishing the current job
         if ready:
@@ -305,7 +305,7 @@ def test_sigterm_drains_every_worker_before_the_supervisor_exits(supervise: Call
     assert "draining" in run.log()
 
 
-def test_second_sigterm_turns_the_drain_into_a_cold_shutdown(supervise: Callable[..., Running]) -> None:
+def test_second_sigterm_is_forwarded_so_workers_give_jobs_back(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 1], {"gpu0@testhost": "stubborn", "gpu1@testhost": "stubborn"})
     names = ["gpu0@testhost", "gpu1@testhost"]
     run.wait_for(lambda: all(run.count(n, "start") for n in names))
@@ -314,9 +314,20 @@ def test_second_sigterm_turns_the_drain_into_a_cold_shutdown(supervise: Callable
     time.sleep(0.1)
     assert run.proc.poll() is None  # the jobs are still "running"
     run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
+    for name in names:
+        assert [e["event"] for e in run.events(name)] == ["start", "TERM", "TERM", "exit"]
+    assert "gives its running job back" in run.log()
+
+
+def test_sigquit_is_a_cold_shutdown_of_every_worker(supervise: Callable[..., Running]) -> None:
+    run = supervise([0, 1], {"gpu0@testhost": "stubborn", "gpu1@testhost": "stubborn"})
+    names = ["gpu0@testhost", "gpu1@testhost"]
+    run.wait_for(lambda: all(run.count(n, "start") for n in names))
+    run.proc.send_signal(signal.SIGQUIT)
     assert run.finish() == 1  # the workers' cold exit code is passed on
     for name in names:
-        assert [e["event"] for e in run.events(name)] == ["start", "TERM", "QUIT", "exit"]
+        assert [e["event"] for e in run.events(name)] == ["start", "QUIT", "exit"]
     assert "cold shutdown" in run.log()
 
 

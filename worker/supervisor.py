@@ -8,9 +8,11 @@ for "the current device" (a CUDA context, accelerate's offload hooks, a stray
 
 Signals, as a container runtime or an operator sends them to the parent:
 first SIGTERM (or SIGINT) -> SIGTERM to every child: Celery's warm shutdown, each finishes
-its job; no more restarts; the parent exits once all have. A second one -> SIGQUIT to
-every child: Celery's cold shutdown (Celery ignores a repeated SIGTERM), the unfinished
-job goes back to the queue. SIGQUIT to the parent -> SIGQUIT to every child.
+its job; no more restarts; the parent exits once all have. A second one -> SIGTERM again:
+each worker gives its running job back to the queue at the next denoising step and exits
+(worker/process.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
+parent -> SIGQUIT to every child (Celery's cold shutdown: the running job's lease lapses and
+another worker's reaper re-queues it).
 """
 
 from __future__ import annotations
@@ -315,12 +317,15 @@ class Supervisor:
         while self._pending:
             signum = self._pending.pop(0)
             self.stops += 1
-            if signum == signal.SIGQUIT or self.stops > 1:
+            if signum == signal.SIGQUIT:
+                log.warning("SIGQUIT: cold shutdown, SIGQUIT to every worker (leases re-queue their jobs)")
+                self._send(signal.SIGQUIT)
+            elif self.stops > 1:
                 log.warning(
-                    "%s: cold shutdown, SIGQUIT to every worker (running jobs go back to the queue)",
+                    "%s again: SIGTERM to every worker again (each gives its running job back to the queue)",
                     signal.Signals(signum).name,
                 )
-                self._send(signal.SIGQUIT)
+                self._send(signal.SIGTERM)
             else:
                 log.info(
                     "%s: draining, SIGTERM to every worker (each finishes its job; again to stop now)",
