@@ -143,7 +143,7 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
         if isinstance(ctx_error, ValueError) and isinstance(ctx_error.args[0], _ErrorList):
             errors.extend(ctx_error.args[0])
             continue
-        field = ".".join(str(p) for p in err["loc"]) or "request"
+        field = ".".join(str(p) for p in err["loc"]) or '""'  # an empty field name, shown as such
         if err["type"] == "extra_forbidden":
             errors.append((field, "unknown field"))
         elif err["type"] == "missing":

@@ -375,3 +375,30 @@ def test_permanent_storage_errors_fail_the_job_at_once(cluster: Cluster) -> None
     assert "S3 refused the upload" in record.error.message and "SignatureDoesNotMatch" in record.error.message
     assert time.monotonic() - started < 20  # not retried for minutes
     assert "not-the-secret" not in record.error.message + cluster.log(name)
+
+
+def test_s3_stopped_mid_upload_and_started_again(cluster: Cluster, tmp_path: Path) -> None:
+    from worker.stack import restart_seaweedfs, s3_client_for, start_seaweedfs
+
+    s3_svc, endpoint = start_seaweedfs(tmp_path / "own-s3", bucket="outage")
+    try:
+        env = {**endpoint.env()}
+        name, _ = cluster.start_worker(**env)
+        client = cluster.client(**env)
+        job = client.submit("through an S3 outage", num_images_per_prompt=2, **LONG)
+        running_on(client, job.id)
+        s3_svc.stop()  # down before the render ends, so the upload meets a dead endpoint
+        wait_for(lambda: "upload of image 0 failed" in cluster.log(name), 60, "a failed upload")
+        assert client.status(job.id).state is JobState.running  # riding it out, not failed
+        restart_seaweedfs(s3_svc)
+        record = client.wait(job.id, timeout_s=120)
+        assert record.state is JobState.succeeded and record.attempts == 1
+        s3c = s3_client_for(endpoint)
+        keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="outage", Prefix=f"{cluster.env['PIXQ_S3_PREFIX']}/")
+                .get("Contents", [])]
+        assert sorted(keys) == sorted(i.key for i in record.images) and len(keys) == 2
+        for image in record.images:
+            body = s3c.get_object(Bucket="outage", Key=image.key)["Body"].read()
+            assert len(body) == image.size_bytes
+    finally:
+        s3_svc.stop()
