@@ -139,6 +139,12 @@ def _check_redis_url(url: str) -> str:
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} has no host")
+    if parts.scheme == "rediss" and "ssl_cert_reqs=" not in parts.query:
+        raise ConfigError(
+            "PIXQ_REDIS_URL: a rediss:// URL must say how to check the server's certificate, e.g. "
+            "rediss://user:password@host:6380/0?ssl_cert_reqs=required (add &ssl_ca_certs=/path/ca.pem "
+            "for a private CA)"
+        )
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:

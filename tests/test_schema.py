@@ -88,7 +88,7 @@ def test_schema_describes_every_field() -> None:
 def test_settings_read_the_contract_variables() -> None:
     s = Settings.from_env(
         {
-            "PIXQ_REDIS_URL": "rediss://user:pw@redis.example:6380/2",
+            "PIXQ_REDIS_URL": "rediss://user:pw@redis.example:6380/2?ssl_cert_reqs=required",
             "PIXQ_S3_ENDPOINT_URL": "https://s3.example",
             "PIXQ_S3_BUCKET": "my-images",
             "PIXQ_S3_PREFIX": "/renders/v1/",
@@ -97,7 +97,7 @@ def test_settings_read_the_contract_variables() -> None:
         }
     )
     assert s.s3_prefix == "renders/v1" and s.aws_region == "eu-west-1"
-    assert s.describe()["redis_url"] == "rediss://user:***@redis.example:6380/2"
+    assert s.describe()["redis_url"] == "rediss://user:***@redis.example:6380/2?ssl_cert_reqs=required"
 
 
 @pytest.mark.parametrize(
@@ -105,6 +105,7 @@ def test_settings_read_the_contract_variables() -> None:
     [
         ("PIXQ_REDIS_URL", "http://x", "must start with redis://"),
         ("PIXQ_REDIS_URL", "redis://:pw@host:notaport/0", "malformed port"),
+        ("PIXQ_REDIS_URL", "rediss://:pw@host:6380/0", "ssl_cert_reqs=required"),
         ("PIXQ_S3_ENDPOINT_URL", "s3.example", "http:// or https://"),
         ("PIXQ_S3_BUCKET", "Bad_Bucket", "not a valid S3 bucket name"),
         ("PIXQ_S3_PREFIX", "a b", "may hold only"),
