@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from producer.client import Client
 from producer.errors import PixqError
 from producer.records import JobRecord, JobState
-from producer.schema import OutputFormat, request_schema
+from producer.schema import OutputFormat, RenderMode, request_schema
 from producer.settings import Settings
 
 app = typer.Typer(
@@ -99,6 +100,8 @@ def submit(
     num_images: Annotated[int, typer.Option(help="Images to render.")] = 1,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Image format.")] = OutputFormat.png,
     idempotency_key: Annotated[Optional[str], typer.Option(help="Same key, same job.")] = None,
+    priority: Annotated[int, typer.Option(help="0 to 9; higher runs first.")] = 0,
+    mode: Annotated[RenderMode, typer.Option(help="exact, or the opt-in fast mode.")] = RenderMode.exact,
     wait: Annotated[bool, typer.Option("--wait", help="Wait, showing the denoising steps.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds --wait waits at most.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
@@ -107,7 +110,7 @@ def submit(
     fields: dict[str, Any] = {
         "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance_scale,
         "seed": seed, "width": width, "height": height, "num_images_per_prompt": num_images,
-        "output_format": output_format.value,
+        "output_format": output_format.value, "priority": priority, "mode": mode.value,
     }
     if model is not None:
         fields["model_name"] = model
@@ -219,3 +222,45 @@ def url(
 ) -> None:
     """Print a presigned GET URL for one image of a finished job."""
     typer.echo(client_from_env().presigned_url(job, index=index, expires_in_s=expires_in))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+@app.command("queue")
+def queue_cmd(
+    model: Annotated[Optional[list[str]], typer.Option(help="Also show this model's queue when it is "
+                                                           "empty; repeatable")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list, a report per model.")] = False,
+) -> None:
+    """Show each model's queue: jobs waiting, the oldest one's wait, running jobs and live workers."""
+    from rich.table import Table
+
+    reports = client_from_env().queues(model)
+    if as_json:
+        print_json([r.to_json_dict() for r in reports])
+        return
+    if not reports:
+        typer.echo("no queues: nothing waiting, running or serving")
+        return
+    now = time.time()
+    table = Table("model", "waiting", "oldest waits", "running (step, worker)", "workers")
+    for r in reports:
+        running = "\n".join(
+            f"{j.id[:12]} {j.step}/{j.total_steps} on {j.worker}, "
+            f"{_duration(now - j.started_at if j.started_at else None)}"
+            + (" (cancel requested)" if j.cancel_requested else "")
+            for j in r.running
+        )
+        workers = "\n".join(f"{w.name} ({w.device})" for w in r.workers)
+        table.add_row(r.model, str(r.depth), _duration(r.oldest_age_s), running or "-", workers or "[red]none[/red]")
+    out.print(table)

@@ -220,8 +220,10 @@ def test_sigterm_drains_the_running_job_and_takes_no_new_one(cluster: Cluster) -
     name, svc = cluster.start_worker()
     client = cluster.client()
     running = client.submit("finish me", **LONG)
-    waiting = [client.submit(f"wait {i}", width=128, height=128, num_inference_steps=3) for i in range(3)]
     running_on(client, running.id)
+    waiting = [client.submit(f"wait {i}", width=128, height=128, num_inference_steps=3) for i in range(3)]
+    # The worker's second job thread takes one and waits for the GPU behind the running job.
+    wait_for(lambda: client.status(waiting[0].id).state is JobState.running, 10, "a job waiting for the GPU")
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None and svc.proc.wait(60) == 0
     cluster.assert_delivered_once(client.status(running.id))
