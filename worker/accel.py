@@ -21,6 +21,8 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,12 @@ class Accelerator:
         self.pipe = pipe
         self.options = options or AccelOptions()
         self.cache = PromptCache(self.options.prompt_cache)
-        forward = pipe.transformer.forward
+        previous = getattr(pipe, self.ATTRIBUTE, None)
+        # A second accelerator on one pipeline replaces the first instead of wrapping it.
+        forward: Any = (
+            previous.eager_forward if isinstance(previous, Accelerator) else pipe.transformer.forward
+        )
+        self.eager_forward: Any = forward
         before_call = None
         if self.options.compile:
             forward = compile_forward(forward, self.options.compile_mode)
@@ -149,6 +156,15 @@ class Accelerator:
         """The pipeline's accelerator; a plain one (no compile) is attached on first use."""
         accel = getattr(pipe, cls.ATTRIBUTE, None)
         return accel if isinstance(accel, Accelerator) else cls(pipe)
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run the transformer uncompiled inside the block (a reference for the compiled one)."""
+        compiled, self.controller.forward = self.controller.forward, self.eager_forward
+        try:
+            yield
+        finally:
+            self.controller.forward = compiled
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -181,6 +197,7 @@ class Accelerator:
             "prompt_embeds": pos.embeds[:, :length],
             "prompt_attention_mask": pos.mask[:, :length],
         }
+        kwargs["negative_prompt"] = None  # the pipeline refuses a negative prompt beside its embeddings
         if neg is not None:
             kwargs["negative_prompt_embeds"] = neg.embeds[:, :length]
             kwargs["negative_prompt_attention_mask"] = neg.mask[:, :length]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from producer.models import BASE_COMPONENTS, is_local
+from worker.accel import Accelerator, AccelOptions, configure_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +18,32 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass
 class LoadedPipeline:
+    """What a worker process keeps: the pipeline and its per-process accelerator state.
+
+    Pass this object (not ``.pipe``) to ``render``; a bare pipe also works, its accelerator is
+    attached to it.
+    """
+
     pipe: Any  # diffusers.PixArtSigmaPipeline
     model_name: str
     device: str
     dtype: str
     load_s: float
+    accel: Accelerator | None = None
+    warmup_s: float = 0.0
+    warmed: list[str] = field(default_factory=list)  # "1024x1024/exact", ...
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> ``(1024, 768)`` (width, height); ``"1024"`` -> square."""
+    w, _, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h or w)
+    except ValueError:
+        raise ValueError(f"size must look like 1024x1024 (got {text!r})") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"size must be positive multiples of 8 (got {text!r})")
+    return width, height
 
 
 def resolve_dtype(device: str, dtype: str) -> Any:
@@ -32,18 +55,34 @@ def resolve_dtype(device: str, dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
-def load_pipeline(model_name: str, device: str = "cpu", dtype: str = "auto", offload: bool = False) -> LoadedPipeline:
-    """Load ``model_name`` once onto ``device``.
+def load_pipeline(
+    model_name: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    offload: bool = False,
+    accel: AccelOptions | None = None,
+    compile_cache: str | None = None,
+    warmup: Sequence[tuple[int, int]] = (),
+    warmup_modes: Sequence[str] = ("exact", "fast"),
+) -> LoadedPipeline:
+    """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
 
     A hub checkpoint loads its ``transformer`` subfolder beside the shared T5, tokenizer,
     SDXL VAE and scheduler (``BASE_COMPONENTS``), as the model card does; a local directory
     is one whole pipeline saved with ``save_pretrained``. ``offload`` keeps idle components
     in host memory (``enable_model_cpu_offload``) for cards of 24 GB or less.
+
+    ``accel`` sets the worker's speed-ups (worker/accel.py): ``compile`` (the transformer, with
+    inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
+    ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
+    compilation and kernel selection happen before the first real job.
     """
     import torch
     from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
     started = time.perf_counter()
+    if compile_cache:
+        configure_compile_cache(compile_cache)
     torch_dtype = resolve_dtype(device, dtype)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -59,6 +98,33 @@ def load_pipeline(model_name: str, device: str = "cpu", dtype: str = "auto", off
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    load_s = time.perf_counter() - started
-    log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, load_s)
-    return LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), load_s)
+    options = accel or AccelOptions()
+    if options.compile and offload:
+        log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
+        options = replace(options, compile=False)
+    loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0)
+    loaded.accel = Accelerator(pipe, options)
+    loaded.load_s = time.perf_counter() - started
+    log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, loaded.load_s)
+    if warmup:
+        warm_up(loaded, warmup, warmup_modes)
+    return loaded
+
+
+def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> None:
+    """Render one job per size and mode (compiles the graphs those shapes need, selects kernels)."""
+    from producer.schema import JobRequest, RenderMode
+    from worker.render import render
+
+    started = time.perf_counter()
+    for width, height in sizes:
+        for mode in modes:
+            t0 = time.perf_counter()
+            request = JobRequest.model_validate({
+                "prompt": "warm-up: a red cube on a blue sphere", "width": width, "height": height, "seed": 0,
+                "model_name": loaded.model_name, "mode": RenderMode(mode),
+            })
+            render(loaded, request)
+            loaded.warmed.append(f"{width}x{height}/{mode}")
+            log.info("warm-up %dx%d %s: %.1f s", width, height, mode, time.perf_counter() - t0)
+    loaded.warmup_s = time.perf_counter() - started

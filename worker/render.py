@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
 
-from producer.schema import JobRequest, OutputFormat
+from producer.schema import JobRequest, OutputFormat, RenderMode
+from worker.accel import Accelerator
 
 # PNG at zlib level 1 is several times faster than Pillow's default 6 and still lossless.
 _SAVE_OPTIONS: dict[OutputFormat, dict[str, Any]] = {
@@ -27,35 +29,62 @@ def generators(request: JobRequest) -> list[Any]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
 
 
-def render(pipe: Any, request: JobRequest, on_step: Callable[[int], None] | None = None) -> list[Any]:
+def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | None = None) -> list[Any]:
     """Run the pipeline for ``request``; ``on_step(steps_done)`` runs after every denoising step.
 
-    An exception raised by ``on_step`` (cancel, deadline) stops the render at that step.
+    ``target`` is a ``LoadedPipeline`` (preferred: it carries the worker's compiled transformer and
+    prompt cache) or a bare ``PixArtSigmaPipeline`` (its accelerator is found on it, or a plain one
+    is attached). ``request.mode`` picks the plain computation (``exact``) or fast mode's step plan
+    (``fast``, worker/fastmode.py) on the same pipeline. An exception raised by ``on_step``
+    (cancel, deadline) stops the render at that step.
     """
     import torch
 
-    # PixArtSigmaPipeline takes the older ``callback(step, timestep, latents)`` (it silently
-    # ignores ``callback_on_step_end``); it runs after every denoising step.
-    def step_end(index: int, _timestep: Any, _latents: Any) -> None:
-        if on_step is not None:
-            on_step(index + 1)
-
+    accel: Accelerator | None = getattr(target, "accel", None)
+    pipe = target.pipe if accel is not None else target
+    accel = accel or Accelerator.of(pipe)
+    guided = request.guidance_scale > 1.0
     gens = generators(request)
     with torch.inference_mode():
-        out = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
-            num_images_per_prompt=request.num_images_per_prompt,
-            generator=gens if len(gens) > 1 else gens[0],
-            callback=step_end,
-            callback_steps=1,
-            output_type="pil",
-        )
+        # 1. Prompt embeddings: T5 once per distinct prompt (LRU), the negative once per process.
+        prompts = accel.prompt_kwargs(request.prompt, request.negative_prompt, guided)
+        # 2-4. Latents, denoising loop and VAE decode: diffusers' pipeline, under this mode's step plan.
+        plan = accel.plan(RenderMode(request.mode) is RenderMode.fast, request.num_inference_steps, guided)
+        with accel.controller.planned(plan, order=accel.options.fast_plan.order):
+            out = pipe(
+                **prompts,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=request.num_images_per_prompt,
+                generator=gens if len(gens) > 1 else gens[0],
+                output_type="pil",
+                **_step_callback(pipe, on_step),
+            )
     return list(out.images)
+
+
+def _step_callback(pipe: Any, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+    """The pipeline's per-step hook: ``callback_on_step_end`` where it has one, else ``callback``.
+
+    diffusers' ``PixArtSigmaPipeline`` (0.42) only has the older ``callback(step, t, latents)``;
+    an unknown ``callback_on_step_end`` would be swallowed by its ``**kwargs`` and never called.
+    """
+    if on_step is None:
+        return {}
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+
+        def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(index + 1)
+            return tensors
+
+        return {"callback_on_step_end": step_end}
+
+    def step(index: int, _timestep: Any, _latents: Any) -> None:
+        on_step(index + 1)
+
+    return {"callback": step, "callback_steps": 1}
 
 
 def encode(image: Any, fmt: OutputFormat) -> bytes:
