@@ -242,7 +242,7 @@ def queue_cmd(
                                                            "empty; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list, a report per model.")] = False,
 ) -> None:
-    """Show each model's queue: jobs waiting, the oldest one's wait, running jobs and live workers."""
+    """Show each model's queue (jobs waiting, the oldest one's wait, live workers) and the running jobs."""
     from rich.table import Table
 
     reports = client_from_env().queues(model)
@@ -252,15 +252,27 @@ def queue_cmd(
     if not reports:
         typer.echo("no queues: nothing waiting, running or serving")
         return
-    now = time.time()
-    table = Table("model", "waiting", "oldest waits", "running (step, worker)", "workers")
+    queues = Table(title="queues", title_justify="left")
+    queues.add_column("model", overflow="fold")
+    queues.add_column("waiting", justify="right")
+    queues.add_column("oldest waits", justify="right")
+    queues.add_column("running", justify="right")
+    queues.add_column("workers", overflow="fold")
     for r in reports:
-        running = "\n".join(
-            f"{j.id[:12]} {j.step}/{j.total_steps} on {j.worker}, "
-            f"{_duration(now - j.started_at if j.started_at else None)}"
-            + (" (cancel requested)" if j.cancel_requested else "")
-            for j in r.running
-        )
-        workers = "\n".join(f"{w.name} ({w.device})" for w in r.workers)
-        table.add_row(r.model, str(r.depth), _duration(r.oldest_age_s), running or "-", workers or "[red]none[/red]")
-    out.print(table)
+        workers = ", ".join(f"{w.name} ({w.device})" for w in r.workers) or "[red]none[/red]"
+        queues.add_row(r.model, str(r.depth), _duration(r.oldest_age_s), str(len(r.running)), workers)
+    out.print(queues)
+    running = [(r.model, j) for r in reports for j in r.running]
+    if not running:
+        return
+    now = time.time()
+    jobs = Table(title="running jobs", title_justify="left")
+    jobs.add_column("job", no_wrap=True)
+    jobs.add_column("model", overflow="fold")
+    jobs.add_column("step", justify="right", no_wrap=True)
+    jobs.add_column("worker", overflow="fold")
+    jobs.add_column("running for", justify="right")
+    for name, j in running:
+        step = f"{j.step}/{j.total_steps}" + (" (canceling)" if j.cancel_requested else "")
+        jobs.add_row(j.id, name, step, j.worker or "-", _duration(now - j.started_at if j.started_at else None))
+    out.print(jobs)

@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
+from producer.inspect import QueueReport, inspect_queues
 from producer.records import JobRecord, JobState, RecordStore
 from producer.s3 import make_s3_client
 from producer.schema import JobRequest, parse_request
@@ -116,6 +117,13 @@ class Client:
             for name in queue_lists(model_name):
                 pipe.llen(name)
             return sum(pipe.execute())
+
+    def queues(self, models: list[str] | None = None) -> list[QueueReport]:
+        """Per model: waiting jobs, the oldest one's age, running jobs with their step, live workers.
+
+        Covers every model with a waiting message, a running job or a live worker, plus ``models``.
+        """
+        return inspect_queues(self.records, models)
 
     # -- read -------------------------------------------------------------------------------
 

@@ -116,6 +116,6 @@ def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None 
         priority=broker_priority(request.priority),
         task_id=task_id,
         # What Flower shows as the arguments: no secrets, a shortened prompt.
-        kwargsrepr=repr({"job_id": job_id, "model": request.model_name,
-                         "size": f"{request.width}x{request.height}", "prompt": prompt}),
+        kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
+                         "model": request.model_name, "job_id": job_id}),
     )

@@ -251,10 +251,14 @@ def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Pa
         "--warmup",
         "512x512",
     ]
+    # Each GPU's worker serves metrics on its own port: base + GPU index.
+    with_metrics = list(worker_argv("m", metrics_port=9100)(slot))
+    assert with_metrics[with_metrics.index("--metrics-port") + 1] == "9103"
+    assert "--metrics-port" not in worker_argv("m")(slot)
     # Every option the supervisor passes exists on the real `pixq worker` command.
     command = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
-    assert {a for a in argv[4:] if a.startswith("--")} <= known
+    assert {a for a in argv[4:] + with_metrics[4:] if a.startswith("--")} <= known
 
 
 # -- real processes -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def worker(
                                                              "repeatable [default: both]")] = None,
     prompt_cache: Annotated[int, typer.Option(help="Prompts whose T5 embeddings stay on the device")] = 64,
     gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Serve Prometheus metrics on this port; 0: off")] = 0,
     trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
                                             help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
 ) -> None:
@@ -72,14 +73,15 @@ def worker(
         for mode in warmup_mode or []:
             extra += ["--warmup-mode", mode]
         raise typer.Exit(run_gpu_workers(gpus, model=model or settings.model, dtype=dtype, offload=offload,
-                                         loglevel=loglevel, ready_file=ready_file, extra_args=extra))
+                                         loglevel=loglevel, ready_file=ready_file, extra_args=extra,
+                                         metrics_port=metrics_port))
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
                                   offload=offload, loglevel=loglevel,
                                   ready_file=str(ready_file) if ready_file else None,
                                   compile=compile, compile_mode=compile_mode,
                                   compile_cache=str(compile_cache) if compile_cache else None,
                                   warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
-                                  prompt_cache=prompt_cache, trim_text=trim_text))
+                                  prompt_cache=prompt_cache, trim_text=trim_text, metrics_port=metrics_port))
 
 
 @app.command("make-test-model")
@@ -169,6 +171,11 @@ def demo(
         typer.echo(f"s3 key     {record.images[0].key}")
         typer.echo(f"url        {client.presigned_url(job.id, expires_in_s=3600)}")
         download(job.id, output)
+
+
+from worker.flower import flower_command  # noqa: E402
+
+app.command("flower")(flower_command)
 
 
 def main() -> None:

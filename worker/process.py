@@ -20,6 +20,7 @@ from producer.records import RecordStore
 from producer.settings import Settings
 from producer.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
 from worker.lease import Leases
+from worker.metrics import WorkerMetrics
 from worker.accel import AccelOptions
 from worker.pipeline import load_pipeline, parse_size
 from worker.reaper import Reaper
@@ -50,6 +51,7 @@ class WorkerOptions:
     warmup_modes: tuple[str, ...] = ("exact", "fast")
     prompt_cache: int = 64
     trim_text: bool = True
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> AccelOptions:
         return AccelOptions(compile=self.compile, compile_mode=self.compile_mode,
@@ -142,11 +144,13 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     leases = Leases(records, name, ttl_s=settings.lease_ttl_s,
                     hard_limit_s=settings.job_timeout_s + UPLOAD_RETRY_BUDGET_S + 60)
     shutdown = Shutdown()
+    metrics = WorkerMetrics(model=options.model, worker=name, device=options.device)
+    metrics.pipeline_loaded(loaded.load_s)
     runner = JobRunner(
         records, loaded, storage,
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
                      lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts),
-        leases, app, shutdown,
+        leases, app, shutdown, metrics=metrics,
     )
     register_render_task(app, runner)
     reaper = Reaper(records, app, settings.max_attempts, interval_s=max(settings.lease_ttl_s / 3, 0.5))
@@ -179,11 +183,14 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
 
     def on_shutdown(**_: object) -> None:
         presence.stop()
+        metrics.stop_server()
         reaper.stop()
         leases.stop()
         if options.ready_file:
             Path(options.ready_file).unlink(missing_ok=True)
 
+    if options.metrics_port:
+        metrics.start_server(options.metrics_port)  # before serving: a taken port stops the start
     worker_ready.connect(on_ready, weak=False)
     worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)

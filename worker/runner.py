@@ -22,6 +22,7 @@ from celery import Celery
 from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordStore
 from producer.wire import send_job
 from worker.lease import HeldJob, Leases
+from worker.metrics import WorkerMetrics
 from worker.render import encode, render
 from worker.storage import Storage
 
@@ -85,6 +86,7 @@ class JobRunner:
         leases: Leases,
         app: Celery,
         shutdown: Shutdown | None = None,
+        metrics: WorkerMetrics | None = None,
     ):
         self.records = records
         self.pipe = pipe
@@ -94,6 +96,8 @@ class JobRunner:
         self.app = app
         self.shutdown = shutdown or Shutdown()
         self.gpu_lock = threading.Lock()
+        # Unserved unless the worker starts its server: the runner reports either way.
+        self.metrics = metrics or WorkerMetrics(config.model_name, config.worker_name)
 
     @property
     def worker_name(self) -> str:
@@ -113,15 +117,18 @@ class JobRunner:
         with self.leases.hold(job_id) as held:
             try:
                 record = self.records.get(job_id)
+                self.metrics.job_claimed(time.time() - record.created_at)
                 if record.request.model_name != self.config.model_name:
                     raise ValueError(f"worker {self.worker_name} serves {self.config.model_name}, "
                                      f"not {record.request.model_name}")
-                images = self._render(record, held, on_progress)
+                images, render_s = self._render(record, held, on_progress)
                 stored = self._store(record, images, held)
             except LeaseLost:
+                self.metrics.job_finished("lease_lost")
                 log.warning("job %s: lease lost; left to the worker that holds it", job_id)
                 return None
             except GiveBack:
+                self.metrics.job_finished("given_back")
                 self._release_memory()
                 if self.records.release(job_id, self.worker_name, attempts_delta=-1, state=JobState.queued,
                                         step=0, worker=""):
@@ -129,30 +136,36 @@ class JobRunner:
                     log.warning("job %s: given back to the queue (worker stopping)", job_id)
                 return None
             except JobCanceled:
+                self.metrics.job_finished("canceled")
                 self._release_memory()
                 self._end(job_id, JobState.canceled)
                 log.info("job %s: canceled while running", job_id)
             except DeadlineExceeded as exc:
+                self.metrics.job_finished("timed_out")
                 self._release_memory()
                 self._end(job_id, JobState.failed, JobError(type="TimedOut", message=str(exc)))
                 log.warning("job %s: %s", job_id, exc)
             except Exception as exc:  # an ordinary error fails this job, not the worker
+                self.metrics.job_finished("failed")
                 self._release_memory()
                 self._end(job_id, JobState.failed, JobError(type=type(exc).__name__, message=str(exc)))
                 log.warning("job %s: failed: %s: %s", job_id, type(exc).__name__, exc)
             else:
                 ended = self._end(job_id, JobState.succeeded, images=stored,
                                   step=record.request.num_inference_steps)
+                self.metrics.job_finished("succeeded", render_s=render_s, width=record.request.width,
+                                          height=record.request.height, images=len(stored))
                 if ended:
                     log.info("job %s: succeeded, %d image(s)", job_id, len(stored))
         return self.records.get(job_id)
 
-    def _render(self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None) -> list[Any]:
+    def _render(self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None) -> tuple[list[Any], float]:
         request = record.request
         total = request.num_inference_steps
         started = time.monotonic()
 
         def on_step(step: int) -> None:
+            self.metrics.step()
             held.beat()
             answer = self.records.progress(record.id, self.worker_name, step)
             if answer == "lost" or held.lost.is_set():
@@ -172,7 +185,12 @@ class JobRunner:
             started = time.monotonic()
             if self.shutdown.draining.is_set():
                 raise GiveBack()  # it waited behind the job being finished: not started, so back it goes
-            return render(self.pipe, request, on_step)
+            self.metrics.set_current(record.id)
+            try:
+                images = render(self.pipe, request, on_step)
+            finally:
+                self.metrics.set_current(None)
+            return images, time.monotonic() - started
 
     def _store(self, record: JobRecord, images: list[Any], held: HeldJob) -> list[ImageRecord]:
         request = record.request

@@ -308,16 +308,13 @@ def start_worker(
 
 
 def start_flower(env: dict[str, str], port: int, user: str, password: str, log_path: Path) -> Service:
-    """Flower on loopback with basic auth; credentials travel by environment, not argv."""
-    flower_env = {
-        **env,
-        "CELERY_BROKER_URL": env["PIXQ_REDIS_URL"],
-        "FLOWER_BASIC_AUTH": f"{user}:{password}",
-        "FLOWER_ADDRESS": "127.0.0.1",
-        "FLOWER_PORT": str(port),
-    }
-    argv = [sys.executable, "-m", "celery", "flower"]
-    svc = Service("flower", argv, log_path, env=flower_env).start()
+    """Flower on loopback with basic auth, as ``pixq flower`` runs it; credentials travel by
+    environment, not argv."""
+    from producer.settings import Settings
+    from worker.flower import FlowerOptions, flower_argv, flower_env
+
+    options = FlowerOptions(port=port, address="127.0.0.1", basic_auth=f"{user}:{password}")
+    svc = Service("flower", flower_argv(), log_path, env=flower_env(Settings.from_env(env), env, options)).start()
 
     def answers() -> bool:
         try:

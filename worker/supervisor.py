@@ -121,11 +121,13 @@ def plan_slots(gpus: Sequence[int], visible: Sequence[str], host: str, ready_fil
 
 
 def worker_argv(
-    model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO", extra_args: Sequence[str] = ()
+    model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO", extra_args: Sequence[str] = (),
+    metrics_port: int = 0,
 ) -> ArgvBuilder:
     """The real child: ``pixq worker`` on ``cuda:0`` of its masked view, plus ``extra_args`` (e.g. ``--compile``).
 
-    Secrets stay in the environment, never in an argv.
+    With ``metrics_port``, GPU i serves its metrics on ``metrics_port + i``. Secrets stay in the
+    environment, never in an argv.
     """
 
     def build(slot: Slot) -> list[str]:
@@ -149,6 +151,8 @@ def worker_argv(
             argv.append("--offload")
         if slot.ready_file:
             argv += ["--ready-file", str(slot.ready_file)]
+        if metrics_port:
+            argv += ["--metrics-port", str(metrics_port + slot.gpu)]
         return argv + list(extra_args)
 
     return build
@@ -163,6 +167,7 @@ def run_gpu_workers(
     loglevel: str = "INFO",
     ready_file: Path | None = None,
     extra_args: Sequence[str] = (),
+    metrics_port: int = 0,
 ) -> int:
     """``pixq worker --gpus SPEC``: one supervised worker per GPU until stopped; returns the exit code.
 
@@ -173,7 +178,7 @@ def run_gpu_workers(
     visible = visible_gpus(env)
     slots = plan_slots(parse_gpus(spec, len(visible)), visible, socket.gethostname(), ready_file)
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
-    argv = worker_argv(model, dtype, offload, loglevel, extra_args)
+    argv = worker_argv(model, dtype, offload, loglevel, extra_args, metrics_port)
     return Supervisor(slots, argv, env, ready_file=ready_file).run()
 
 

@@ -1,0 +1,211 @@
+"""Prometheus metrics of a worker (worker/metrics.py): the class alone, then scraped from a real worker."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer.client import Client
+from producer.records import JobState
+from producer.settings import Settings
+from tests.conftest import stack_env
+from worker.metrics import OUTCOMES, WindowedRate, WorkerMetrics
+from worker.stack import S3Endpoint, Service, free_port, start_redis, start_worker
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        return str(answer.read().decode())
+
+
+# -- the class alone ------------------------------------------------------------------------------
+
+
+def test_windowed_rate_counts_the_last_window_only() -> None:
+    clock = Clock()
+    rate = WindowedRate(window_s=10, clock=clock)
+    assert rate.rate() == 0
+    clock.now += 0.5
+    rate.add(3)
+    assert rate.rate() == 3.0  # younger than a second: divided by one second, not by the window
+    clock.now += 4.5
+    rate.add(2)
+    assert rate.rate() == pytest.approx(5 / 5)  # five events in the first five seconds
+    clock.now += 7
+    assert rate.rate() == pytest.approx(2 / 10)  # the first three left the window
+    clock.now += 10
+    assert rate.rate() == 0
+
+
+def test_worker_metrics_report_what_the_runner_tells_them() -> None:
+    clock = Clock()
+    m = WorkerMetrics(model="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", worker="gpu0@host", device="cpu",
+                      window_s=60, clock=clock)
+    model = m.model
+    fresh = parse(m.exposition().decode())
+    assert value(fresh, "pixq_worker_info", worker="gpu0@host", model=model, device="cpu") == 1
+    for outcome in OUTCOMES:  # every outcome exists at 0 from the start, so rate() works at once
+        assert value(fresh, "pixq_jobs_total", model=model, outcome=outcome) == 0
+    assert value(fresh, "pixq_current_job_info", job_id="") == 1
+    assert not any(name.startswith("pixq_gpu_") for name, _ in fresh)  # CPU: no GPU memory series
+
+    m.pipeline_loaded(12.5)
+    m.job_claimed(queue_wait_s=0.3)
+    m.set_current("job-a")
+    clock.now += 2
+    for _ in range(20):
+        m.step()
+    holding = parse(m.exposition().decode())
+    assert value(holding, "pixq_current_jobs", model=model) == 1
+    assert value(holding, "pixq_current_job_info", job_id="job-a") == 1
+    assert value(holding, "pixq_denoising_steps_per_second", model=model) == pytest.approx(20 / 2)
+    m.set_current(None)
+    m.job_finished("succeeded", render_s=1.7, width=1024, height=768, images=2)
+    m.job_claimed(queue_wait_s=40)
+    m.step(3)
+    m.job_finished("canceled")
+
+    s = parse(m.exposition().decode())
+    assert value(s, "pixq_pipeline_load_seconds", model=model) == 12.5
+    assert value(s, "pixq_jobs_total", model=model, outcome="succeeded") == 1
+    assert value(s, "pixq_jobs_total", model=model, outcome="canceled") == 1
+    assert value(s, "pixq_jobs_total", model=model, outcome="failed") == 0
+    assert value(s, "pixq_images_total", model=model) == 2
+    assert value(s, "pixq_denoising_steps_total", model=model) == 23
+    assert value(s, "pixq_render_seconds_count", model=model, size="1024x768") == 1
+    assert value(s, "pixq_render_seconds_sum", model=model, size="1024x768") == 1.7
+    assert value(s, "pixq_render_seconds_bucket", model=model, size="1024x768", le="1.0") == 0
+    assert value(s, "pixq_render_seconds_bucket", model=model, size="1024x768", le="2.0") == 1
+    assert value(s, "pixq_queue_wait_seconds_count", model=model) == 2
+    assert value(s, "pixq_queue_wait_seconds_bucket", model=model, le="0.5") == 1
+    assert value(s, "pixq_queue_wait_seconds_bucket", model=model, le="60.0") == 2
+    assert value(s, "pixq_current_jobs", model=model) == 0
+    assert value(s, "pixq_current_job_info", job_id="") == 1
+    assert value(s, "pixq_images_per_second", model=model) == pytest.approx(2 / 2)
+    clock.now += 61  # a minute idle: the windowed gauges fall to 0, the counters stay
+    s = parse(m.exposition().decode())
+    assert value(s, "pixq_images_per_second", model=model) == 0
+    assert value(s, "pixq_denoising_steps_per_second", model=model) == 0
+    assert value(s, "pixq_images_total", model=model) == 2
+
+    with pytest.raises(ValueError, match="unknown outcome"):
+        m.job_finished("exploded")
+    with pytest.raises(ValueError, match="width and height"):
+        m.job_finished("succeeded", render_s=1.0)
+
+
+def test_metrics_server_serves_its_own_registry_only() -> None:
+    a, b = WorkerMetrics("model-a", "w-a"), WorkerMetrics("model-b", "w-b")
+    a.job_claimed(1.0)
+    a.job_finished("failed")
+    port = a.start_server(0, address="127.0.0.1")
+    try:
+        with pytest.raises(RuntimeError):
+            a.start_server(0)
+        s = parse(scrape(port))
+        assert value(s, "pixq_jobs_total", model="model-a", outcome="failed") == 1
+        assert value(s, "pixq_jobs_total", model="model-b", outcome="failed") is None  # b is not global
+        assert value(s, "process_resident_memory_bytes") is not None
+    finally:
+        a.stop_server()
+    with pytest.raises(OSError):
+        scrape(port)
+    assert b.exposition()
+
+
+# -- a real worker --------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def metered(tmp_path: Path, s3: S3Endpoint, tiny_model: str) -> Iterator[tuple[Client, Service, int]]:
+    """A worker started with --metrics-port, alone on its own Redis (no other worker takes its jobs)."""
+    redis_svc, url = start_redis(tmp_path / "redis", password="metrics-pw-7a1f")
+    env = stack_env(url, s3, tiny_model)
+    port = free_port()
+    svc = None
+    client = Client(Settings.from_env(env))
+    try:
+        svc = start_worker(env, tiny_model, tmp_path / "worker.log", name="metrics@test",
+                           extra=("--metrics-port", str(port)))
+        yield client, svc, port
+    finally:
+        client.close()
+        if svc is not None:
+            svc.signal(signal.SIGKILL)
+            svc.stop()
+        redis_svc.stop()
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_real_worker_counts_its_jobs(metered: tuple[Client, Service, int], tiny_model: str) -> None:
+    client, svc, port = metered
+    model = tiny_model
+    before = parse(scrape(port))
+    assert value(before, "pixq_worker_info", worker="metrics@test", model=model, device="cpu") == 1
+    assert (value(before, "pixq_pipeline_load_seconds", model=model) or 0) > 0
+    assert all(value(before, "pixq_jobs_total", model=model, outcome=o) == 0 for o in OUTCOMES)
+    assert not any(name.startswith("pixq_gpu_") for name, _ in before)
+
+    done = client.wait(client.submit("two small ones", width=128, height=64, num_inference_steps=3,
+                                     num_images_per_prompt=2).id, timeout_s=60)
+    assert done.state is JobState.succeeded
+    long = client.submit("canceled midway", width=256, height=256, num_inference_steps=200)
+    wait_for(lambda: client.status(long.id).step >= 3, 30, "the long job to run")
+    during = parse(scrape(port))
+    assert value(during, "pixq_current_jobs", model=model) == 1
+    assert value(during, "pixq_current_job_info", job_id=long.id) == 1
+    client.cancel(long.id)
+    canceled = client.wait(long.id, timeout_s=30)
+    assert canceled.state is JobState.canceled
+
+    # The record is written before the metrics move: wait for the second outcome.
+    after = wait_for(lambda: (s := parse(scrape(port))) and value(
+        s, "pixq_jobs_total", model=model, outcome="canceled") == 1 and s, 10, "the canceled job's outcome")
+    assert value(after, "pixq_jobs_total", model=model, outcome="succeeded") == 1
+    assert sum(value(after, "pixq_jobs_total", model=model, outcome=o) or 0 for o in OUTCOMES) == 2
+    assert value(after, "pixq_images_total", model=model) == 2
+    # Every finished denoising step counts: 3, and the canceled job's steps up to its cancel.
+    assert value(after, "pixq_denoising_steps_total", model=model) == 3 + canceled.step
+    assert value(after, "pixq_render_seconds_count", model=model, size="128x64") == 1  # a full render only
+    assert value(after, "pixq_render_seconds_count", model=model, size="256x256") is None
+    assert value(after, "pixq_queue_wait_seconds_count", model=model) == 2
+    assert value(after, "pixq_current_jobs", model=model) == 0
+    assert value(after, "pixq_current_job_info", job_id="") == 1
+    assert (value(after, "pixq_images_per_second", model=model) or 0) > 0
+    assert (value(after, "pixq_denoising_steps_per_second", model=model) or 0) > 0

@@ -1,0 +1,245 @@
+"""Prometheus metrics of one worker process, served on their own port (``pixq worker --metrics-port``).
+
+One ``WorkerMetrics`` per worker process, with its own ``CollectorRegistry`` (nothing global).
+The runner tells it what happens, in this order for a job it claimed::
+
+    metrics = WorkerMetrics(model=..., worker=..., device=...)
+    metrics.pipeline_loaded(loaded.load_s)
+    metrics.start_server(port)                  # serves /metrics; port 0 picks a free one
+    metrics.job_claimed(time.time() - record.created_at)
+    metrics.set_current(job_id)                 # the render starts (it holds the GPU)
+    metrics.step()                              # after every denoising step
+    metrics.set_current(None)                   # the render ended, however it ended
+    metrics.job_finished("succeeded", render_s=..., width=..., height=..., images=...)
+
+Rates are offered both ways: counters (``pixq_images_total``, ``pixq_denoising_steps_total``)
+for ``rate()`` in PromQL, which is the Prometheus way, and gauges over a sliding window
+(``pixq_images_per_second``, ``pixq_denoising_steps_per_second``) for a glance without a query.
+GPU memory is read when scraped, and only where CUDA is already in use. docs/monitoring.md lists
+every metric with Grafana panels.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# How a claimed job ended for this worker.
+OUTCOMES = (
+    "succeeded",
+    "failed",  # an error in the job (bad input, a render or upload error)
+    "timed_out",  # ran past PIXQ_JOB_TIMEOUT_S
+    "canceled",  # canceled while running
+    "lease_lost",  # another worker holds it now (this one stalled past its lease)
+    "given_back",  # the worker was stopping: back on the queue for another worker
+)
+
+# 0.05 s (a small image on a fast GPU) .. 120 s (2K, many steps, or a CPU).
+RENDER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
+# A job may wait milliseconds on an idle worker or an hour behind a backlog.
+QUEUE_WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                        3600.0)
+DEFAULT_WINDOW_S = 60.0
+
+
+class WindowedRate:
+    """Events per second over the last ``window_s`` seconds, kept in one-second buckets.
+
+    A process younger than the window divides by its age (at least one second), so the
+    first minute does not read low.
+    """
+
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        if window_s < 1:
+            raise ValueError("window_s must be at least 1 second")
+        self.window_s = window_s
+        self.clock = clock
+        self._started = clock()
+        self._buckets: deque[list[float]] = deque()  # [second, count], oldest first
+        self._lock = threading.Lock()
+
+    def add(self, n: float = 1) -> None:
+        now = self.clock()
+        second = float(int(now))
+        with self._lock:
+            if self._buckets and self._buckets[-1][0] == second:
+                self._buckets[-1][1] += n
+            else:
+                self._buckets.append([second, n])
+            self._prune(now)
+
+    def rate(self) -> float:
+        now = self.clock()
+        with self._lock:
+            self._prune(now)
+            total = sum(count for _, count in self._buckets)
+        return total / min(self.window_s, max(now - self._started, 1.0))
+
+    def _prune(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] <= now - self.window_s:
+            self._buckets.popleft()
+
+
+class GpuMemoryCollector(Collector):
+    """GPU memory of this process, read at scrape time; nothing on CPU or before CUDA is in use.
+
+    It never initializes CUDA itself (a scrape must not create a context, nor touch CUDA in a
+    process that may fork).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not self.device.startswith("cuda"):
+            return
+        try:
+            if not torch.cuda.is_initialized():
+                return
+            allocated = torch.cuda.memory_allocated(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+        except Exception:  # a broken device: the scrape still answers, without these
+            return
+        for name, doc, value in (
+            ("pixq_gpu_memory_allocated_bytes", "GPU memory held by tensors now.", allocated),
+            ("pixq_gpu_memory_peak_allocated_bytes", "Most GPU memory held by tensors since start.", peak),
+            ("pixq_gpu_memory_reserved_bytes", "GPU memory held by PyTorch's caching allocator.", reserved),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["device"])
+            family.add_metric([self.device], float(value))
+            yield family
+
+
+class WorkerMetrics:
+    """The metrics of one worker process serving one model. Thread-safe (two job threads share it)."""
+
+    def __init__(
+        self,
+        model: str,
+        worker: str,
+        device: str = "cpu",
+        registry: CollectorRegistry | None = None,
+        window_s: float = DEFAULT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.model = model
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._holding = 0
+
+        Info("pixq_worker", "The worker process: Celery node name, model and device.", registry=r).info(
+            {"worker": worker, "model": model, "device": device})
+        self.jobs = Counter("pixq_jobs", "Jobs this worker claimed, by how they ended.", ["model", "outcome"],
+                            registry=r)
+        for outcome in OUTCOMES:
+            self.jobs.labels(model=model, outcome=outcome)  # every series exists from the start, at 0
+        self.render_seconds = Histogram(
+            "pixq_render_seconds", "Time on the GPU per job: prompt encoding, denoising and decoding.",
+            ["model", "size"], buckets=RENDER_BUCKETS_S, registry=r)
+        self.queue_wait_seconds = Histogram(
+            "pixq_queue_wait_seconds", "From the job's submission to its claim by this worker.",
+            ["model"], buckets=QUEUE_WAIT_BUCKETS_S, registry=r).labels(model=model)
+        self.images = Counter("pixq_images", "Images rendered and stored.", ["model"], registry=r).labels(model=model)
+        self.steps = Counter("pixq_denoising_steps", "Denoising steps done (each step is one transformer pass).",
+                             ["model"], registry=r).labels(model=model)
+        self._images_rate = WindowedRate(window_s, clock)
+        self._steps_rate = WindowedRate(window_s, clock)
+        Gauge("pixq_images_per_second", f"Images stored per second over the last {window_s:g} s.", ["model"],
+              registry=r).labels(model=model).set_function(self._images_rate.rate)
+        Gauge("pixq_denoising_steps_per_second", f"Denoising steps per second over the last {window_s:g} s.",
+              ["model"], registry=r).labels(model=model).set_function(self._steps_rate.rate)
+        self.load_seconds = Gauge("pixq_pipeline_load_seconds", "Time to load the pipeline (and warm it up).",
+                                  ["model"], registry=r).labels(model=model)
+        self.current_jobs = Gauge("pixq_current_jobs", "Jobs this worker holds now (rendering or storing).",
+                                  ["model"], registry=r).labels(model=model)
+        self.current_job = Info("pixq_current_job", "The job on the GPU now; job_id is empty when idle.",
+                                registry=r)
+        self.current_job.info({"job_id": ""})
+        r.register(GpuMemoryCollector(device))
+        ProcessCollector(registry=r)  # process_* (CPU seconds, resident memory, open files)
+
+    # -- what the worker reports --------------------------------------------------------------
+
+    def pipeline_loaded(self, seconds: float) -> None:
+        self.load_seconds.set(seconds)
+
+    def job_claimed(self, queue_wait_s: float) -> None:
+        """This worker claimed a job that waited ``queue_wait_s`` since its submission."""
+        self.queue_wait_seconds.observe(max(queue_wait_s, 0.0))
+        with self._lock:
+            self._holding += 1
+            self.current_jobs.set(self._holding)
+
+    def set_current(self, job_id: str | None) -> None:
+        """The job whose render holds the GPU now; ``None`` once it let go."""
+        self.current_job.info({"job_id": job_id or ""})
+
+    def step(self, n: int = 1) -> None:
+        """``n`` denoising steps finished."""
+        self.steps.inc(n)
+        self._steps_rate.add(n)
+
+    def job_finished(self, outcome: str, render_s: float | None = None, width: int | None = None,
+                     height: int | None = None, images: int = 0) -> None:
+        """A claimed job ended for this worker. ``render_s`` (with the size) when it rendered to the end;
+        ``images``: how many were stored."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}")
+        self.jobs.labels(model=self.model, outcome=outcome).inc()
+        if render_s is not None:
+            if width is None or height is None:
+                raise ValueError("render_s needs the width and height")
+            self.render_seconds.labels(model=self.model, size=f"{width}x{height}").observe(render_s)
+        if images:
+            self.images.inc(images)
+            self._images_rate.add(images)
+        with self._lock:
+            self._holding = max(self._holding - 1, 0)
+            self.current_jobs.set(self._holding)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def start_server(self, port: int, address: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` from a daemon thread; returns the port (``port=0`` picks a free one).
+
+        Call it in the process that renders, after the pipeline is loaded.
+        """
+        if self._server is not None:
+            raise RuntimeError("the metrics server is already running")
+        self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+        return int(self._server.server_port)
+
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets."""
+        return generate_latest(self.registry)
