@@ -43,7 +43,13 @@ def main(timeout_s: float = 120.0) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     s3 = make_s3_client(settings)
-    deadline = time.monotonic() + timeout_s
+    try:
+        return _wait_for_bucket(s3, settings, bucket, time.monotonic() + timeout_s)
+    finally:
+        s3.close()
+
+
+def _wait_for_bucket(s3: object, settings: Settings, bucket: str, deadline: float) -> int:
     while True:
         try:
             created = ensure_bucket(s3, bucket, settings.aws_region, f"{settings.s3_prefix}/.pixq-init")

@@ -84,7 +84,9 @@ def client(settings: Settings) -> Iterator[Client]:
 def s3_client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
     from worker.stack import s3_client_for
 
-    return s3_client_for(s3)
+    client = s3_client_for(s3)
+    yield client
+    client.close()
 
 
 @pytest.fixture()

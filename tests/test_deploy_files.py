@@ -589,6 +589,7 @@ def test_create_bucket_makes_a_writable_bucket_once(seaweedfs: Any) -> None:
         # Each run proved the bucket takes a write, under the prefix the worker writes to.
         assert s3.get_object(Bucket="fresh-bucket", Key="imgs/.pixq-init")["Body"].read() == b"ok"
         s3.delete_object(Bucket="fresh-bucket", Key="imgs/.pixq-init")
+    s3.close()
 
 
 def test_create_bucket_fails_clearly_with_wrong_keys(

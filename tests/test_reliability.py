@@ -74,7 +74,12 @@ class Cluster:
         self.redis_svc.proc = None
         self.redis_svc.start()
         url = self.env["PIXQ_REDIS_URL"]
-        self.redis_svc.wait_until(lambda: bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping()), 20)
+
+        def answers() -> bool:
+            with redis.Redis.from_url(url, socket_connect_timeout=1) as conn:
+                return bool(conn.ping())
+
+        self.redis_svc.wait_until(answers, 20)
 
 
 @pytest.fixture()
@@ -402,5 +407,6 @@ def test_s3_stopped_mid_upload_and_started_again(cluster: Cluster, tmp_path: Pat
         for image in record.images:
             body = s3c.get_object(Bucket="outage", Key=image.key)["Body"].read()
             assert len(body) == image.size_bytes
+        s3c.close()
     finally:
         s3_svc.stop()

@@ -267,12 +267,15 @@ def _ensure_bucket(endpoint: S3Endpoint) -> bool:
 
     s3 = s3_client_for(endpoint)
     try:
-        s3.head_bucket(Bucket=endpoint.bucket)
-    except ClientError:
-        s3.create_bucket(Bucket=endpoint.bucket)
-    # Writable end to end (the volume server may come up after the S3 gateway).
-    s3.put_object(Bucket=endpoint.bucket, Key=".pixq-ready", Body=b"ok")
-    return True
+        try:
+            s3.head_bucket(Bucket=endpoint.bucket)
+        except ClientError:
+            s3.create_bucket(Bucket=endpoint.bucket)
+        # Writable end to end (the volume server may come up after the S3 gateway).
+        s3.put_object(Bucket=endpoint.bucket, Key=".pixq-ready", Body=b"ok")
+        return True
+    finally:
+        s3.close()
 
 
 # -- worker and Flower ------------------------------------------------------------------------
