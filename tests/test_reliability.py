@@ -66,7 +66,7 @@ class Cluster:
 
     def assert_delivered_once(self, record: JobRecord) -> None:
         assert record.state is JobState.succeeded, record
-        assert sorted(self.objects(record.id)) == sorted(i.key for i in record.images)
+        assert sorted(self.objects(record.id)) == sorted(i.key for i in record.images), record
         assert len(record.images) == record.request.num_images_per_prompt
 
     def restart_redis(self) -> None:
@@ -153,7 +153,8 @@ def test_job_that_kills_its_worker_every_time_is_dead_after_the_cap(cluster: Clu
     assert record.error is not None and record.error.type == "WorkerLost"
     assert record.error.message == "worker lost 3 times"
     time.sleep(LEASE_TTL_S * 2)  # no loop: nothing picks it up again
-    assert client.status(job.id).attempts == 3 and client.status(job.id).state is JobState.failed
+    later = client.status(job.id)
+    assert later.attempts == 3 and later.state is JobState.failed, later
     assert [r.id for r in client.dead()] == [job.id]
     assert cluster.objects(job.id) == []
 
@@ -162,7 +163,7 @@ def test_job_that_kills_its_worker_every_time_is_dead_after_the_cap(cluster: Clu
     assert again.state is JobState.queued and again.attempts == 0 and again.error is None
     record = client.wait(job.id, timeout_s=60)
     cluster.assert_delivered_once(record)
-    assert record.attempts == 1 and client.dead() == []
+    assert record.attempts == 1 and client.dead() == [], (record, cluster.objects(job.id))
 
 
 def test_job_running_past_the_visibility_timeout_runs_once(cluster: Cluster, slow_model: str) -> None:
