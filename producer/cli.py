@@ -14,7 +14,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from producer.client import Client
 from producer.errors import PixqError
@@ -199,12 +207,21 @@ def download(
         raise UserError(f"job {job} is {record.state.value}, not succeeded: nothing to download")
     output.mkdir(parents=True, exist_ok=True)
     s3 = client.s3()
-    for image in record.images:
-        body = s3.get_object(Bucket=image.bucket, Key=image.key)["Body"].read()
-        if hashlib.sha256(body).hexdigest() != image.sha256:
-            raise UserError(f"s3://{image.bucket}/{image.key} does not match its recorded sha256")
-        path = output / f"{job}-{image.index}.{image.key.rsplit('.', 1)[-1]}"
-        path.write_bytes(body)
+    saved = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err) as bar:
+        for image in record.images:
+            task = bar.add_task(f"image {image.index}", total=image.size_bytes)
+            body = bytearray()
+            for chunk in s3.get_object(Bucket=image.bucket, Key=image.key)["Body"].iter_chunks(256 * 1024):
+                body += chunk
+                bar.update(task, advance=len(chunk))
+            if hashlib.sha256(body).hexdigest() != image.sha256:
+                raise UserError(f"s3://{image.bucket}/{image.key} does not match its recorded sha256")
+            path = output / f"{job}-{image.index}.{image.key.rsplit('.', 1)[-1]}"
+            path.write_bytes(bytes(body))
+            saved.append(path)
+    for path in saved:
         typer.echo(str(path))
 
 

@@ -35,6 +35,7 @@ def test_submit_wait_json_download(env: dict[str, str], worker: Service, tmp_pat
 
     got = pixq("download", record["id"], "-o", str(tmp_path), env=env)
     assert got.returncode == 0, got.stderr
+    assert "image 0" in got.stderr and "image 1" in got.stderr  # the download's progress bars
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == [f"{record['id']}-0.png", f"{record['id']}-1.png"]
     with Image.open(files[0]) as png:

@@ -14,7 +14,7 @@ from producer.client import Client
 from producer.errors import InvalidRequest, JobNotFound
 from producer.records import JobState
 from tests.conftest import write_artifact
-from worker.stack import Service
+from worker.stack import S3Endpoint, Service
 
 
 def observe(client: Client, job_id: str, timeout_s: float = 60) -> list[tuple[str, int]]:
@@ -83,6 +83,22 @@ def test_several_images_and_formats(client: Client, worker: Service, s3_client) 
     jpeg = client.wait(client.submit("jpeg", width=128, height=128, output_format="jpeg",
                                      num_inference_steps=3).id, timeout_s=60)
     assert jpeg.images[0].key.endswith(".jpg") and jpeg.images[0].content_type == "image/jpeg"
+
+
+def test_presigned_urls_default_to_an_hour_and_never_exceed_a_week(
+    client: Client, worker: Service, s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    for key, value in s3.env().items():  # the standard AWS chain, as a service would have it
+        monkeypatch.setenv(key, value)
+    record = client.wait(client.submit("url", width=128, height=128, num_inference_steps=2).id, timeout_s=60)
+    expires = int(parse_qs(urlsplit(client.presigned_url(record.id)).query)["Expires"][0])
+    assert abs(expires - (time.time() + 3600)) < 60
+    with pytest.raises(InvalidRequest, match="expires_in_s"):
+        client.presigned_url(record.id, expires_in_s=7 * 24 * 3600 + 1)
+    with pytest.raises(InvalidRequest, match="index"):
+        client.presigned_url(record.id, index=1)
 
 
 def test_random_seed_is_recorded_and_a_seed_repeats_exactly(client: Client, worker: Service) -> None:

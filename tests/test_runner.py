@@ -65,3 +65,26 @@ def test_a_second_delivery_of_a_finished_job_does_nothing(broken) -> None:  # ty
     assert runner.run(job.id) is None  # settled: skipped
     again = client.status(job.id)
     assert again.attempts == 1 and again.images == first.images and again.finished_at == first.finished_at
+
+
+def test_a_job_without_progress_past_the_hard_limit_is_caught(client, tiny_model: str) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from worker.lease import exit_hung_process
+
+    hung: list[str] = []
+    leases = Leases(client.records, "hang@test", ttl_s=1, hard_limit_s=0.5, on_hung=hung.append)
+    assert Leases(client.records, "x", 1, 1).on_hung is exit_hung_process  # production: end the process
+    job = client.submit("hangs", model_name="/models/hangs-nowhere", width=128, height=128)
+    assert client.records.claim(job.id, "hang@test", 1, 3)[0] == "claimed"
+    leases.start()
+    try:
+        with leases.hold(job.id) as held:
+            deadline = time.monotonic() + 5
+            while not hung and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert hung and hung[0] == job.id
+            assert not held.lost.is_set()  # the lease itself was kept renewed meanwhile
+    finally:
+        leases.stop()
+        client.records.release(job.id, "hang@test", state=JobState.failed)

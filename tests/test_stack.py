@@ -74,6 +74,7 @@ def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> Non
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(flower.group(1), timeout=5)
         assert denied.value.code == 401
+        denied.value.close()
 
         env = {**os.environ, **exports}
         sub = subprocess.run([sys.executable, "-m", "worker.cli", "submit", "hello", "--width", "128",

@@ -321,10 +321,11 @@ def start_flower(env: dict[str, str], port: int, user: str, password: str, log_p
 
     def answers() -> bool:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
+                return False  # open without a login: not the Flower we started
         except urllib.error.HTTPError as exc:
-            return exc.code == 401
-        return False
+            with exc:
+                return exc.code == 401
 
     svc.wait_until(answers, 60)
     return svc
