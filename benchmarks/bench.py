@@ -603,7 +603,8 @@ def _gpu_workers(ctx: Context, gpus: str, compile_mode: str, log_name: str) -> A
     client = _client(env)
 
     def announced() -> bool:
-        names = [json.loads(client.conn.get(k) or "{}").get("name") for k in client.conn.scan_iter(WORKER_KEY_PREFIX + "*")]
+        keys = client.conn.scan_iter(WORKER_KEY_PREFIX + "*")
+        names = [json.loads(client.conn.get(k) or "{}").get("name") for k in keys]
         return len([n for n in names if n and n.startswith("gpu")]) >= want
 
     svc.wait_until(announced, ctx.args.worker_timeout_s)

@@ -86,7 +86,8 @@ class Client:
             if not claimed:
                 existing = self.conn.get(idem_key)
                 if existing is not None:
-                    return Job(self, existing.decode(), created=False)
+                    existing_id = existing.decode() if isinstance(existing, bytes) else str(existing)
+                    return Job(self, existing_id, created=False)
                 # The key expired between the two calls: fall through as a new job.
                 self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
         try:

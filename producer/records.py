@@ -234,6 +234,10 @@ def _decode(raw: dict[bytes, bytes]) -> JobRecord:
     )
 
 
+def _strings(members: Any) -> list[str]:
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+
 class RecordStore:
     """Reads and changes job records. Takes an explicit Redis connection."""
 
@@ -302,10 +306,10 @@ class RecordStore:
         return bool(done)
 
     def dead_ids(self) -> list[str]:
-        return [m.decode() for m in self.conn.zrange(DEAD_KEY, 0, -1)]
+        return _strings(self.conn.zrange(DEAD_KEY, 0, -1))
 
     def running_ids(self) -> list[str]:
-        return [m.decode() for m in self.conn.zrange(RUNNING_KEY, 0, -1)]
+        return _strings(self.conn.zrange(RUNNING_KEY, 0, -1))
 
     def delete(self, job_id: str) -> None:
         self.conn.delete(self.key(job_id))

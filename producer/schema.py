@@ -10,7 +10,16 @@ import enum
 import secrets
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from producer.errors import InvalidRequest
 from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec

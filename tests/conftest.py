@@ -6,8 +6,10 @@ Expensive services are per session; tests that kill or restart a service start t
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -94,6 +96,17 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
     conn = redis.Redis.from_url(redis_url)
     yield conn
     conn.close()
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_artifact(name: str, data: bytes) -> Path:

@@ -27,7 +27,7 @@ import pytest
 
 from producer.client import Client
 from producer.records import JobState
-from tests.conftest import write_artifact
+from tests.conftest import wait_for, write_artifact
 from worker.stack import Service, free_port, pixq_argv, start_worker
 from worker.tasks import progress_reporter
 
@@ -66,16 +66,6 @@ class Flower:
 def pixq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

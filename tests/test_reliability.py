@@ -26,7 +26,7 @@ from producer.errors import QueueFull
 from producer.records import JobRecord, JobState
 from producer.settings import Settings
 from producer.wire import celery_config, queue_name
-from tests.conftest import stack_env
+from tests.conftest import stack_env, wait_for
 from worker.stack import S3Endpoint, Service, start_redis, start_worker
 
 LEASE_TTL_S = 3
@@ -95,16 +95,6 @@ def cluster(tmp_path: Path, s3: S3Endpoint, s3_client, tiny_model: str) -> Itera
         svc.signal(signal.SIGKILL)
         svc.stop()
     redis_svc.stop()
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def running_on(client: Client, job_id: str, min_step: int = 2, not_on: set[str] | None = None) -> str:

@@ -21,7 +21,9 @@ from worker.tasks import create_app
 
 
 @pytest.fixture()
-def broken(tmp_path: Path, tiny_model: str, env: dict[str, str], s3_client) -> Iterator[tuple[Client, JobRunner, threading.Event]]:
+def broken(
+    tmp_path: Path, tiny_model: str, env: dict[str, str], s3_client
+) -> Iterator[tuple[Client, JobRunner, threading.Event]]:
     model = str(tmp_path / "oom-model")
     Path(model).symlink_to(tiny_model)  # its own name: no other worker serves its queue
     settings = Settings.from_env(env)

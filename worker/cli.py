@@ -132,7 +132,7 @@ def up(
         for var in ("PIXQ_REDIS_URL", "PIXQ_S3_ENDPOINT_URL", "PIXQ_S3_BUCKET", "PIXQ_MODEL",
                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             typer.echo(f"  export {var}='{env[var]}'")
-        typer.echo(f"\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
+        typer.echo("\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
         typer.echo(f"Flower: {stack.flower_url}  (user {stack.flower_user}, password {stack.flower_password})")
         typer.echo(f"Logs:   {root}/*.log\nCtrl-C stops everything.")
         try:
@@ -147,9 +147,12 @@ def up(
     err.print("stopped.")
 
 
+DEMO_PROMPT = "A small cactus with a happy face in the Sahara desert."
+
+
 @app.command()
 def demo(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")] = "A small cactus with a happy face in the Sahara desert.",
+    prompt: Annotated[str, typer.Argument(help="What to draw.")] = DEMO_PROMPT,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to save the image.")] = Path("out"),
     state_dir: Annotated[Path, typer.Option("--dir", help="Where services keep data and logs.")] = Path(".pixq"),
     size: Annotated[int, typer.Option(help="Width and height.")] = 512,

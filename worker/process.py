@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -19,9 +21,9 @@ from redis.retry import Retry
 from producer.records import RecordStore
 from producer.settings import Settings
 from producer.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
+from worker.accel import AccelOptions
 from worker.lease import Leases
 from worker.metrics import WorkerMetrics
-from worker.accel import AccelOptions
 from worker.pipeline import load_pipeline, parse_size
 from worker.reaper import Reaper
 from worker.runner import JobRunner, RunnerConfig, Shutdown
@@ -87,10 +89,8 @@ class Presence:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.conn.delete(self.key)
-        except redis.RedisError:
-            pass
 
 
 def resilient_redis(url: str) -> redis.Redis:
@@ -114,7 +114,7 @@ def install_second_stop(shutdown: Shutdown) -> None:
     """
     previous = signal.getsignal(signal.SIGTERM)
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_term(signum: int, frame: FrameType | None) -> None:
         if shutdown.draining.is_set():
             shutdown.request()
             log.warning("second SIGTERM: giving the running job back to the queue")

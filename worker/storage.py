@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import quote
 
 from producer.records import ImageRecord
-from producer.schema import JobRequest, OutputFormat
 from producer.s3 import make_s3_client
+from producer.schema import JobRequest, OutputFormat
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)

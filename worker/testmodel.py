@@ -133,9 +133,9 @@ def make_test_model(out_dir: str | Path, seed: int = 0, layers: int = 2, heads: 
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
-        vae=vae.eval(),
-        transformer=transformer.eval(),
+        vae=vae.eval(),  # type: ignore[attr-defined]
+        transformer=transformer.eval(),  # type: ignore[attr-defined]
         scheduler=scheduler,
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]
     return out
