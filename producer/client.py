@@ -10,12 +10,12 @@ from typing import Any
 import redis
 
 from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
-from producer.inspect import QueueReport, inspect_queues
+from producer.inspect import QueueReport, inspect_queues, queue_depth
 from producer.records import JobRecord, JobState, RecordStore
 from producer.s3 import make_s3_client
 from producer.schema import JobRequest, parse_request
 from producer.settings import Settings
-from producer.wire import make_celery, queue_lists, send_job
+from producer.wire import make_celery, send_job
 
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
@@ -114,10 +114,7 @@ class Client:
 
     def queue_depth(self, model_name: str) -> int:
         """Messages waiting on the model's queue (not counting the ones being rendered)."""
-        with self.conn.pipeline(transaction=False) as pipe:
-            for name in queue_lists(model_name):
-                pipe.llen(name)
-            return sum(pipe.execute())
+        return queue_depth(self.conn, model_name)
 
     def queues(self, models: list[str] | None = None) -> list[QueueReport]:
         """Per model: waiting jobs, the oldest one's age, running jobs with their step, live workers.

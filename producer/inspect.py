@@ -154,6 +154,7 @@ def oldest_queued(records: RecordStore, model: str) -> tuple[str | None, float |
 
 
 def queue_depth(conn: redis.Redis, model: str) -> int:
+    """Messages waiting on the model's queue, over all its priority lists."""
     with conn.pipeline(transaction=False) as pipe:
         for name in queue_lists(model):
             pipe.llen(name)

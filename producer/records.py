@@ -284,9 +284,6 @@ class RecordStore:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
         return _decode(raw)  # type: ignore[arg-type]
 
-    def exists(self, job_id: str) -> bool:
-        return bool(self.conn.exists(self.key(job_id)))
-
     def transition(
         self, job_id: str, allowed: tuple[JobState, ...] | None, **fields: Any
     ) -> tuple[bool, JobState | None]:

@@ -22,9 +22,7 @@ def reap_once(records: RecordStore, app: Celery, max_attempts: int) -> list[tupl
     """One pass over the running set; returns ``(job_id, outcome)`` for each job it changed."""
     changed = []
     for job_id in records.running_ids():
-        if records.conn.exists(records.lease_key(job_id)):
-            continue
-        outcome, detail = records.reap(job_id, max_attempts)
+        outcome, detail = records.reap(job_id, max_attempts)  # "alive" while its lease is held
         if outcome == "requeued":
             try:
                 send_job(app, job_id, records.get(job_id).request)
