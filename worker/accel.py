@@ -8,9 +8,10 @@
   out with a -10000 bias, whose softmax weight is exactly 0 in float32. Cutting the padded tail
   (rounded up to ``text_bucket`` tokens) changes only summation order, and saves the projection
   and cross-attention work of the padding (about 3% of the transformer at 1024²);
-* ``torch.compile`` of the transformer (fullgraph, static shapes except the text length, which is
-  marked dynamic so trimmed prompts share one graph); inductor's on-disk caches make a restart
-  compile from cache (``configure_compile_cache``);
+* ``torch.compile`` of the transformer's blocks (regional: one graph that all 28 blocks share,
+  ``CompiledBlocks``) or of its whole forward (``compile_scope="model"``); fullgraph, static shapes
+  except the text length, which is marked dynamic so trimmed prompts share one graph; inductor's
+  on-disk caches make a restart compile from cache (``configure_compile_cache``);
 * fast mode's step plan (``worker.fastmode``), switched per render on the same pipeline.
 """
 
@@ -32,6 +33,9 @@ from worker.fastmode import Action, FastPlan, StepController
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+# "blocks": each transformer block compiled, one graph shared by all 28 (regional compilation);
+# "model": the whole transformer forward as one graph.
+COMPILE_SCOPES = ("blocks", "model")
 MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default)
 
 
@@ -39,6 +43,7 @@ MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default
 class AccelOptions:
     compile: bool = False
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
     trim_text: bool = True
     text_bucket: int = 32
     prompt_cache: int = 64  # prompts whose embeddings stay on the device (≈2.4 MB each at full size)
@@ -101,8 +106,7 @@ def configure_compile_cache(cache_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def compile_forward(forward: Any, mode: str = "default") -> Any:
-    """``torch.compile`` one transformer forward: one full graph per batch size and image size."""
+def _compile(fn: Any, mode: str) -> Any:
     import torch
     import torch._dynamo
 
@@ -115,7 +119,14 @@ def compile_forward(forward: Any, mode: str = "default") -> Any:
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False}
     if mode != "default":
         kwargs["mode"] = mode
-    compiled = torch.compile(forward, **kwargs)
+    return torch.compile(fn, **kwargs)
+
+
+def compile_forward(forward: Any, mode: str = "default") -> Any:
+    """``torch.compile`` one transformer forward: one full graph per batch size and image size."""
+    import torch
+
+    compiled = _compile(forward, mode)
 
     def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
         # The text length varies with trimming; one symbolic graph serves all lengths.
@@ -126,6 +137,47 @@ def compile_forward(forward: Any, mode: str = "default") -> Any:
         return compiled(hidden_states, *args, **kw)
 
     return call
+
+
+class CompiledBlocks:
+    """Regional compilation: every block of ``transformer.transformer_blocks`` runs one compiled graph.
+
+    The 28 blocks of PixArt-Σ are the same code with different weights; dynamo traces one block
+    (weights are graph inputs), so compiling costs one block's trace instead of the whole model's,
+    and a restart that compiles from inductor's cache is as much faster. What stays eager is the
+    patch embedding, the timestep and caption embeddings and the final layer: a few kernels per step.
+    The text length is marked dynamic (trimmed prompts share the graph); the first block's input
+    (a transposed view out of the patch embedding) is made contiguous so every block sees the
+    same strides. One graph per batch size and image size, as with ``compile_forward``.
+    """
+
+    def __init__(self, transformer: Any, mode: str = "default"):
+        self.blocks = list(transformer.transformer_blocks)
+        self.eager = False
+        for block in self.blocks:
+            block.forward = self._wrap(block.forward, _compile(block.forward, mode))
+
+    def _wrap(self, eager: Any, compiled: Any) -> Any:
+        import torch
+
+        def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
+            if self.eager:
+                return eager(hidden_states, *args, **kw)
+            text = kw.get("encoder_hidden_states")
+            if text is not None and text.ndim == 3:
+                torch._dynamo.mark_dynamic(text, 1)
+            mask = kw.get("encoder_attention_mask")
+            if mask is not None and mask.ndim >= 2:
+                # Same length as the text: may be tied to its symbol rather than get its own.
+                torch._dynamo.maybe_mark_dynamic(mask, mask.ndim - 1)
+            return compiled(hidden_states.contiguous(), *args, **kw)
+
+        return call
+
+    def remove(self) -> None:
+        """Give the blocks their own (eager) forward back."""
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
 
 
 class Accelerator:
@@ -142,10 +194,19 @@ class Accelerator:
         forward: Any = (
             previous.eager_forward if isinstance(previous, Accelerator) else pipe.transformer.forward
         )
+        if isinstance(previous, Accelerator) and previous.blocks is not None:
+            previous.blocks.remove()
         self.eager_forward: Any = forward
+        self.blocks: CompiledBlocks | None = None
         before_call = None
+        if self.options.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)} "
+                             f"(got {self.options.compile_scope!r})")
         if self.options.compile:
-            forward = compile_forward(forward, self.options.compile_mode)
+            if self.options.compile_scope == "blocks":
+                self.blocks = CompiledBlocks(pipe.transformer, self.options.compile_mode)
+            else:
+                forward = compile_forward(forward, self.options.compile_mode)
             if self.options.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA-graph trees
                 before_call = _cudagraph_step_begin
         self.controller = StepController.install(pipe.transformer, forward, before_call=before_call)
@@ -161,10 +222,14 @@ class Accelerator:
     def eager(self) -> Iterator[None]:
         """Run the transformer uncompiled inside the block (a reference for the compiled one)."""
         compiled, self.controller.forward = self.controller.forward, self.eager_forward
+        if self.blocks is not None:
+            self.blocks.eager = True
         try:
             yield
         finally:
             self.controller.forward = compiled
+            if self.blocks is not None:
+                self.blocks.eager = False
 
     # -- prompts ------------------------------------------------------------------------------
 

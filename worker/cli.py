@@ -15,7 +15,7 @@ import typer
 from producer.cli import app, client_from_env, err, wait_with_progress
 from producer.errors import ConfigError, PixqError
 from producer.settings import Settings
-from worker.accel import COMPILE_MODES
+from worker.accel import COMPILE_MODES, COMPILE_SCOPES
 from worker.pipeline import DTYPES, parse_size
 
 
@@ -31,6 +31,8 @@ def worker(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the transformer")] = False,
     compile_mode: Annotated[str, typer.Option(help="default, reduce-overhead (CUDA graphs), "
                                               "max-autotune-no-cudagraphs, max-autotune")] = "default",
+    compile_scope: Annotated[str, typer.Option(help="blocks: one graph shared by the transformer's blocks "
+                                               "(fast to compile); model: the whole forward")] = "blocks",
     compile_cache: Annotated[Optional[Path], typer.Option(help="Inductor cache directory kept across "
                                                           "restarts [default: torch's, under /tmp]")] = None,
     warmup: Annotated[Optional[list[str]], typer.Option(help="Render one job at this WIDTHxHEIGHT per mode "
@@ -50,6 +52,8 @@ def worker(
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
     if compile_mode not in COMPILE_MODES:
         raise ConfigError(f"--compile-mode: must be one of {', '.join(COMPILE_MODES)}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"--compile-scope: must be one of {', '.join(COMPILE_SCOPES)}")
     for size in warmup or []:
         try:
             parse_size(size)
@@ -66,7 +70,8 @@ def worker(
         from worker.supervisor import run_gpu_workers
 
         extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
-                 "--prompt-cache", str(prompt_cache), "--trim-text" if trim_text else "--no-trim-text"]
+                 "--compile-scope", compile_scope, "--prompt-cache", str(prompt_cache),
+                 "--trim-text" if trim_text else "--no-trim-text"]
         extra += ["--compile-cache", str(compile_cache)] if compile_cache else []
         for size in warmup or []:
             extra += ["--warmup", size]
@@ -78,7 +83,7 @@ def worker(
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
                                   offload=offload, loglevel=loglevel,
                                   ready_file=str(ready_file) if ready_file else None,
-                                  compile=compile, compile_mode=compile_mode,
+                                  compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
                                   compile_cache=str(compile_cache) if compile_cache else None,
                                   warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
                                   prompt_cache=prompt_cache, trim_text=trim_text, metrics_port=metrics_port))

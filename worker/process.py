@@ -48,6 +48,7 @@ class WorkerOptions:
     # Speed-ups (worker/accel.py, docs/performance.md)
     compile: bool = False
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
     compile_cache: str | None = None
     warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
     warmup_modes: tuple[str, ...] = ("exact", "fast")
@@ -56,7 +57,7 @@ class WorkerOptions:
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> AccelOptions:
-        return AccelOptions(compile=self.compile, compile_mode=self.compile_mode,
+        return AccelOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
                             prompt_cache=self.prompt_cache, trim_text=self.trim_text)
 
     def node_name(self) -> str:
