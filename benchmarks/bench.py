@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -185,7 +186,8 @@ def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
     from worker.pipeline import load_pipeline
 
     compiled = compile_mode != COMPILE_NONE
-    options = AccelOptions(compile=compiled, compile_mode=compile_mode if compiled else "default")
+    options = AccelOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
+                           compile_scope=ctx.args.compile_scope)
     return load_pipeline(
         str(ctx.model_dir), ctx.device, "auto", accel=options, compile_cache=str(ctx.args.compile_cache),
         warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"), **kwargs,
@@ -413,7 +415,8 @@ def phase_levers(ctx: Context) -> None:
     from worker.render import generators, render
 
     loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                           accel=AccelOptions(compile=True, trim_text=False),
+                           accel=AccelOptions(compile=True, trim_text=False,
+                                              compile_scope=ctx.args.compile_scope),
                            compile_cache=str(ctx.args.compile_cache))
     accel: Any = loaded.accel
     base = accel.options
@@ -497,7 +500,7 @@ def _worker_args(ctx: Context, compile_mode: str, cache_dir: Path) -> tuple[str,
     if compile_mode == COMPILE_NONE:
         args.append("--no-compile")
     else:
-        args += ["--compile", "--compile-mode", compile_mode]
+        args += ["--compile", "--compile-mode", compile_mode, "--compile-scope", ctx.args.compile_scope]
     return tuple(args)
 
 
@@ -677,6 +680,158 @@ def phase_coldsplit(ctx: Context) -> None:
     shutil.rmtree(cache, ignore_errors=True)
 
 
+# -- single levers: compile scope, batching, attention kernels, image encoding ---------------------
+
+
+def phase_scopes(ctx: Context) -> None:
+    """Compile scope: the whole forward as one graph vs one graph shared by the blocks (regional).
+
+    Each from an empty inductor cache (compile time = warm-up of exact and fast), then the same
+    exact and fast streams. The blocks' cache is left in ``--compile-cache`` for later phases.
+    Then micro-batching on the blocks pipeline: per-image time of one call with 1, 2, 4 images.
+    """
+    import torch
+
+    from worker.accel import AccelOptions
+    from worker.pipeline import load_pipeline
+    from worker.render import render
+
+    res: dict[str, Any] = {}
+    ctx.results["scopes"] = res
+    for scope in ("model", "blocks"):
+        if ctx.elapsed() > ctx.args.deadline_s:
+            res[scope] = "skipped: deadline"
+            continue
+        torch._dynamo.reset()
+        cache = ctx.args.compile_cache if scope == ctx.args.compile_scope else (
+            Path("/tmp/pixq-bench/scope-cache") / f"{scope}-{time.time_ns()}")
+        shutil.rmtree(cache, ignore_errors=True)
+        loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
+                               accel=AccelOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
+                               warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"))
+        item: dict[str, Any] = {"cold_compile_and_warmup_s": loaded.warmup_s}
+        item["exact"] = _stream(ctx, loaded, "exact", offset=0)
+        item["fast"] = _stream(ctx, loaded, "fast", offset=0)
+        res[scope] = item
+        ctx.save()
+        if scope == "blocks" and ctx.elapsed() < ctx.args.deadline_s:
+            batching: dict[str, Any] = {}
+            for n in (1, 2, 4):
+                times = []
+                for i in range(4):  # the first call at a new batch size compiles its graph: not timed
+                    sync(ctx.device)
+                    t0 = time.perf_counter()
+                    render(loaded, ctx.request(i, "exact", num_images_per_prompt=n))
+                    times.append((time.perf_counter() - t0) / n)
+                batching[f"batch_{n}"] = {"first_per_image_s": times[0], **summary(times[1:])}
+            base = batching["batch_1"]["p50_s"]
+            for n in (2, 4):
+                batching[f"batch_{n}"]["per_image_vs_batch_1"] = batching[f"batch_{n}"]["p50_s"] / base
+            res["batching_blocks"] = batching
+        del loaded
+        free_cuda()
+        if cache != ctx.args.compile_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+        ctx.save()
+
+
+def phase_attention(ctx: Context) -> None:
+    """Self-attention of PixArt-Σ (16 heads × 72, CFG batch 2) at 1024² and 2048², per SDPA backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not ctx.device.startswith("cuda"):
+        ctx.results["attention"] = "skipped: needs a CUDA device"
+        return
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    res: dict[str, Any] = {}
+    for side in (1024, 2048):
+        tokens = (side // 16) ** 2
+        q, k, v = (torch.randn(2, 16, tokens, 72, device=ctx.device, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * 2 * 16 * tokens * tokens * 72
+        ref = F.scaled_dot_product_attention(q, k, v)
+        row: dict[str, Any] = {"tokens": tokens}
+        for name, backend in backends.items():
+            try:
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    sync(ctx.device)
+                    reps = 20 if side == 1024 else 5
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        F.scaled_dot_product_attention(q, k, v)
+                    sync(ctx.device)
+                ms = (time.perf_counter() - t0) / reps * 1e3
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9,
+                             "max_abs_vs_default": float((out.float() - ref.float()).abs().max())}
+            except Exception as exc:  # a backend that does not take these shapes
+                row[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        res[str(side)] = row
+        del q, k, v, ref
+    ctx.results["attention"] = res
+    free_cuda()
+
+
+def phase_encode(ctx: Context) -> None:
+    """The idle path after the VAE: device → PIL image, then PNG: Pillow vs worker.png."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from worker.png import encode_png
+    from worker.render import to_pil
+
+    res: dict[str, Any] = {"cpus": os.cpu_count()}
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:ctx.size, 0:ctx.size]
+    smooth = np.stack([x % 256, y % 256, (x // 4 + y // 4) % 256], -1).astype(np.uint8)
+    images = {"noise": rng.integers(0, 256, (ctx.size, ctx.size, 3), dtype=np.uint8), "smooth": smooth}
+
+    def timed(fn: Any, n: int = 9) -> tuple[float, Any]:
+        out, times = None, []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3, out
+
+    for name, arr in images.items():
+        image = Image.fromarray(arr)
+
+        def pillow(image: Any = image) -> bytes:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)
+            return buf.getvalue()
+
+        pil_ms, pil_bytes = timed(pillow)
+        ours_ms, ours_bytes = timed(lambda image=image: encode_png(image, 1))
+        res[name] = {"pillow_level1_ms": pil_ms, "pillow_mb": len(pil_bytes) / 1e6,
+                     "worker_png_ms": ours_ms, "worker_png_mb": len(ours_bytes) / 1e6}
+    from diffusers.image_processor import VaeImageProcessor
+
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    decoded = torch.rand(1, 3, ctx.size, ctx.size, device=ctx.device, dtype=torch.bfloat16) * 2 - 1
+
+    def pil_way() -> Any:
+        out = proc.postprocess(decoded, output_type="pil")
+        sync(ctx.device)
+        return out
+
+    def device_way() -> Any:
+        out = to_pil(proc.postprocess(decoded, output_type="pt"))
+        sync(ctx.device)
+        return out
+
+    res["to_pil_diffusers_ms"], a = timed(pil_way)
+    res["to_pil_on_device_ms"], b = timed(device_way)
+    res["to_pil_identical"] = bool(np.array_equal(np.asarray(a[0]), np.asarray(b[0])))
+    ctx.results["encode"] = res
+
+
 # -- 2K, offload ----------------------------------------------------------------------------------
 
 
@@ -697,21 +852,29 @@ def phase_twok(ctx: Context) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()
     compiled = ctx.args.twok_compile != COMPILE_NONE
-    Accelerator(pipe, AccelOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled else "default"))
+    Accelerator(pipe, AccelOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled else "default",
+                                   compile_scope=ctx.args.compile_scope))
     res["compile"] = ctx.args.twok_compile
     model = "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"  # a 2K checkpoint's size limit (4096)
     side = 2 * ctx.size
-    for mode in ("fast", "exact"):
+    runs = [("fast", "default")] + [("exact", b) for b in ctx.args.twok_backends.split(",") if b]
+    for mode, backend in runs:
+        key = f"{side}_{mode}" + ("" if backend == "default" else f"_{backend}")
         if ctx.elapsed() > ctx.args.deadline_s:
-            res[f"{side}_{mode}"] = "skipped: deadline"
+            res[key] = "skipped: deadline"
             continue
         times = []
-        for i in range(1 + ctx.args.twok_images):  # the first one warms up (and compiles)
-            reset_peak(ctx.device)
-            t0 = time.perf_counter()
-            render(pipe, ctx.request(i, mode, width=side, height=side, model_name=model))
-            times.append(time.perf_counter() - t0)
-        res[f"{side}_{mode}"] = {"first_s": times[0], **summary(times[1:]), "peak_gib": peak_gib(ctx.device)}
+        try:
+            with _sdpa_backend(backend):
+                for i in range(1 + ctx.args.twok_images):  # the first one warms up (and compiles)
+                    reset_peak(ctx.device)
+                    t0 = time.perf_counter()
+                    render(pipe, ctx.request(i, mode, width=side, height=side, model_name=model))
+                    times.append(time.perf_counter() - t0)
+        except Exception as exc:
+            res[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        res[key] = {"first_s": times[0], **summary(times[1:]), "peak_gib": peak_gib(ctx.device)}
         ctx.save()
     big = 4 * ctx.size
     if ctx.elapsed() < ctx.args.deadline_s:
@@ -723,6 +886,20 @@ def phase_twok(ctx: Context) -> None:
     del pipe, transformer
     free_cuda()
     ctx.save()
+
+
+@contextlib.contextmanager
+def _sdpa_backend(name: str) -> Iterator[None]:
+    """Force one scaled-dot-product-attention backend (eager calls) or leave torch's choice."""
+    if name == "default":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    with sdpa_kernel(backend):
+        yield
 
 
 def phase_offload(ctx: Context) -> None:
@@ -817,6 +994,21 @@ def table(results: dict[str, Any]) -> str:
                              fmt(r["p95_s"]), "-", fmt(r.get("peak_gib"), ".1f"), "-", "-"))
             elif isinstance(r, dict) and "s" in r:
                 rows.append((name, "-", fmt(r["s"]), "-", "-", fmt(r.get("peak_gib"), ".1f"), "-", "-"))
+    scopes = results.get("scopes")
+    if isinstance(scopes, dict):
+        for scope in ("model", "blocks"):
+            res = scopes.get(scope)
+            if isinstance(res, dict):
+                for mode in ("exact", "fast"):
+                    r = res.get(mode) or {}
+                    rows.append((f"render {mode}, compile {scope}", fmt(r.get("images_per_s")), fmt(r.get("p50_s")),
+                                 fmt(r.get("p95_s")), fmt(r.get("gpu_busy"), ".2f"), fmt(r.get("peak_gib"), ".1f"),
+                                 fmt(res.get("cold_compile_and_warmup_s"), ".1f") + " (compile)",
+                                 ratio(r.get("images_per_s"))))
+        for name, r in (scopes.get("batching_blocks") or {}).items():
+            rows.append((f"exact {name}, per image", "-", fmt(r.get("p50_s")), fmt(r.get("p95_s")), "-", "-", "-",
+                         fmt(r.get("per_image_vs_batch_1", 1.0), ".3f") + " of b1"))
+    extra = {k: results[k] for k in ("attention", "encode") if isinstance(results.get(k), dict)}
     off = results.get("offload")
     if isinstance(off, dict):
         for mode in ("exact", "fast"):
@@ -827,6 +1019,8 @@ def table(results: dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    for name, res in extra.items():
+        lines.append(f"{name}: {json.dumps(res, default=str)}")
     return "\n".join(lines)
 
 
@@ -879,6 +1073,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--phases", default="build,card,inprocess,queue")
     p.add_argument("--compile-modes", default="default", help="comma list; 'none' for eager")
+    p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"))
+    p.add_argument("--twok-backends", default="default", help="comma list of SDPA backends for exact 2048²: "
+                   "default, cudnn, flash, efficient")
     p.add_argument("--compile-cache", type=Path, default=Path("/tmp/pixq-bench/inductor"))
     p.add_argument("--twok-compile", default=COMPILE_NONE)
     p.add_argument("--twok-images", type=int, default=2)
@@ -917,7 +1114,8 @@ def main(argv: list[str] | None = None) -> int:
                          "multigpu": phase_multigpu}[phase](ctx, mode)
                 else:
                     {"build": phase_build, "card": phase_card, "twok": phase_twok, "offload": phase_offload,
-                     "levers": phase_levers, "coldsplit": phase_coldsplit}[phase](ctx)
+                     "levers": phase_levers, "coldsplit": phase_coldsplit, "scopes": phase_scopes,
+                     "attention": phase_attention, "encode": phase_encode}[phase](ctx)
             except Exception as exc:
                 traceback.print_exc()
                 ctx.results.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"
