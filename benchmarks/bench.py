@@ -353,7 +353,7 @@ def _job_path(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, An
             images = render(loaded, req)
         for k, (image, seed) in enumerate(zip(images, req.image_seeds(), strict=True)):
             t0 = time.perf_counter()
-            data = encode(image, req.output_format)
+            data = encode(image, req.output_format, threads=1 if lock.locked() else 0)  # as the runner
             t1 = time.perf_counter()
             storage.put_image(f"inproc-{run}-{index:04d}", k, data, req, seed)
             encode_s.append(t1 - t0)
@@ -571,11 +571,17 @@ def _queue_stream(ctx: Context, client: Any, mode: str, offset: int) -> dict[str
     }
 
 
-def phase_queue(ctx: Context, compile_mode: str) -> None:
-    key = f"queue[{compile_mode}]"
+def phase_queue(ctx: Context, compile_mode: str, variant: str = "") -> None:
+    """``variant``: "SCOPE:THREADS" (``--compile-scope``, ``--encode-threads``) or "" for the run's own."""
+    key = f"queue[{compile_mode}]" if not variant else f"queue[{compile_mode},{variant}]"
     res: dict[str, Any] = {}
     ctx.results[key] = res
-    with _worker(ctx, compile_mode, ctx.args.compile_cache, f"worker-{compile_mode}") as (client, first, cold):
+    extra: tuple[str, ...] = ()
+    if variant:
+        scope, threads = variant.split(":")
+        extra = ("--compile-scope", scope, "--encode-threads", threads)
+    with _worker(ctx, compile_mode, ctx.args.compile_cache, f"worker-{compile_mode}{variant.replace(':', '-')}",
+                 extra=extra) as (client, first, cold):
         res["cold_start_warm_cache_s"] = cold
         res["first_job_state"] = first.state.value
         ctx.save()
@@ -1035,6 +1041,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     labels, values = [], []
     for line in table(results).splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")]
+        if len(cells) < 2:  # the JSON lines under the table
+            continue
         with contextlib.suppress(ValueError):
             values.append(float(cells[1]))
             labels.append(cells[0])
@@ -1076,6 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"))
     p.add_argument("--twok-backends", default="default", help="comma list of SDPA backends for exact 2048²: "
                    "default, cudnn, flash, efficient")
+    p.add_argument("--queue-variants", default="", help="comma list of SCOPE:ENCODE_THREADS, one queue run each "
+                   "(e.g. blocks:0,blocks:1,model:0)")
     p.add_argument("--compile-cache", type=Path, default=Path("/tmp/pixq-bench/inductor"))
     p.add_argument("--twok-compile", default=COMPILE_NONE)
     p.add_argument("--twok-images", type=int, default=2)
@@ -1108,7 +1118,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log.info("== phase %s (%.0f s in)", phase, ctx.elapsed())
             try:
-                if phase in ("inprocess", "queue", "coldstart", "multigpu"):
+                if phase == "queue" and args.queue_variants:
+                    for mode in modes:
+                        for variant in args.queue_variants.split(","):
+                            if ctx.elapsed() < args.deadline_s:
+                                phase_queue(ctx, mode, variant)
+                elif phase in ("inprocess", "queue", "coldstart", "multigpu"):
                     for mode in modes:
                         {"inprocess": phase_inprocess, "queue": phase_queue, "coldstart": phase_coldstart,
                          "multigpu": phase_multigpu}[phase](ctx, mode)

@@ -108,3 +108,9 @@ def test_paeth_filter_is_the_png_definition() -> None:
             assert out[r, 1 + i] == (cur[i] - pred) % 256
         assert out[r, 0] == 4
         prev = cur
+
+
+def test_the_bytes_do_not_depend_on_the_thread_count() -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, size=(1024, 768, 3), dtype=np.uint8)
+    outputs = {encode_png(pixels, threads=threads) for threads in (0, 1, 2, 3, 8, 64)}
+    assert len(outputs) == 1

@@ -40,6 +40,8 @@ def worker(
     warmup_mode: Annotated[Optional[list[str]], typer.Option(help="Modes to warm up: exact, fast; "
                                                              "repeatable [default: both]")] = None,
     prompt_cache: Annotated[int, typer.Option(help="Prompts whose T5 embeddings stay on the device")] = 64,
+    encode_threads: Annotated[int, typer.Option(help="PNG encoding threads while the GPU is idle "
+                                                "[default 0: min(8, cores)]; one while another job renders")] = 0,
     gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
     metrics_port: Annotated[int, typer.Option(help="Serve Prometheus metrics on this port; 0: off")] = 0,
     trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
@@ -59,6 +61,8 @@ def worker(
             parse_size(size)
         except ValueError as exc:
             raise ConfigError(f"--warmup: {exc}") from None
+    if encode_threads < 0:
+        raise ConfigError("--encode-threads: must be 0 (automatic) or more")
     if any(m not in ("exact", "fast") for m in warmup_mode or []):
         raise ConfigError("--warmup-mode: must be exact or fast")
     settings = Settings.from_env(os.environ)
@@ -71,6 +75,7 @@ def worker(
 
         extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
                  "--compile-scope", compile_scope, "--prompt-cache", str(prompt_cache),
+                 "--encode-threads", str(encode_threads),
                  "--trim-text" if trim_text else "--no-trim-text"]
         extra += ["--compile-cache", str(compile_cache)] if compile_cache else []
         for size in warmup or []:
@@ -86,7 +91,8 @@ def worker(
                                   compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
                                   compile_cache=str(compile_cache) if compile_cache else None,
                                   warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
-                                  prompt_cache=prompt_cache, trim_text=trim_text, metrics_port=metrics_port))
+                                  prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
+                                  metrics_port=metrics_port))
 
 
 @app.command("make-test-model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -25,13 +26,19 @@ _PAETH = 4
 _MIN_STRIP_BYTES = 128 * 1024
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def default_encode_threads() -> int:
+    return min(8, os.cpu_count() or 1)
 
 
 def _shared_pool() -> ThreadPoolExecutor:
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=default_encode_threads(), thread_name_prefix="png")
+        return _pool
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
@@ -61,8 +68,12 @@ def paeth_filter(rows: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
     return out
 
 
-def encode_png(image: Any, level: int = 1, executor: Executor | None = None) -> bytes:
-    """``image`` (a PIL image in L, LA, RGB or RGBA, or an h × w [× c] uint8 array) as PNG bytes."""
+def encode_png(image: Any, level: int = 1, executor: Executor | None = None, threads: int = 0) -> bytes:
+    """``image`` (a PIL image in L, LA, RGB or RGBA, or an h × w [× c] uint8 array) as PNG bytes.
+
+    The strips are deflated on ``executor``, else on a shared pool of ``threads`` threads
+    (0: ``default_encode_threads()``); ``threads=1`` does them one after the other in this thread.
+    """
     pixels, mode = _as_array(image)
     height, width = pixels.shape[:2]
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
@@ -80,13 +91,32 @@ def encode_png(image: Any, level: int = 1, executor: Executor | None = None) -> 
         body = comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
         return zlib.adler32(data), len(data), body
 
-    parts = [work(jobs[0])] if n == 1 else list((executor or _shared_pool()).map(work, jobs))
+    if n == 1 or (executor is None and threads == 1):
+        parts = [work(job) for job in jobs]
+    elif executor is not None:
+        parts = list(executor.map(work, jobs))
+    else:
+        parts = _map_limited(work, jobs, threads or default_encode_threads())
     adler = parts[0][0]
     for part_adler, length, _ in parts[1:]:
         adler = adler32_combine(adler, part_adler, length)
     stream = b"".join([_zlib_header(level)] + [body for _, _, body in parts] + [struct.pack(">I", adler)])
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPE[mode], 0, 0, 0)
     return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
+
+
+def _map_limited(work: Any, jobs: list[Any], threads: int) -> list[Any]:
+    """``work`` over ``jobs`` on the shared pool, at most ``threads`` strips in flight at once."""
+    pool = _shared_pool()
+    if threads >= len(jobs):
+        return list(pool.map(work, jobs))
+    # Each of ``threads`` pool tasks takes every threads-th strip, in order.
+    groups = [jobs[i::threads] for i in range(threads)]
+    done = list(pool.map(lambda group: [work(job) for job in group], groups))
+    parts: list[Any] = [None] * len(jobs)
+    for i, group_parts in enumerate(done):
+        parts[i::threads] = group_parts
+    return parts
 
 
 def adler32_combine(adler1: int, adler2: int, len2: int) -> int:

@@ -54,6 +54,7 @@ class WorkerOptions:
     warmup_modes: tuple[str, ...] = ("exact", "fast")
     prompt_cache: int = 64
     trim_text: bool = True
+    encode_threads: int = 0  # PNG threads while the GPU is idle (0: automatic)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> AccelOptions:
@@ -150,7 +151,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     runner = JobRunner(
         records, loaded, storage,
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
-                     lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts),
+                     lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
+                     encode_threads=options.encode_threads),
         leases, app, shutdown, metrics=metrics,
     )
     register_render_task(app, runner)

@@ -102,9 +102,10 @@ def _step_callback(pipe: Any, on_step: Callable[[int], None] | None) -> dict[str
     return {"callback": step, "callback_steps": 1}
 
 
-def encode(image: Any, fmt: OutputFormat) -> bytes:
+def encode(image: Any, fmt: OutputFormat, threads: int = 0) -> bytes:
+    """``image`` in ``fmt``; PNG on ``threads`` threads (0: ``worker.png``'s default)."""
     if fmt is OutputFormat.png:
-        return encode_png(image, PNG_LEVEL)
+        return encode_png(image, PNG_LEVEL, threads=threads)
     buf = io.BytesIO()
     image.save(buf, **_SAVE_OPTIONS[fmt])
     return buf.getvalue()

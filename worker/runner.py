@@ -23,6 +23,7 @@ from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordS
 from producer.wire import send_job
 from worker.lease import HeldJob, Leases
 from worker.metrics import WorkerMetrics
+from worker.png import default_encode_threads
 from worker.render import encode, render
 from worker.storage import Storage
 
@@ -72,6 +73,8 @@ class RunnerConfig:
     job_timeout_s: float = 600
     lease_ttl_s: float = 15
     max_attempts: int = 3
+    # PNG encoding threads while the GPU is idle (0: min(8, cores)); one while another job renders.
+    encode_threads: int = 0
 
 
 class JobRunner:
@@ -201,11 +204,19 @@ class JobRunner:
 
         stored = []
         for index, (image, seed) in enumerate(zip(images, request.image_seeds(), strict=True)):
-            data = encode(image, request.output_format)
+            data = encode(image, request.output_format, threads=self._encode_threads())
             if held.lost.is_set():
                 raise LeaseLost()
             stored.append(self.storage.put_image(record.id, index, data, request, seed, keep_going=keep_going))
         return stored
+
+    def _encode_threads(self) -> int:
+        """Many threads when this encode is what the job's caller waits on (the GPU is idle); one when
+        another job renders: then the encode is hidden behind that render anyway, and a pool of
+        threads would take the GIL from the thread that launches its kernels."""
+        if self.gpu_lock.locked():
+            return 1
+        return self.config.encode_threads or default_encode_threads()
 
     def _end(self, job_id: str, state: JobState, error: JobError | None = None, **fields: Any) -> bool:
         if error is not None:
