@@ -704,6 +704,9 @@ def phase_coldsplit(ctx: Context) -> None:
             job = _submit(client, ctx, 3, "fast")
             rec = client.wait(job.id, timeout_s=600, poll_s=0.02)
             item["first_fast_job_latency_s"] = rec.finished_at - rec.created_at
+            if label == "warm_cache" and ctx.args.compile_scope == "auto":
+                item["whole_graphs_ready_after_s"] = _wait_for_log(
+                    _log_dir(ctx) / f"worker-{label}.log", "whole-forward graph ready", 2, 200) - info["t0"]
             res[label] = item
         ctx.save()
     shutil.rmtree(cache, ignore_errors=True)

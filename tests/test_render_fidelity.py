@@ -179,6 +179,7 @@ def test_auto_scope_serves_block_graphs_then_switches_to_the_whole_graph_between
         eager = _render(loaded, request)
     first = _render(loaded, request)
     assert not upgrade.ready  # nothing switches in the middle of (or right after) a render
+    assert not upgrade.finished and upgrade._thread is None  # the shape waits for the next render boundary
     assert upgrade.wait(timeout_s=300), upgrade.failed
     assert len(upgrade.finished) == 1 and not upgrade.failed  # one shape: CFG batch 2 at 128²
     calls: list[int] = []

@@ -291,11 +291,14 @@ class Accelerator:
 class WholeForwardUpgrade:
     """The transformer forward of ``compile_scope="auto"``: block graphs now, one whole graph later.
 
-    Each new input shape (batch, latent size) is run through ``blocks_forward`` (the eager forward
-    whose blocks are compiled) and its inputs are handed to a background thread, which compiles
-    ``whole_forward`` for that shape (running it once on the copies) and marks it ready. Ready
-    shapes switch to the whole graph at the start of the next render (``promote``), never in the
-    middle of one. A failed background compile leaves that shape on the block graphs.
+    Each new input shape (batch, latent size) runs through ``blocks_forward`` (the eager forward
+    whose blocks are compiled), and a copy of its inputs is kept. Once started (``start``: the
+    loader calls it after its warm-up), a background thread compiles ``whole_forward`` for each
+    kept shape, running it once on the copies. A shape seen later is handed over at the start of
+    the next render, not during the one that met it: dynamo compiles one graph at a time, so a
+    background compile must not hold up the block graphs a render is compiling. Finished shapes
+    switch to the whole graph at the start of the next render (``promote``), never in the middle
+    of one. A failed background compile leaves that shape on the block graphs.
     """
 
     def __init__(self, blocks_forward: Any, whole_forward: Any):
@@ -304,9 +307,11 @@ class WholeForwardUpgrade:
         self.ready: set[tuple[Any, ...]] = set()  # in use, from this render on
         self.finished: dict[tuple[Any, ...], float] = {}  # compiled: shape -> seconds it took
         self.failed: dict[tuple[Any, ...], str] = {}
+        self.started = False
         self._seen: set[tuple[Any, ...]] = set()
-        self._lock = threading.Lock()
+        self._pending: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any]]] = []
         self._work: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any]]] = []
+        self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
@@ -318,17 +323,28 @@ class WholeForwardUpgrade:
         key = self.key(hidden_states)
         if key in self.ready:
             return self.whole_forward(hidden_states, *args, **kwargs)
+        out = self.blocks_forward(hidden_states, *args, **kwargs)
         if key not in self._seen:
             self._seen.add(key)
-            self._submit(key, hidden_states, args, kwargs)
-        return self.blocks_forward(hidden_states, *args, **kwargs)
+            with self._lock:
+                self._pending.append((key, *_clone_tensors((hidden_states, args, kwargs))))
+        return out
+
+    def start(self) -> None:
+        """Compile the shapes seen so far in the background, and later ones as they come."""
+        self.started = True
+        self._release()
 
     def promote(self) -> None:
+        """At the start of a render: finished graphs take over; shapes seen since go to the thread."""
         with self._lock:
             self.ready.update(self.finished)
+        if self.started:
+            self._release()
 
     def wait(self, timeout_s: float) -> bool:
         """Until every shape seen so far is compiled (or failed); True if none is left."""
+        self.start()
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while len(self.finished) + len(self.failed) < len(self._seen):
@@ -338,10 +354,12 @@ class WholeForwardUpgrade:
                 self._wake.wait(left)
         return True
 
-    def _submit(self, key: tuple[Any, ...], hidden_states: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        copy = _clone_tensors((hidden_states, args, kwargs))
+    def _release(self) -> None:
         with self._lock:
-            self._work.append((key, *copy))
+            if not self._pending:
+                return
+            self._work.extend(self._pending)
+            self._pending.clear()
             self._wake.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._compile_loop, name="pixq-compile", daemon=True)
