@@ -188,16 +188,10 @@ def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
     compiled = compile_mode != COMPILE_NONE
     options = AccelOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
                            compile_scope=ctx.args.compile_scope)
-    loaded = load_pipeline(
+    return load_pipeline(
         str(ctx.model_dir), ctx.device, "auto", accel=options, compile_cache=str(ctx.args.compile_cache),
         warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"), **kwargs,
     )
-    upgrade = loaded.accel.upgrade
-    if upgrade is not None:  # steady state: the whole-forward graphs compiled in the background are in use
-        t0 = time.perf_counter()
-        upgrade.wait(timeout_s=600)
-        loaded.warmup_s += time.perf_counter() - t0
-    return loaded
 
 
 def _fresh_prompt_cache(loaded: Any) -> None:
@@ -551,17 +545,6 @@ def _worker(
         svc.stop()
 
 
-def _wait_for_log(path: Path, text: str, count: int, timeout_s: float) -> float:
-    """Wall time at which ``path`` holds ``text`` ``count`` times (NaN on timeout)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        with contextlib.suppress(OSError):
-            if path.read_text(errors="replace").count(text) >= count:
-                return time.time()
-        time.sleep(0.2)
-    return float("nan")
-
-
 def _log_dir(ctx: Context) -> Path:
     path = ctx.out / "logs" if ctx.args.keep_logs else Path("/tmp/pixq-bench/logs")
     path.mkdir(parents=True, exist_ok=True)
@@ -594,19 +577,13 @@ def phase_queue(ctx: Context, compile_mode: str, variant: str = "") -> None:
     res: dict[str, Any] = {}
     ctx.results[key] = res
     extra: tuple[str, ...] = ()
-    scope = ctx.args.compile_scope
     if variant:
         scope, threads = variant.split(":")
         extra = ("--compile-scope", scope, "--encode-threads", threads)
-    log_name = f"worker-{compile_mode}{variant.replace(':', '-')}"
-    info: dict[str, Any] = {}
-    with _worker(ctx, compile_mode, ctx.args.compile_cache, log_name, extra=extra, info=info) as (client, first, cold):
+    with _worker(ctx, compile_mode, ctx.args.compile_cache, f"worker-{compile_mode}{variant.replace(':', '-')}",
+                 extra=extra) as (client, first, cold):
         res["cold_start_warm_cache_s"] = cold
         res["first_job_state"] = first.state.value
-        if scope == "auto" and compile_mode != COMPILE_NONE:
-            # Steady state is measured once the whole-forward graphs (exact's CFG batch, fast's batch 1) run.
-            res["whole_graphs_ready_after_s"] = _wait_for_log(
-                _log_dir(ctx) / f"{log_name}.log", "whole-forward graph ready", 2, 300) - info["t0"]
         ctx.save()
         res["exact"] = _queue_stream(ctx, client, "exact", offset=0)
         res["fast"] = _queue_stream(ctx, client, "fast", offset=0)
@@ -704,9 +681,6 @@ def phase_coldsplit(ctx: Context) -> None:
             job = _submit(client, ctx, 3, "fast")
             rec = client.wait(job.id, timeout_s=600, poll_s=0.02)
             item["first_fast_job_latency_s"] = rec.finished_at - rec.created_at
-            if label == "warm_cache" and ctx.args.compile_scope == "auto":
-                item["whole_graphs_ready_after_s"] = _wait_for_log(
-                    _log_dir(ctx) / f"worker-{label}.log", "whole-forward graph ready", 2, 200) - info["t0"]
             res[label] = item
         ctx.save()
     shutil.rmtree(cache, ignore_errors=True)
@@ -1107,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--phases", default="build,card,inprocess,queue")
     p.add_argument("--compile-modes", default="default", help="comma list; 'none' for eager")
-    p.add_argument("--compile-scope", default="auto", choices=("auto", "blocks", "model"))
+    p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"))
     p.add_argument("--twok-backends", default="default", help="comma list of SDPA backends for exact 2048²: "
                    "default, cudnn, flash, efficient")
     p.add_argument("--queue-variants", default="", help="comma list of SCOPE:ENCODE_THREADS, one queue run each "

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +33,9 @@ from worker.fastmode import Action, FastPlan, StepController
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-# "blocks": each transformer block compiled, one graph shared by all 28 (regional compilation):
-#   seconds to compile, but through the queue ~9 % slower than one graph (docs/performance.md);
-# "model": the whole transformer forward as one graph: the fastest renders, a minute to compile;
-# "auto": blocks at once, the whole forward compiled on a background thread and used from the
-#   next render on, per shape (batch, image size), once it is ready.
-COMPILE_SCOPES = ("auto", "blocks", "model")
+# "blocks": each transformer block compiled, one graph shared by all 28 (regional compilation);
+# "model": the whole transformer forward as one graph.
+COMPILE_SCOPES = ("blocks", "model")
 MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default)
 
 
@@ -47,7 +43,7 @@ MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default
 class AccelOptions:
     compile: bool = False
     compile_mode: str = "default"
-    compile_scope: str = "auto"
+    compile_scope: str = "blocks"
     trim_text: bool = True
     text_bucket: int = 32
     prompt_cache: int = 64  # prompts whose embeddings stay on the device (≈2.4 MB each at full size)
@@ -165,7 +161,7 @@ class CompiledBlocks:
         import torch
 
         def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
-            if self.eager or torch.compiler.is_compiling():  # an outer compile traces the plain block
+            if self.eager:
                 return eager(hidden_states, *args, **kw)
             text = kw.get("encoder_hidden_states")
             if text is not None and text.ndim == 3:
@@ -206,25 +202,15 @@ class Accelerator:
         if self.options.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)} "
                              f"(got {self.options.compile_scope!r})")
-        self.upgrade: WholeForwardUpgrade | None = None
         if self.options.compile:
-            scope = self.options.compile_scope
-            if scope in ("blocks", "auto"):
+            if self.options.compile_scope == "blocks":
                 self.blocks = CompiledBlocks(pipe.transformer, self.options.compile_mode)
-            if scope == "model":
+            else:
                 forward = compile_forward(forward, self.options.compile_mode)
-            elif scope == "auto":
-                self.upgrade = WholeForwardUpgrade(forward, compile_forward(forward, self.options.compile_mode))
-                forward = self.upgrade
             if self.options.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA-graph trees
                 before_call = _cudagraph_step_begin
         self.controller = StepController.install(pipe.transformer, forward, before_call=before_call)
         setattr(pipe, self.ATTRIBUTE, self)
-
-    def begin_render(self) -> None:
-        """Called before each render: whole-forward graphs finished since the last one take over."""
-        if self.upgrade is not None:
-            self.upgrade.promote()
 
     @classmethod
     def of(cls, pipe: Any) -> Accelerator:
@@ -286,134 +272,6 @@ class Accelerator:
 
     def plan(self, fast: bool, steps: int, guided: bool) -> list[Action] | None:
         return self.options.fast_plan.actions(steps, guided) if fast else None
-
-
-class WholeForwardUpgrade:
-    """The transformer forward of ``compile_scope="auto"``: block graphs now, one whole graph later.
-
-    Each new input shape (batch, latent size) runs through ``blocks_forward`` (the eager forward
-    whose blocks are compiled), and a copy of its inputs is kept. Once started (``start``: the
-    loader calls it after its warm-up), a background thread compiles ``whole_forward`` for each
-    kept shape, running it once on the copies. A shape seen later is handed over at the start of
-    the next render, not during the one that met it: dynamo compiles one graph at a time, so a
-    background compile must not hold up the block graphs a render is compiling. Finished shapes
-    switch to the whole graph at the start of the next render (``promote``), never in the middle
-    of one. A failed background compile leaves that shape on the block graphs.
-    """
-
-    def __init__(self, blocks_forward: Any, whole_forward: Any):
-        self.blocks_forward = blocks_forward
-        self.whole_forward = whole_forward
-        self.ready: set[tuple[Any, ...]] = set()  # in use, from this render on
-        self.finished: dict[tuple[Any, ...], float] = {}  # compiled: shape -> seconds it took
-        self.failed: dict[tuple[Any, ...], str] = {}
-        self.started = False
-        self._seen: set[tuple[Any, ...]] = set()
-        self._pending: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any]]] = []
-        self._work: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def key(hidden_states: Any) -> tuple[Any, ...]:
-        return (tuple(hidden_states.shape), str(hidden_states.dtype), str(hidden_states.device))
-
-    def __call__(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        key = self.key(hidden_states)
-        if key in self.ready:
-            return self.whole_forward(hidden_states, *args, **kwargs)
-        out = self.blocks_forward(hidden_states, *args, **kwargs)
-        if key not in self._seen:
-            self._seen.add(key)
-            with self._lock:
-                self._pending.append((key, *_clone_tensors((hidden_states, args, kwargs))))
-        return out
-
-    def start(self) -> None:
-        """Compile the shapes seen so far in the background, and later ones as they come."""
-        self.started = True
-        self._release()
-
-    def promote(self) -> None:
-        """At the start of a render: finished graphs take over; shapes seen since go to the thread."""
-        with self._lock:
-            self.ready.update(self.finished)
-        if self.started:
-            self._release()
-
-    def wait(self, timeout_s: float) -> bool:
-        """Until every shape seen so far is compiled (or failed); True if none is left."""
-        self.start()
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while len(self.finished) + len(self.failed) < len(self._seen):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._wake.wait(left)
-        return True
-
-    def _release(self) -> None:
-        with self._lock:
-            if not self._pending:
-                return
-            self._work.extend(self._pending)
-            self._pending.clear()
-            self._wake.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._compile_loop, name="pixq-compile", daemon=True)
-                self._thread.start()
-
-    def _compile_loop(self) -> None:
-        import torch
-
-        while True:
-            with self._lock:
-                while not self._work:
-                    self._wake.wait()
-                key, hidden_states, args, kwargs = self._work.pop(0)
-            started = time.perf_counter()
-            try:
-                if hidden_states.is_cuda:
-                    torch.cuda.set_device(hidden_states.device)
-                with torch.inference_mode():
-                    self.whole_forward(hidden_states, *args, **kwargs)
-                    if hidden_states.is_cuda:
-                        torch.cuda.synchronize(hidden_states.device)
-            except Exception as exc:  # the block graphs keep serving this shape
-                log.warning("whole-forward compile for %s failed, block graphs stay: %s: %s",
-                            key[0], type(exc).__name__, exc)
-                with self._lock:
-                    self.failed[key] = f"{type(exc).__name__}: {exc}"
-                    self._wake.notify_all()
-                continue
-            took = time.perf_counter() - started
-            log.info("whole-forward graph ready for %s in %.1f s (used from the next render)", key[0], took)
-            with self._lock:
-                self.finished[key] = took
-                self._wake.notify_all()
-
-
-def _clone_tensors(value: Any) -> Any:
-    """A copy with the same sizes *and strides* (dynamo guards on strides: a contiguous copy of an
-    expanded timestep would compile a graph that the real calls never match)."""
-    if hasattr(value, "clone") and hasattr(value, "shape"):
-        import torch
-
-        value = value.detach()
-        if 0 in value.stride():  # expanded: copy one slice of each broadcast dimension, expand again
-            index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in value.stride())
-            return value[index].clone().expand(value.shape)
-        return torch.empty_strided(value.size(), value.stride(), dtype=value.dtype,
-                                   device=value.device).copy_(value)
-    if isinstance(value, tuple):
-        return tuple(_clone_tensors(v) for v in value)
-    if isinstance(value, list):
-        return [_clone_tensors(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clone_tensors(v) for k, v in value.items()}
-    return value
 
 
 def _cudagraph_step_begin() -> None:

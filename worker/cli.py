@@ -31,8 +31,8 @@ def worker(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the transformer")] = False,
     compile_mode: Annotated[str, typer.Option(help="default, reduce-overhead (CUDA graphs), "
                                               "max-autotune-no-cudagraphs, max-autotune")] = "default",
-    compile_scope: Annotated[str, typer.Option(help="auto: block graphs at once, the whole forward compiled in "
-                                               "the background and used once ready; blocks; model")] = "auto",
+    compile_scope: Annotated[str, typer.Option(help="blocks: one graph shared by the transformer's blocks "
+                                               "(fast to compile); model: the whole forward")] = "blocks",
     compile_cache: Annotated[Optional[Path], typer.Option(help="Inductor cache directory kept across "
                                                           "restarts [default: torch's, under /tmp]")] = None,
     warmup: Annotated[Optional[list[str]], typer.Option(help="Render one job at this WIDTHxHEIGHT per mode "

@@ -108,9 +108,6 @@ def load_pipeline(
     log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, loaded.load_s)
     if warmup:
         warm_up(loaded, warmup, warmup_modes)
-    if loaded.accel.upgrade is not None:
-        # compile_scope="auto": whole-forward graphs for the warmed shapes now, off the render path.
-        loaded.accel.upgrade.start()
     return loaded
 
 

@@ -51,7 +51,6 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
         prompts = accel.prompt_kwargs(request.prompt, request.negative_prompt, guided)
         # 2-4. Latents, denoising loop and VAE decode: diffusers' pipeline, under this mode's step plan.
         plan = accel.plan(RenderMode(request.mode) is RenderMode.fast, request.num_inference_steps, guided)
-        accel.begin_render()
         with accel.controller.planned(plan, order=accel.options.fast_plan.order):
             out = pipe(
                 **prompts,
