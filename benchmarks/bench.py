@@ -1081,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--phases", default="build,card,inprocess,queue")
     p.add_argument("--compile-modes", default="default", help="comma list; 'none' for eager")
-    p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"))
+    p.add_argument("--compile-scope", default="model", choices=("blocks", "model"))
     p.add_argument("--twok-backends", default="default", help="comma list of SDPA backends for exact 2048²: "
                    "default, cudnn, flash, efficient")
     p.add_argument("--queue-variants", default="", help="comma list of SCOPE:ENCODE_THREADS, one queue run each "

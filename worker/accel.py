@@ -8,8 +8,8 @@
   out with a -10000 bias, whose softmax weight is exactly 0 in float32. Cutting the padded tail
   (rounded up to ``text_bucket`` tokens) changes only summation order, and saves the projection
   and cross-attention work of the padding (about 3% of the transformer at 1024²);
-* ``torch.compile`` of the transformer's blocks (regional: one graph that all 28 blocks share,
-  ``CompiledBlocks``) or of its whole forward (``compile_scope="model"``); fullgraph, static shapes
+* ``torch.compile`` of the transformer's whole forward (``compile_scope="model"``) or of its blocks
+  (regional: one graph that all 28 blocks share, ``CompiledBlocks``); fullgraph, static shapes
   except the text length, which is marked dynamic so trimmed prompts share one graph; inductor's
   on-disk caches make a restart compile from cache (``configure_compile_cache``);
 * fast mode's step plan (``worker.fastmode``), switched per render on the same pipeline.
@@ -33,8 +33,9 @@ from worker.fastmode import Action, FastPlan, StepController
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-# "blocks": each transformer block compiled, one graph shared by all 28 (regional compilation);
-# "model": the whole transformer forward as one graph.
+# "model": the whole transformer forward as one graph (the default: fastest through the queue);
+# "blocks": each transformer block compiled, one graph shared by all 28 (regional compilation):
+#   compiles in seconds, renders as fast alone, but ~9 % slower beside the upload thread (docs/performance.md).
 COMPILE_SCOPES = ("blocks", "model")
 MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default)
 
@@ -43,7 +44,7 @@ MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's T5 token budget (the pipeline's default
 class AccelOptions:
     compile: bool = False
     compile_mode: str = "default"
-    compile_scope: str = "blocks"
+    compile_scope: str = "model"
     trim_text: bool = True
     text_bucket: int = 32
     prompt_cache: int = 64  # prompts whose embeddings stay on the device (≈2.4 MB each at full size)

@@ -48,7 +48,7 @@ class WorkerOptions:
     # Speed-ups (worker/accel.py, docs/performance.md)
     compile: bool = False
     compile_mode: str = "default"
-    compile_scope: str = "blocks"
+    compile_scope: str = "model"
     compile_cache: str | None = None
     warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
     warmup_modes: tuple[str, ...] = ("exact", "fast")
@@ -133,6 +133,9 @@ def install_second_stop(shutdown: Shutdown) -> None:
 
 def serve(settings: Settings, options: WorkerOptions) -> None:
     """Load once, then consume the model's queue until told to stop (two-stage on SIGTERM)."""
+    # Loading and warm-up log before Celery sets up logging: same format, same stream.
+    logging.basicConfig(level=options.loglevel.upper(),
+                        format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
     storage = Storage(settings, retry_budget_s=UPLOAD_RETRY_BUDGET_S)
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
