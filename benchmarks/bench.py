@@ -335,6 +335,7 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
 def _job_path(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, Any]:
     """The queue's work without the queue: two threads, render under a lock, then PNG + S3 put."""
     from producer.settings import Settings
+    from worker.png import threads_for
     from worker.render import encode, render
     from worker.storage import Storage
 
@@ -353,7 +354,7 @@ def _job_path(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, An
             images = render(loaded, req)
         for k, (image, seed) in enumerate(zip(images, req.image_seeds(), strict=True)):
             t0 = time.perf_counter()
-            data = encode(image, req.output_format, threads=1 if lock.locked() else 0)  # as the runner
+            data = encode(image, req.output_format, threads=threads_for(lock.locked()))  # as the runner
             t1 = time.perf_counter()
             storage.put_image(f"inproc-{run}-{index:04d}", k, data, req, seed)
             encode_s.append(t1 - t0)
@@ -745,13 +746,10 @@ def phase_attention(ctx: Context) -> None:
     """Self-attention of PixArt-Σ (16 heads × 72, CFG batch 2) at 1024² and 2048², per SDPA backend."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not ctx.device.startswith("cuda"):
         ctx.results["attention"] = "skipped: needs a CUDA device"
         return
-    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION}
     res: dict[str, Any] = {}
     for side in (1024, 2048):
         tokens = (side // 16) ** 2
@@ -759,9 +757,9 @@ def phase_attention(ctx: Context) -> None:
         flops = 4 * 2 * 16 * tokens * tokens * 72
         ref = F.scaled_dot_product_attention(q, k, v)
         row: dict[str, Any] = {"tokens": tokens}
-        for name, backend in backends.items():
+        for name in ("default", "flash", "cudnn", "efficient"):
             try:
-                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                with _sdpa_backend(name):
                     out = F.scaled_dot_product_attention(q, k, v)
                     sync(ctx.device)
                     reps = 20 if side == 1024 else 5

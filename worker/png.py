@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import zlib
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,13 @@ _pool_lock = threading.Lock()
 
 def default_encode_threads() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+def threads_for(gpu_busy: bool, configured: int = 0) -> int:
+    """Encoding threads for one image: ``configured`` (0: ``default_encode_threads()``) when the GPU
+    is idle and the job's caller waits on this encode; one while another job renders, since the
+    encode is hidden behind that render anyway and more threads only compete with it for the CPU."""
+    return 1 if gpu_busy else configured or default_encode_threads()
 
 
 def _shared_pool() -> ThreadPoolExecutor:
@@ -68,11 +75,11 @@ def paeth_filter(rows: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
     return out
 
 
-def encode_png(image: Any, level: int = 1, executor: Executor | None = None, threads: int = 0) -> bytes:
+def encode_png(image: Any, level: int = 1, threads: int = 0) -> bytes:
     """``image`` (a PIL image in L, LA, RGB or RGBA, or an h × w [× c] uint8 array) as PNG bytes.
 
-    The strips are deflated on ``executor``, else on a shared pool of ``threads`` threads
-    (0: ``default_encode_threads()``); ``threads=1`` does them one after the other in this thread.
+    The strips are deflated on a shared pool, ``threads`` at a time (0: ``default_encode_threads()``);
+    ``threads=1`` does them one after the other in this thread.
     """
     pixels, mode = _as_array(image)
     height, width = pixels.shape[:2]
@@ -91,10 +98,8 @@ def encode_png(image: Any, level: int = 1, executor: Executor | None = None, thr
         body = comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
         return zlib.adler32(data), len(data), body
 
-    if n == 1 or (executor is None and threads == 1):
+    if n == 1 or threads == 1:
         parts = [work(job) for job in jobs]
-    elif executor is not None:
-        parts = list(executor.map(work, jobs))
     else:
         parts = _map_limited(work, jobs, threads or default_encode_threads())
     adler = parts[0][0]

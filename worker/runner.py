@@ -23,7 +23,7 @@ from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordS
 from producer.wire import send_job
 from worker.lease import HeldJob, Leases
 from worker.metrics import WorkerMetrics
-from worker.png import default_encode_threads
+from worker.png import threads_for
 from worker.render import encode, render
 from worker.storage import Storage
 
@@ -204,19 +204,12 @@ class JobRunner:
 
         stored = []
         for index, (image, seed) in enumerate(zip(images, request.image_seeds(), strict=True)):
-            data = encode(image, request.output_format, threads=self._encode_threads())
+            threads = threads_for(gpu_busy=self.gpu_lock.locked(), configured=self.config.encode_threads)
+            data = encode(image, request.output_format, threads=threads)
             if held.lost.is_set():
                 raise LeaseLost()
             stored.append(self.storage.put_image(record.id, index, data, request, seed, keep_going=keep_going))
         return stored
-
-    def _encode_threads(self) -> int:
-        """Many threads when this encode is what the job's caller waits on (the GPU is idle); one when
-        another job renders: then the encode is hidden behind that render anyway, and a pool of
-        threads would take the GIL from the thread that launches its kernels."""
-        if self.gpu_lock.locked():
-            return 1
-        return self.config.encode_threads or default_encode_threads()
 
     def _end(self, job_id: str, state: JobState, error: JobError | None = None, **fields: Any) -> bool:
         if error is not None:
