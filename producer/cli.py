@@ -59,7 +59,8 @@ def describe(record: JobRecord) -> None:
     out.print(f"[bold]{record.id}[/bold]  {record.state.value}")
     out.print(f"  prompt    {r.prompt!r}")
     out.print(f"  model     {r.model_name}   {r.width}x{r.height}   steps {r.num_inference_steps}   "
-              f"guidance {r.guidance_scale}   seed {r.seed}")
+              f"guidance {r.guidance_scale}   seed {r.seed}   {r.mode.value}"
+              + ("" if r.use_resolution_binning else "   native size"))
     if record.state is JobState.running:
         out.print(f"  progress  step {record.step}/{record.total_steps} on {record.worker}")
     if record.attempts:
@@ -110,6 +111,9 @@ def submit(
     idempotency_key: Annotated[Optional[str], typer.Option(help="Same key, same job.")] = None,
     priority: Annotated[int, typer.Option(help="0 to 9; higher runs first.")] = 0,
     mode: Annotated[RenderMode, typer.Option(help="exact, or the opt-in fast mode.")] = RenderMode.exact,
+    native: Annotated[bool, typer.Option(
+        "--native", help="Render at exactly width x height (multiples of 16) instead of the checkpoint's nearest "
+        "trained size resized (use_resolution_binning=false).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait, showing the denoising steps.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds --wait waits at most.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
@@ -119,6 +123,7 @@ def submit(
         "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance_scale,
         "seed": seed, "width": width, "height": height, "num_images_per_prompt": num_images,
         "output_format": output_format.value, "priority": priority, "mode": mode.value,
+        "use_resolution_binning": not native,
     }
     if model is not None:
         fields["model_name"] = model

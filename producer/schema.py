@@ -31,6 +31,8 @@ MAX_IMAGES_PER_PROMPT = 4
 MAX_SEED = 2**32 - 1
 MIN_SIDE = 64
 RANDOM_SEED = -1
+# A native render's latent (side / 8) must split into the transformer's 2×2 patches.
+NATIVE_MULTIPLE = 16
 
 
 class OutputFormat(str, enum.Enum):
@@ -75,8 +77,14 @@ class JobRequest(BaseModel):
         le=MAX_SEED,
         description="Seed of image 0 (image i uses seed + i); -1 draws one at submit and records it.",
     )
-    width: int = Field(1024, ge=MIN_SIDE, description="Width in pixels, a multiple of 8.")
-    height: int = Field(1024, ge=MIN_SIDE, description="Height in pixels, a multiple of 8.")
+    width: int = Field(1024, ge=MIN_SIDE, description="Width in pixels, a multiple of 8 (16 when rendered natively).")
+    height: int = Field(1024, ge=MIN_SIDE, description="Height in pixels, a multiple of 8 (16 when rendered natively).")
+    use_resolution_binning: bool = Field(
+        True,
+        description="True (diffusers' default): render at the checkpoint's trained size nearest in aspect ratio "
+        "(e.g. 2048x2048 for a 4096x4096 request to the 2K model), then resize to width x height. False: render "
+        "natively at width x height (multiples of 16; off the trained sizes, slower, no resize).",
+    )
     num_images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images to render.")
     model_name: str = Field(
         DEFAULT_MODEL,
@@ -116,6 +124,9 @@ class JobRequest(BaseModel):
             side = getattr(self, field)
             if spec is not None and side > spec.max_side:
                 errors.append((field, f"must be at most {spec.max_side} for {spec.name} (got {side})"))
+            if not self.use_resolution_binning and side % NATIVE_MULTIPLE:
+                errors.append((field, f"must be a multiple of {NATIVE_MULTIPLE} when use_resolution_binning is "
+                                      f"false (got {side})"))
         if errors:
             raise ValueError(_ErrorList(errors))
         return self

@@ -37,6 +37,9 @@ INVALID = [
     ({"prompt": "x", "output_format": "gif"}, "output_format", "'png', 'webp' or 'jpeg'"),
     ({"prompt": "x", "mode": "turbo"}, "mode", "'exact' or 'fast'"),
     ({"prompt": "x", "steps": 20}, "steps", "unknown field"),
+    ({"prompt": "x", "width": 1000, "use_resolution_binning": False}, "width",
+     "multiple of 16 when use_resolution_binning is false"),
+    ({"prompt": "x", "use_resolution_binning": "no"}, "use_resolution_binning", "valid boolean"),
 ]
 
 
@@ -61,6 +64,13 @@ def test_defaults_follow_diffusers_and_dashai() -> None:
     assert (r.negative_prompt, r.num_inference_steps, r.guidance_scale, r.seed) == ("", 20, 4.5, -1)
     assert (r.width, r.height, r.num_images_per_prompt, r.model_name) == (1024, 1024, 1, DEFAULT_MODEL)
     assert r.output_format.value == "png" and r.mode.value == "exact"
+    assert r.use_resolution_binning is True  # diffusers' default: the trained size nearest, resized
+
+
+def test_native_size_needs_multiples_of_16_only_without_binning() -> None:
+    assert parse_request({"prompt": "x", "width": 1000, "height": 600}).width == 1000  # binned: any multiple of 8
+    native = parse_request({"prompt": "x", "width": 1008, "height": 592, "use_resolution_binning": False})
+    assert (native.width, native.height, native.use_resolution_binning) == (1008, 592, False)
 
 
 def test_local_directories_and_known_checkpoints_are_valid() -> None:
