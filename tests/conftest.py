@@ -70,7 +70,8 @@ def settings(env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 def worker(env: dict[str, str], tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    svc = start_worker(env, tiny_model, log, name="cpu-main@test")
+    # Exact mode warms up before serving, fast mode while serving (tests/test_end_to_end.py checks the order).
+    svc = start_worker(env, tiny_model, log, name="cpu-main@test", extra=("--warmup", "128x128"))
     yield svc
     svc.stop()
 

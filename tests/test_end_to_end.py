@@ -13,7 +13,7 @@ from PIL import Image
 from producer.client import Client
 from producer.errors import InvalidRequest, JobNotFound
 from producer.records import JobState
-from tests.conftest import write_artifact
+from tests.conftest import wait_for, write_artifact
 from worker.stack import S3Endpoint, Service
 
 
@@ -112,15 +112,18 @@ def test_random_seed_is_recorded_and_a_seed_repeats_exactly(client: Client, work
     assert other.images[0].sha256 != drawn.images[0].sha256
 
 
+@pytest.mark.parametrize("binning", [True, False], ids=["binned", "native"])
 def test_image_from_the_queue_equals_a_direct_pipeline_call(
-    client: Client, worker: Service, s3_client, tiny_model: str
+    client: Client, worker: Service, s3_client, tiny_model: str, binning: bool
 ) -> None:
     import torch
     from diffusers import PixArtSigmaPipeline
 
+    # 400x208 is no trained bin: binned, it renders at 336x176 and is resized; native, at 400x208.
     params = dict(prompt="A watercolor lighthouse at sunset", negative_prompt="blurry", num_inference_steps=12,
-                  guidance_scale=4.5, width=320, height=256)
+                  guidance_scale=4.5, width=400, height=208, use_resolution_binning=binning)
     record = client.wait(client.submit(seed=1234, **params).id, timeout_s=60)
+    assert record.request.use_resolution_binning is binning
     body = s3_client.get_object(Bucket=record.images[0].bucket, Key=record.images[0].key)["Body"].read()
     queued = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
 
@@ -128,8 +131,20 @@ def test_image_from_the_queue_equals_a_direct_pipeline_call(
     pipe.set_progress_bar_config(disable=True)
     direct = pipe(**params, generator=torch.Generator("cpu").manual_seed(1234)).images[0]
     reference = np.asarray(direct.convert("RGB"), dtype=np.int16)
-    assert queued.shape == reference.shape == (256, 320, 3)
+    assert queued.shape == reference.shape == (208, 400, 3)
     assert np.abs(queued - reference).max() <= 1
+
+
+def test_the_first_mode_warms_up_before_serving_and_the_others_while_serving(
+    client: Client, worker: Service
+) -> None:
+    assert client.wait(client.submit("a fox", width=128, height=128, mode="fast").id, timeout_s=60).state.value \
+        == "succeeded"
+    wait_for(lambda: "warm-up done" in worker.log_path.read_text(), 60, "the deferred warm-up")
+    log = worker.log_path.read_text()
+    marks = ("warm-up 128x128 exact", "cpu-main@test ready", "warm-up 128x128 fast")
+    exact, ready, fast = (log.index(mark) for mark in marks)
+    assert exact < ready < fast
 
 
 def test_invalid_requests_reach_nothing(client: Client, raw_redis: redis.Redis, tiny_model: str) -> None:
@@ -202,3 +217,28 @@ def test_cancel_a_running_job_stops_it_within_a_step(client: Client, worker: Ser
     # The worker serves the next job.
     assert client.wait(client.submit("after cancel", width=128, height=128, num_inference_steps=2).id,
                        timeout_s=60).state is JobState.succeeded
+
+
+def test_a_job_waiting_at_start_runs_before_the_deferred_warm_up(
+    env: dict[str, str], settings, tiny_model: str, tmp_path
+) -> None:
+    """A GPU run found the fast-mode warm-up taking the GPU ahead of a job already queued (+9 s on the
+    first job); the deferred warm-up waits until the worker is idle."""
+    import shutil
+
+    from worker.stack import start_worker
+
+    model = str(shutil.copytree(tiny_model, tmp_path / "model"))  # its own queue: no other worker takes it
+    c = Client(settings)
+    try:
+        job = c.submit("a lighthouse", model_name=model, width=128, height=128)
+        svc = start_worker(env, model, tmp_path / "worker.log", name="cpu-warm@test", extra=("--warmup", "128x128"))
+        try:
+            assert c.wait(job.id, timeout_s=60).state.value == "succeeded"
+            wait_for(lambda: "warm-up done" in svc.log_path.read_text(), 60, "the deferred warm-up")
+            log = svc.log_path.read_text()
+            assert log.index(f"job {job.id}: succeeded") < log.index("warm-up 128x128 fast"), svc.log_tail(30)
+        finally:
+            svc.stop()
+    finally:
+        c.close()

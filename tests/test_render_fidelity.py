@@ -146,7 +146,7 @@ def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fideli
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = _load(fidelity_model, trim_text=True, compile=True, compile_scope=scope)
+    compiled = _load(fidelity_model, trim_text=True, compile=True, compile_scope=scope, compile_vae=False)
     accel = compiled.accel
     assert (accel.blocks is not None) == (scope == "blocks")
     short = _request(fidelity_model, prompt="A cactus.", width=128, height=128, num_inference_steps=4)
@@ -160,3 +160,81 @@ def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fideli
         assert diff.max() <= 2, f"{scope}: compiled differs from eager by {diff.max()}/255"
     # Both text lengths and (for blocks) every block ran the one CFG-batch graph.
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _plain_call(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
+    from worker.render import generators
+
+    return np.asarray(loaded.pipe(
+        prompt=request.prompt, negative_prompt=request.negative_prompt,
+        num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+        width=request.width, height=request.height, generator=generators(request)[0], **kw,
+    ).images[0])
+
+
+def test_native_size_renders_without_binning_like_the_plain_call(untrimmed: Any, fidelity_model: str) -> None:
+    # 400x208 is no 256-pixel bin (its bin is 336x176): binned, it renders small and is resized.
+    native = _request(fidelity_model, width=400, height=208, use_resolution_binning=False)
+    image = _render(untrimmed, native)
+    assert image.shape == (208, 400, 3)
+    assert np.array_equal(image, _plain_call(untrimmed, native, use_resolution_binning=False))
+    binned = _render(untrimmed, native.model_copy(update={"use_resolution_binning": True}))
+    assert binned.shape == (208, 400, 3)
+    assert np.array_equal(binned, _plain_call(untrimmed, native))
+    assert not np.array_equal(image, binned)
+
+
+def test_only_decodes_above_the_threshold_are_tiled(fidelity_model: str) -> None:
+    loaded = _load(fidelity_model, vae_tile_above=100_000)
+    tiling, vae = loaded.accel.vae_decode, loaded.pipe.vae
+    small = _request(fidelity_model, width=400, height=208, use_resolution_binning=False)  # 83 200 pixels
+    large = _request(fidelity_model, width=416, height=256, use_resolution_binning=False)  # 106 496 pixels
+    got_small = _render(loaded, small)
+    assert tiling.tiled == 0
+    got_large = _render(loaded, large)
+    assert tiling.tiled == 1
+    # The references: the plain pipeline with diffusers' all-or-nothing switch, our policy out of the way.
+    tiling.remove()
+    try:
+        vae.enable_tiling()
+        tiled_small = _plain_call(loaded, small, use_resolution_binning=False)
+        tiled_large = _plain_call(loaded, large, use_resolution_binning=False)
+        vae.disable_tiling()
+        plain_small = _plain_call(loaded, small, use_resolution_binning=False)
+    finally:
+        tiling.install()
+    assert np.array_equal(got_small, plain_small)
+    assert np.array_equal(got_large, tiled_large)
+    assert not np.array_equal(tiled_small, plain_small)  # tiling does change pixels: the test can tell
+
+
+def test_compiled_vae_decoder_matches_eager_with_one_graph_for_any_image_count(fidelity_model: str) -> None:
+    """The worker's compiled VAE decode: close to eager, one graph per image size (images go through one by
+    one), and tiled decodes bypass it."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from worker.accel import VaeDecode
+
+    loaded = _load(fidelity_model)
+    vae = loaded.pipe.vae
+    loaded.accel.vae_decode.remove()
+    decode = VaeDecode(vae, tile_above=10**9, compile_mode="default")
+    counters.clear()
+    gen = torch.Generator("cpu").manual_seed(3)
+    one, three = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(3, 4, 16, 16, generator=gen)
+    with torch.inference_mode():
+        got_one = vae.decode(one).sample
+        got_three = vae.decode(three).sample
+        decode.eager = True
+        ref_one, ref_three = vae.decode(one).sample, vae.decode(three).sample
+        decode.eager = False
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        decode.tile_above = 0  # every decode tiled: eager tiles, no new graph
+        tiled = vae.decode(three).sample
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert decode.tiled == 1 and tiled.shape == ref_three.shape
+    for got, ref in ((got_one, ref_one), (got_three, ref_three)):
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() < 1e-3  # fp32 on the CPU: summation order only
+    assert not torch.equal(got_three[0], got_three[1])  # images stay apart

@@ -15,7 +15,7 @@ import typer
 from producer.cli import app, client_from_env, err, wait_with_progress
 from producer.errors import ConfigError, PixqError
 from producer.settings import Settings
-from worker.accel import COMPILE_MODES, COMPILE_SCOPES
+from worker.accel import COMPILE_MODES, COMPILE_SCOPES, VAE_TILE_ABOVE
 from worker.pipeline import DTYPES, parse_size
 
 
@@ -40,6 +40,9 @@ def worker(
                                                         "before serving; repeatable")] = None,
     warmup_mode: Annotated[Optional[list[str]], typer.Option(help="Modes to warm up: exact, fast; "
                                                              "repeatable [default: both]")] = None,
+    defer_warmup: Annotated[bool, typer.Option("--defer-warmup/--no-defer-warmup",
+                                               help="Warm up the first mode before serving, the others while "
+                                               "serving, between jobs")] = True,
     prompt_cache: Annotated[int, typer.Option(help="Prompts whose T5 embeddings stay on the device")] = 64,
     encode_threads: Annotated[int, typer.Option(help="PNG encoding threads while the GPU is idle "
                                                 "[default 0: min(8, cores)]; one while another job renders")] = 0,
@@ -47,6 +50,10 @@ def worker(
     metrics_port: Annotated[int, typer.Option(help="Serve Prometheus metrics on this port; 0: off")] = 0,
     trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
                                             help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
+    vae_tile_above: Annotated[int, typer.Option(help="Decode images of more than this many pixels in tiles "
+                                                "(0: every decode)")] = VAE_TILE_ABOVE,
+    compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
+                                              help="With --compile: the VAE decoder too")] = True,
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
     from worker.process import WorkerOptions, serve
@@ -64,6 +71,8 @@ def worker(
             raise ConfigError(f"--warmup: {exc}") from None
     if encode_threads < 0:
         raise ConfigError("--encode-threads: must be 0 (automatic) or more")
+    if vae_tile_above < 0:
+        raise ConfigError("--vae-tile-above: must be 0 (always tile) or more")
     if any(m not in ("exact", "fast") for m in warmup_mode or []):
         raise ConfigError("--warmup-mode: must be exact or fast")
     settings = Settings.from_env(os.environ)
@@ -76,7 +85,9 @@ def worker(
 
         extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
                  "--compile-scope", compile_scope, "--prompt-cache", str(prompt_cache),
-                 "--encode-threads", str(encode_threads),
+                 "--encode-threads", str(encode_threads), "--vae-tile-above", str(vae_tile_above),
+                 "--compile-vae" if compile_vae else "--no-compile-vae",
+                 "--defer-warmup" if defer_warmup else "--no-defer-warmup",
                  "--trim-text" if trim_text else "--no-trim-text"]
         extra += ["--compile-cache", str(compile_cache)] if compile_cache else []
         for size in warmup or []:
@@ -92,7 +103,9 @@ def worker(
                                   compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
                                   compile_cache=str(compile_cache) if compile_cache else None,
                                   warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
+                                  defer_warmup=defer_warmup,
                                   prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
+                                  vae_tile_above=vae_tile_above, compile_vae=compile_vae,
                                   metrics_port=metrics_port))
 
 

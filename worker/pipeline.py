@@ -127,4 +127,4 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
             render(loaded, request)
             loaded.warmed.append(f"{width}x{height}/{mode}")
             log.info("warm-up %dx%d %s: %.1f s", width, height, mode, time.perf_counter() - t0)
-    loaded.warmup_s = time.perf_counter() - started
+    loaded.warmup_s += time.perf_counter() - started

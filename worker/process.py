@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -21,10 +22,10 @@ from redis.retry import Retry
 from producer.records import RecordStore
 from producer.settings import Settings
 from producer.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
-from worker.accel import AccelOptions
+from worker.accel import VAE_TILE_ABOVE, AccelOptions
 from worker.lease import Leases
 from worker.metrics import WorkerMetrics
-from worker.pipeline import load_pipeline, parse_size
+from worker.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
 from worker.reaper import Reaper
 from worker.runner import JobRunner, RunnerConfig, Shutdown
 from worker.storage import Storage
@@ -52,14 +53,20 @@ class WorkerOptions:
     compile_cache: str | None = None
     warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
     warmup_modes: tuple[str, ...] = ("exact", "fast")
+    # Warm up only the first mode before serving; the others once serving, one render at a time
+    # under the GPU lock (a job waits at most one warm-up render; the first job is not held up).
+    defer_warmup: bool = True
     prompt_cache: int = 64
     trim_text: bool = True
     encode_threads: int = 0  # PNG threads while the GPU is idle (0: automatic)
+    vae_tile_above: int = VAE_TILE_ABOVE  # decodes of more pixels run tiled
+    compile_vae: bool = True  # with compile: the VAE decoder too
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> AccelOptions:
         return AccelOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
-                            prompt_cache=self.prompt_cache, trim_text=self.trim_text)
+                            prompt_cache=self.prompt_cache, trim_text=self.trim_text,
+                            vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae)
 
     def node_name(self) -> str:
         if self.name:
@@ -131,16 +138,68 @@ def install_second_stop(shutdown: Shutdown) -> None:
         log.warning("could not install the second-SIGTERM handler")
 
 
+# The deferred warm-up starts once no job has been in the worker for this long (a queued job is
+# delivered within milliseconds of the consumer starting).
+IDLE_BEFORE_WARMUP_S = 1.0
+
+
+def warm_up_while_serving(
+    loaded: LoadedPipeline, runner: JobRunner, sizes: Sequence[tuple[int, int]], modes: Sequence[str],
+    shutdown: Shutdown,
+) -> threading.Thread:
+    """Warm up ``modes`` at ``sizes`` on a background thread while the worker is idle.
+
+    Each warm-up render waits until no job has been in the worker for ``IDLE_BEFORE_WARMUP_S``,
+    then runs under the runner's GPU lock: renders never overlap (dynamo traces one thing at a
+    time in a process: a compile beside a render fails it). A job arriving during a warm-up
+    render waits for that one render at most; a job needing a graph not yet warm compiles it
+    itself, as without warm-up.
+    """
+
+    def idle() -> bool:
+        while not shutdown.draining.is_set():
+            if runner.idle_for() >= IDLE_BEFORE_WARMUP_S:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def run() -> None:
+        runner.touch()
+        for size in sizes:
+            for mode in modes:
+                while idle():
+                    with runner.gpu_lock:
+                        if runner.idle_for() < IDLE_BEFORE_WARMUP_S:
+                            continue  # a job came in meanwhile: it goes first
+                        try:
+                            warm_up(loaded, [size], [mode])
+                        except Exception:
+                            log.exception("warm-up %dx%d %s failed; its first job compiles instead", *size, mode)
+                        break
+                else:
+                    return  # stopping
+        log.info("warm-up done: %s", ", ".join(loaded.warmed))
+
+    thread = threading.Thread(target=run, name="pixq-warmup", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(settings: Settings, options: WorkerOptions) -> None:
     """Load once, then consume the model's queue until told to stop (two-stage on SIGTERM)."""
     # Loading and warm-up log before Celery sets up logging: same format, same stream.
     logging.basicConfig(level=options.loglevel.upper(),
                         format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
     storage = Storage(settings, retry_budget_s=UPLOAD_RETRY_BUDGET_S)
+    sizes = [parse_size(size) for size in options.warmup]
+    now_modes: tuple[str, ...] = options.warmup_modes
+    later_modes: tuple[str, ...] = ()
+    if options.defer_warmup and len(options.warmup_modes) > 1:
+        now_modes, later_modes = options.warmup_modes[:1], options.warmup_modes[1:]
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
-        warmup=[parse_size(size) for size in options.warmup], warmup_modes=options.warmup_modes,
+        warmup=sizes, warmup_modes=now_modes,
     )
     conn = resilient_redis(settings.require_redis())
     records = RecordStore(conn, settings.retention_s)
@@ -181,6 +240,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         leases.start()
         reaper.start()
         presence.start()
+        if sizes and later_modes:
+            warm_up_while_serving(loaded, runner, sizes, later_modes, shutdown)
         if options.ready_file:
             Path(options.ready_file).write_text(f"{name}\n")
 

@@ -60,6 +60,7 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
                 height=request.height,
                 num_images_per_prompt=request.num_images_per_prompt,
                 generator=gens if len(gens) > 1 else gens[0],
+                use_resolution_binning=request.use_resolution_binning,
                 output_type="pt",
                 **_step_callback(pipe, on_step),
             )

@@ -99,6 +99,9 @@ class JobRunner:
         self.app = app
         self.shutdown = shutdown or Shutdown()
         self.gpu_lock = threading.Lock()
+        self._active = 0  # jobs inside run(): claimed, waiting for the GPU, rendering or storing
+        self._active_lock = threading.Lock()
+        self._last_active = time.monotonic()
         # Unserved unless the worker starts its server: the runner reports either way.
         self.metrics = metrics or WorkerMetrics(config.model_name, config.worker_name)
 
@@ -106,8 +109,28 @@ class JobRunner:
     def worker_name(self) -> str:
         return self.config.worker_name
 
+    def idle_for(self) -> float:
+        """Seconds since the last job left ``run`` (0 while one is inside it)."""
+        with self._active_lock:
+            return 0.0 if self._active else time.monotonic() - self._last_active
+
+    def touch(self) -> None:
+        """Count now as activity (``idle_for`` restarts from 0)."""
+        with self._active_lock:
+            self._last_active = time.monotonic()
+
     def run(self, job_id: str, on_progress: ProgressFn | None = None) -> JobRecord | None:
         """Run the job if it is still to be run; returns its final record (``None`` if skipped)."""
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._run(job_id, on_progress)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+                self._last_active = time.monotonic()
+
+    def _run(self, job_id: str, on_progress: ProgressFn | None) -> JobRecord | None:
         if self.shutdown.draining.is_set():
             raise GiveBack("worker is stopping")  # not claimed: the message goes back as it is
         outcome, detail = self.records.claim(
