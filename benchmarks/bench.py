@@ -670,6 +670,8 @@ def phase_coldsplit(ctx: Context) -> None:
     cache = Path("/tmp/pixq-bench-split-cache") / str(time.time_ns())
     starts = (("cold_cache", ()), ("warm_cache", ()), ("warm_cache_exact_warmup_only", ("--warmup-mode", "exact")))
     for label, extra in starts:
+        if label not in ctx.args.coldsplit_starts.split(","):
+            continue
         if ctx.elapsed() > ctx.args.deadline_s:
             res[label] = "skipped: deadline"
             continue
@@ -684,7 +686,10 @@ def phase_coldsplit(ctx: Context) -> None:
             item["first_fast_job_latency_s"] = rec.finished_at - rec.created_at
             res[label] = item
         ctx.save()
-    shutil.rmtree(cache, ignore_errors=True)
+    # Later phases start from the cache warmed here instead of compiling again.
+    shutil.rmtree(ctx.args.compile_cache, ignore_errors=True)
+    ctx.args.compile_cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(cache, ctx.args.compile_cache)
 
 
 # -- single levers: compile scope, batching, attention kernels, image encoding ---------------------
@@ -839,7 +844,13 @@ def phase_encode(ctx: Context) -> None:
 # -- 2K, offload ----------------------------------------------------------------------------------
 
 
+TWOK_MODEL = "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"  # a 2K checkpoint's size limit (4096)
+
+
 def phase_twok(ctx: Context) -> None:
+    """2048² (the 2K architecture) in-process: fast and exact (per SDPA backend), what fast mode changes at
+    2048², 4096² binned (diffusers' default: the 2048² bin, resized) and 4096² native (no binning, tiled VAE)."""
+    import numpy as np
     import torch
     from diffusers import PixArtSigmaPipeline
 
@@ -854,14 +865,17 @@ def phase_twok(ctx: Context) -> None:
     pipe = PixArtSigmaPipeline.from_pretrained(ctx.model_dir, transformer=transformer, torch_dtype=dtype)
     pipe.to(ctx.device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.vae.enable_tiling()
     compiled = ctx.args.twok_compile != COMPILE_NONE
-    Accelerator(pipe, AccelOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled else "default",
-                                   compile_scope=ctx.args.compile_scope))
+    # vae_tile_above=0: every decode tiled, as the issue's 2048² setup states (the worker's default decodes
+    # 2048² in one piece; the "vae" phase times both).
+    accel = Accelerator(pipe, AccelOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled
+                                           else "default", compile_scope=ctx.args.compile_scope,
+                                           vae_tile_above=ctx.args.twok_tile_above))
     res["compile"] = ctx.args.twok_compile
-    model = "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"  # a 2K checkpoint's size limit (4096)
+    res["vae_tile_above"] = ctx.args.twok_tile_above
     side = 2 * ctx.size
     runs = [("fast", "default")] + [("exact", b) for b in ctx.args.twok_backends.split(",") if b]
+    images: dict[tuple[str, int], Any] = {}
     for mode, backend in runs:
         key = f"{side}_{mode}" + ("" if backend == "default" else f"_{backend}")
         if ctx.elapsed() > ctx.args.deadline_s:
@@ -873,23 +887,153 @@ def phase_twok(ctx: Context) -> None:
                 for i in range(1 + ctx.args.twok_images):  # the first one warms up (and compiles)
                     reset_peak(ctx.device)
                     t0 = time.perf_counter()
-                    render(pipe, ctx.request(i, mode, width=side, height=side, model_name=model))
+                    image = render(pipe, ctx.request(i, mode, width=side, height=side, model_name=TWOK_MODEL))[0]
                     times.append(time.perf_counter() - t0)
+                    if backend == "default":
+                        images[(mode, i)] = np.asarray(image)
         except Exception as exc:
             res[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
             continue
         res[key] = {"first_s": times[0], **summary(times[1:]), "peak_gib": peak_gib(ctx.device)}
         ctx.save()
+    pairs = [image_diff(images[("fast", i)], images[("exact", i)])
+             for i in range(1 + ctx.args.twok_images) if ("fast", i) in images and ("exact", i) in images]
+    if pairs:
+        res[f"{side}_exact_vs_fast"] = {"n": len(pairs), "psnr_db_min": min(p["psnr_db"] for p in pairs),
+                                        "psnr_db_mean": sum(p["psnr_db"] for p in pairs) / len(pairs),
+                                        "max_abs": max(p["max_abs"] for p in pairs), "pairs": pairs}
     big = 4 * ctx.size
-    if ctx.elapsed() < ctx.args.deadline_s:
+    for mode, binned in [("fast", True)] + [(m, False) for m in ctx.args.native_modes.split(",") if m]:
+        key = f"{big}_{mode}" + ("" if binned else "_native")
+        if ctx.elapsed() > ctx.args.deadline_s:
+            res[key] = "skipped: deadline"
+            continue
         reset_peak(ctx.device)
+        tiled = accel.vae_decode.tiled
         t0 = time.perf_counter()
-        images = render(pipe, ctx.request(0, "fast", width=big, height=big, model_name=model))
-        res[f"{big}_fast"] = {"s": time.perf_counter() - t0, "peak_gib": peak_gib(ctx.device),
-                              "size": list(images[0].size)}
-    del pipe, transformer
+        try:
+            out = render(pipe, ctx.request(0, mode, width=big, height=big, model_name=TWOK_MODEL,
+                                           use_resolution_binning=binned))
+        except Exception as exc:
+            res[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        res[key] = {"s": time.perf_counter() - t0, "peak_gib": peak_gib(ctx.device), "size": list(out[0].size),
+                    "tiled_decodes": accel.vae_decode.tiled - tiled}
+        ctx.save()
+    del pipe, transformer, accel
     free_cuda()
     ctx.save()
+
+
+def _twok_model(ctx: Context) -> Path:
+    """A 2K pipeline directory: the 2K transformer saved beside links to the 1024 model's other parts."""
+    import torch
+
+    from benchmarks.fullsize import build_transformer, twice_the_size
+
+    out = ctx.model_dir.with_name(ctx.model_dir.name + "-2k")
+    if (out / "transformer" / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ctx.model_dir.iterdir():
+        if part.name != "transformer" and not (out / part.name).exists():
+            (out / part.name).symlink_to(part)
+    dtype = torch.bfloat16 if ctx.device.startswith("cuda") else torch.float32
+    transformer = build_transformer(twice_the_size(ctx.model_dir / "transformer"), ctx.device, dtype)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    del transformer
+    free_cuda()
+    return out
+
+
+def phase_twokqueue(ctx: Context) -> None:
+    """2048² jobs end to end (Redis, a ``pixq worker`` serving the 2K model, S3): fast and exact streams and
+    idle single jobs, the worker's own settings (VAE tiling above its threshold)."""
+    import argparse
+    import dataclasses
+
+    res: dict[str, Any] = {}
+    ctx.results["twokqueue"] = res
+    args = argparse.Namespace(**{**vars(ctx.args), "images": ctx.args.twok_queue_images})
+    sub = dataclasses.replace(ctx, args=args, size=2 * ctx.size, model_dir=_twok_model(ctx))
+    sub.env = ctx.env
+    with _worker(sub, ctx.args.twok_compile, ctx.args.compile_cache, "worker-2k") as (client, first, cold):
+        ctx.env = sub.env
+        res["cold_start_s"] = cold
+        res["first_job_state"] = first.state.value
+        ctx.save()
+        res["fast"] = _queue_stream(sub, client, "fast", offset=0)
+        ctx.save()
+        res["exact"] = _queue_stream(sub, client, "exact", offset=0)
+        ctx.save()
+        idle = []
+        for i in range(2):
+            time.sleep(1.0)
+            for mode in ("fast", "exact"):
+                job = _submit(client, sub, 100 + i, mode)
+                record = client.wait(job.id, timeout_s=600, poll_s=0.005)
+                idle.append({"mode": mode, "latency_s": record.finished_at - record.created_at,
+                             "service_s": record.finished_at - record.started_at,
+                             "bytes": sum(im.size_bytes for im in record.images)})
+        res["idle_single_job"] = idle
+    ctx.save()
+
+
+def phase_vae(ctx: Context) -> None:
+    """VAE decode at 1024² and 2048²: one piece vs tiled vs a compiled decoder (time, peak, pixel change)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    dtype = torch.bfloat16 if ctx.device.startswith("cuda") else torch.float32
+    vae = AutoencoderKL.from_pretrained(ctx.model_dir / "vae", torch_dtype=dtype).to(ctx.device).eval()
+    res: dict[str, Any] = {}
+    ctx.results["vae"] = res
+    reps = 5 if not ctx.tiny else 2
+
+    def decode(z: Any) -> Any:
+        with torch.inference_mode():
+            return vae.decode(z, return_dict=False)[0]
+
+    def timed(z: Any) -> tuple[dict[str, Any], Any]:
+        out = decode(z)  # warm-up (and compile)
+        times = []
+        reset_peak(ctx.device)
+        for _ in range(reps):
+            sync(ctx.device)
+            t0 = time.perf_counter()
+            out = decode(z)
+            sync(ctx.device)
+            times.append(time.perf_counter() - t0)
+        return {**summary(times), "peak_gib": peak_gib(ctx.device)}, out
+
+    def to8(x: Any) -> Any:
+        return ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+
+    plain_decoder = vae.decoder
+    for side in (ctx.size, 2 * ctx.size):
+        if ctx.elapsed() > ctx.args.deadline_s:
+            break
+        gen = torch.Generator("cpu").manual_seed(side)
+        z = torch.randn(1, 4, side // 8, side // 8, generator=gen).to(ctx.device, dtype) / vae.config.scaling_factor
+        vae.disable_tiling()
+        vae.decoder = plain_decoder
+        row, ref = timed(z)
+        res[f"{side}_plain"] = row
+        vae.enable_tiling()
+        row, out = timed(z)
+        res[f"{side}_tiled"] = {**row, "max_abs_8bit": float((to8(out) - to8(ref)).abs().max())}
+        vae.disable_tiling()
+        if ctx.args.vae_compile:
+            vae.decoder = torch.compile(plain_decoder, fullgraph=True, dynamic=False)
+            t0 = time.perf_counter()
+            decode(z)
+            sync(ctx.device)
+            compile_s = time.perf_counter() - t0
+            row, out = timed(z)
+            res[f"{side}_compiled"] = {**row, "compile_s": compile_s,
+                                       "max_abs_8bit": float((to8(out) - to8(ref)).abs().max())}
+        ctx.save()
+    vae.decoder = plain_decoder
 
 
 @contextlib.contextmanager
@@ -998,6 +1142,28 @@ def table(results: dict[str, Any]) -> str:
                              fmt(r["p95_s"]), "-", fmt(r.get("peak_gib"), ".1f"), "-", "-"))
             elif isinstance(r, dict) and "s" in r:
                 rows.append((name, "-", fmt(r["s"]), "-", "-", fmt(r.get("peak_gib"), ".1f"), "-", "-"))
+            elif isinstance(r, dict) and "psnr_db_min" in r:
+                rows.append((f"{name}: PSNR min {r['psnr_db_min']:.1f} dB, max |d| {r['max_abs']:.0f}/255",
+                             "-", "-", "-", "-", "-", "-", "-"))
+    tq = results.get("twokqueue")
+    if isinstance(tq, dict):
+        for mode in ("fast", "exact"):
+            r = tq.get(mode)
+            if r:
+                ips = r.get("steady_images_per_s") or r["images_per_s"]
+                rows.append((f"queue 2K model {mode}", fmt(ips), fmt(r.get("service_p50_s")),
+                             fmt(r.get("service_p95_s")),
+                             fmt(r.get("gpu_busy"), ".2f"), fmt(r.get("gpu_mem_used_max_gib"), ".1f"),
+                             fmt(tq.get("cold_start_s"), ".1f"), "-"))
+        for r in tq.get("idle_single_job") or []:
+            rows.append((f"queue 2K model idle {r['mode']}", "-", fmt(r["latency_s"]), "-", "-", "-", "-", "-"))
+    vae = results.get("vae")
+    if isinstance(vae, dict):
+        for name, r in vae.items():
+            if isinstance(r, dict):
+                note = f" (max |d| {r['max_abs_8bit']:.0f}/255)" if "max_abs_8bit" in r else ""
+                rows.append((f"VAE decode {name}{note}", "-", fmt(r.get("p50_s")), fmt(r.get("p95_s")), "-",
+                             fmt(r.get("peak_gib"), ".1f"), fmt(r.get("compile_s"), ".1f"), "-"))
     scopes = results.get("scopes")
     if isinstance(scopes, dict):
         for scope in ("model", "blocks"):
@@ -1087,6 +1253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-cache", type=Path, default=Path("/tmp/pixq-bench/inductor"))
     p.add_argument("--twok-compile", default=COMPILE_NONE)
     p.add_argument("--twok-images", type=int, default=2)
+    p.add_argument("--coldsplit-starts", default="cold_cache,warm_cache,warm_cache_exact_warmup_only")
+    p.add_argument("--twok-tile-above", type=int, default=0, help="the 2K phase's VAE tiling threshold (pixels)")
+    p.add_argument("--twok-queue-images", type=int, default=6)
+    p.add_argument("--native-modes", default="fast", help="comma list: modes rendered at 4096² natively")
+    p.add_argument("--vae-compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--fidelity", type=int, default=4)
     p.add_argument("--deadline-s", type=float, default=540, help="optional phases are skipped past this")
@@ -1128,7 +1299,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     {"build": phase_build, "card": phase_card, "twok": phase_twok, "offload": phase_offload,
                      "levers": phase_levers, "coldsplit": phase_coldsplit, "scopes": phase_scopes,
-                     "attention": phase_attention, "encode": phase_encode}[phase](ctx)
+                     "attention": phase_attention, "encode": phase_encode, "twokqueue": phase_twokqueue,
+                     "vae": phase_vae}[phase](ctx)
             except Exception as exc:
                 traceback.print_exc()
                 ctx.results.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"
