@@ -208,6 +208,7 @@ class VaeDecode:
         self._decoder_forward = vae.decoder.forward
         self._compiled = _compile(self._decoder_forward, compile_mode) if compile_mode else None
         self._use_compiled = False
+        self._forward = self._decoder  # the one bound method installed, so remove() can recognise it
         self.install()
 
     def __call__(self, z: Any, *args: Any, **kw: Any) -> Any:
@@ -232,12 +233,15 @@ class VaeDecode:
     def install(self) -> None:
         self.vae.decode = self
         if self._compiled is not None:
-            self.vae.decoder.forward = self._decoder
+            self.vae.decoder.forward = self._forward
 
     def remove(self) -> None:
-        """The VAE's own ``decode`` and decoder again (its ``use_tiling`` flag decides)."""
-        self.vae.__dict__.pop("decode", None)
-        self.vae.decoder.__dict__.pop("forward", None)
+        """The VAE's own ``decode`` and decoder again (its ``use_tiling`` flag decides); what others
+        installed on them (offload hooks) stays."""
+        if self.vae.__dict__.get("decode") is self:
+            del self.vae.decode
+        if self.vae.decoder.__dict__.get("forward") is self._forward:
+            del self.vae.decoder.forward
 
 
 class Accelerator:
