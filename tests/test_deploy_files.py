@@ -599,3 +599,36 @@ def test_create_bucket_fails_clearly_with_wrong_keys(
         monkeypatch.setenv(key, value)
     assert create_bucket_module().main(timeout_s=1) == 1
     assert "error: bucket 'other'" in capsys.readouterr().err
+
+
+def _worker_command_parses(argv: list[str]) -> None:
+    """The shipped arguments are ones `pixq worker` accepts (click parses them; nothing runs)."""
+    import typer.main
+
+    from worker.cli import app
+
+    command = typer.main.get_command(app)
+    with command.make_context("pixq", list(argv), resilient_parsing=False) as ctx:
+        sub = command.get_command(ctx, argv[0])
+        assert sub is not None
+        sub.make_context(argv[0], list(argv[1:]), parent=ctx)
+
+
+def test_shipped_workers_run_compiled_with_a_persistent_cache_and_warm_up() -> None:
+    from worker.pipeline import parse_size
+
+    pod = manifest("Deployment", "pixq-worker")["spec"]["template"]["spec"]
+    k8s = worker_container()
+    mounts = {m["mountPath"]: m["name"] for m in k8s["volumeMounts"]}
+    claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    config = compose_config(example_env())
+    compose = config["services"]["worker"]
+    binds = dict(reversed(v.split(":")[:2]) for v in compose["volumes"])  # mount path -> volume
+    named = set(config.get("volumes") or {})
+    for argv, persistent in ((k8s["args"], {m for m, n in mounts.items() if n in claims}),
+                             (compose["command"], {m for m, n in binds.items() if n in named})):
+        assert "--compile" in argv, argv
+        cache = flag_value(argv, "--compile-cache")
+        assert any(cache.startswith(mount.rstrip("/") + "/") for mount in persistent), (cache, persistent)
+        parse_size(flag_value(argv, "--warmup"))
+        _worker_command_parses(argv)
