@@ -65,6 +65,13 @@ def describe(record: JobRecord) -> None:
         out.print(f"  progress  step {record.step}/{record.total_steps} on {record.worker}")
     if record.attempts:
         out.print(f"  attempts  {record.attempts}   worker {record.worker}")
+    if record.render is not None:
+        info = record.render
+        out.print(f"  rendered  {info.width}x{info.height}{' then resized' if info.resized else ''}   "
+                  f"{info.render_s:.2f} s   {info.transformer_rows_per_image} transformer rows/image"
+                  + ("   VAE tiled" if info.vae_tiled else ""))
+        if info.difference_from_exact:
+            out.print(f"  fast mode {info.difference_from_exact}")
     for image in record.images:
         out.print(f"  image {image.index}   s3://{image.bucket}/{image.key}  seed {image.seed}  "
                   f"{image.size_bytes} bytes")

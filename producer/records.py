@@ -17,7 +17,7 @@ import redis
 from pydantic import BaseModel
 
 from producer.errors import JobNotFound
-from producer.schema import JobRequest
+from producer.schema import JobRequest, RenderMode
 
 KEY_PREFIX = "pixq:job:"
 
@@ -46,6 +46,19 @@ class ImageRecord(BaseModel):
     sha256: str
 
 
+class RenderInfo(BaseModel):
+    """How the worker rendered a succeeded job."""
+
+    mode: RenderMode
+    width: int  # the size the model rendered at: with resolution binning, the trained size nearest
+    height: int
+    resized: bool  # the images were resized from width x height to the requested size
+    vae_tiled: bool
+    transformer_rows_per_image: int  # 2 per step with guidance in exact mode; fewer in fast mode
+    render_s: float
+    difference_from_exact: str | None = None  # fast mode: its measured difference (docs/performance.md)
+
+
 class JobError(BaseModel):
     type: str
     message: str
@@ -63,6 +76,7 @@ class JobRecord(BaseModel):
     step: int = 0
     total_steps: int = 0
     images: list[ImageRecord] = []
+    render: RenderInfo | None = None
     error: JobError | None = None
     cancel_requested: bool = False
 
@@ -187,7 +201,7 @@ _RETRY = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'worker', '',
-  'error', '', 'images', '[]', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
+  'error', '', 'images', '[]', 'render', '', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, state}
@@ -229,6 +243,7 @@ def _decode(raw: dict[bytes, bytes]) -> JobRecord:
         step=int(f.get("step") or 0),
         total_steps=int(f.get("total_steps") or 0),
         images=[ImageRecord.model_validate(i) for i in json.loads(f.get("images") or "[]")],
+        render=RenderInfo.model_validate_json(f["render"]) if f.get("render") else None,
         error=JobError.model_validate_json(f["error"]) if f.get("error") else None,
         cancel_requested=f.get("cancel_requested") == "1",
     )
@@ -271,7 +286,7 @@ class RecordStore:
             created_at=time.time(),
             total_steps=request.num_inference_steps,
         )
-        fields = record.model_dump(exclude={"images", "error"}, exclude_none=True)
+        fields = record.model_dump(exclude={"images", "error", "render"}, exclude_none=True)
         fields["request"] = request
         created = self._create(keys=[self.key(job_id)], args=[self.retention_s, *_encode(fields)])
         if not created:

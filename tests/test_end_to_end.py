@@ -124,6 +124,11 @@ def test_image_from_the_queue_equals_a_direct_pipeline_call(
                   guidance_scale=4.5, width=400, height=208, use_resolution_binning=binning)
     record = client.wait(client.submit(seed=1234, **params).id, timeout_s=60)
     assert record.request.use_resolution_binning is binning
+    # The record says what the model rendered: the 336x176 bin resized, or 400x208 itself.
+    assert record.render is not None
+    rendered = (record.render.width, record.render.height, record.render.resized)
+    assert rendered == ((336, 176, True) if binning else (400, 208, False))
+    assert record.render.transformer_rows_per_image == 2 * 12 and record.render.difference_from_exact is None
     body = s3_client.get_object(Bucket=record.images[0].bucket, Key=record.images[0].key)["Body"].read()
     queued = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
 
@@ -138,8 +143,11 @@ def test_image_from_the_queue_equals_a_direct_pipeline_call(
 def test_the_first_mode_warms_up_before_serving_and_the_others_while_serving(
     client: Client, worker: Service
 ) -> None:
-    assert client.wait(client.submit("a fox", width=128, height=128, mode="fast").id, timeout_s=60).state.value \
-        == "succeeded"
+    record = client.wait(client.submit("a fox", width=128, height=128, mode="fast").id, timeout_s=60)
+    assert record.state.value == "succeeded" and record.render is not None
+    # Fast mode's default plan: 18 transformer rows per image instead of 40, and its measured difference.
+    assert record.render.mode.value == "fast" and record.render.transformer_rows_per_image == 18
+    assert "dB" in (record.render.difference_from_exact or "")
     wait_for(lambda: "warm-up done" in worker.log_path.read_text(), 60, "the deferred warm-up")
     log = worker.log_path.read_text()
     marks = ("warm-up 128x128 exact", "cpu-main@test ready", "warm-up 128x128 fast")

@@ -204,6 +204,7 @@ class VaeDecode:
         self.tile_above = tile_above
         self.scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent -> pixels (8 for SDXL's VAE)
         self.tiled = 0  # decodes that ran tiled
+        self.last: tuple[int, int, bool] | None = None  # (width, height, tiled) of the last decode, in pixels
         self.eager = False  # True: the compiled decoder is bypassed (a reference for it)
         self._decoder_forward = vae.decoder.forward
         self._compiled = _compile(self._decoder_forward, compile_mode) if compile_mode else None
@@ -215,6 +216,7 @@ class VaeDecode:
         tile = z.shape[-1] * z.shape[-2] * self.scale**2 > self.tile_above
         self.vae.use_tiling = tile
         self.tiled += tile
+        self.last = (int(z.shape[-1]) * self.scale, int(z.shape[-2]) * self.scale, tile)
         self._use_compiled = self._compiled is not None and not tile and not self.eager
         try:
             return type(self.vae).decode(self.vae, z, *args, **kw)

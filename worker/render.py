@@ -7,8 +7,10 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from producer.records import RenderInfo
 from producer.schema import JobRequest, OutputFormat, RenderMode
 from worker.accel import Accelerator
+from worker.fastmode import MEASURED_DIFFERENCE
 from worker.png import encode_png
 
 # PNG goes through worker.png (zlib level 1, on several cores); the others through Pillow.
@@ -65,6 +67,18 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
                 **_step_callback(pipe, on_step),
             )
         return to_pil(out.images)
+
+
+def render_info(target: Any, request: JobRequest, render_s: float) -> RenderInfo:
+    """How the last ``render`` on ``target`` went, for the job record (read it before the next render)."""
+    accel: Accelerator = getattr(target, "accel", None) or Accelerator.of(target)
+    width, height, tiled = accel.vae_decode.last or (request.width, request.height, False)
+    fast = RenderMode(request.mode) is RenderMode.fast
+    return RenderInfo(
+        mode=request.mode, width=width, height=height, resized=(width, height) != (request.width, request.height),
+        vae_tiled=tiled, transformer_rows_per_image=accel.controller.stats.rows // request.num_images_per_prompt,
+        render_s=round(render_s, 3), difference_from_exact=MEASURED_DIFFERENCE if fast else None,
+    )
 
 
 def to_pil(images: Any) -> list[Any]:

@@ -19,12 +19,12 @@ from typing import Any
 
 from celery import Celery
 
-from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordStore
+from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordStore, RenderInfo
 from producer.wire import send_job
 from worker.lease import HeldJob, Leases
 from worker.metrics import WorkerMetrics
 from worker.png import threads_for
-from worker.render import encode, render
+from worker.render import encode, render, render_info
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class JobRunner:
                 if record.request.model_name != self.config.model_name:
                     raise ValueError(f"worker {self.worker_name} serves {self.config.model_name}, "
                                      f"not {record.request.model_name}")
-                images, render_s = self._render(record, held, on_progress)
+                images, info = self._render(record, held, on_progress)
                 stored = self._store(record, images, held)
             except LeaseLost:
                 self.metrics.job_finished("lease_lost")
@@ -177,15 +177,17 @@ class JobRunner:
                 self._end(job_id, JobState.failed, JobError(type=type(exc).__name__, message=str(exc)))
                 log.warning("job %s: failed: %s: %s", job_id, type(exc).__name__, exc)
             else:
-                ended = self._end(job_id, JobState.succeeded, images=stored,
+                ended = self._end(job_id, JobState.succeeded, images=stored, render=info,
                                   step=record.request.num_inference_steps)
-                self.metrics.job_finished("succeeded", render_s=render_s, width=record.request.width,
+                self.metrics.job_finished("succeeded", render_s=info.render_s, width=record.request.width,
                                           height=record.request.height, images=len(stored))
                 if ended:
                     log.info("job %s: succeeded, %d image(s)", job_id, len(stored))
         return self.records.get(job_id)
 
-    def _render(self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None) -> tuple[list[Any], float]:
+    def _render(
+        self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None
+    ) -> tuple[list[Any], RenderInfo]:
         request = record.request
         total = request.num_inference_steps
         started = time.monotonic()
@@ -214,9 +216,10 @@ class JobRunner:
             self.metrics.set_current(record.id)
             try:
                 images = render(self.pipe, request, on_step)
+                info = render_info(self.pipe, request, time.monotonic() - started)
             finally:
                 self.metrics.set_current(None)
-            return images, time.monotonic() - started
+            return images, info
 
     def _store(self, record: JobRecord, images: list[Any], held: HeldJob) -> list[ImageRecord]:
         request = record.request
