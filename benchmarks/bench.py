@@ -319,16 +319,21 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
     out: dict[str, Any] = dict(pairs)
     for key, items in pairs.items():
         if items:
-            out[key + "_summary"] = {
-                "psnr_db_min": min(x["psnr_db"] for x in items),
-                "psnr_db_mean": sum(x["psnr_db"] for x in items) / len(items),
-                "max_abs": max(x["max_abs"] for x in items),
-                "latent_rel_max": max(x["latent_rel"] for x in items),
-            }
+            out[key + "_summary"] = _diff_summary(items)
     if ctx.ref_t5 is not None:
         with torch.inference_mode():
             ours = accel.encode(ctx.request(0).prompt).embeds.float().cpu()
         out["t5_card_vs_worker_rel"] = latent_rel(ours, ctx.ref_t5)
+    return out
+
+
+def _diff_summary(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Worst and mean of ``image_diff`` rows (and of their latent differences where measured)."""
+    out = {"psnr_db_min": min(x["psnr_db"] for x in items),
+           "psnr_db_mean": sum(x["psnr_db"] for x in items) / len(items),
+           "max_abs": max(x["max_abs"] for x in items)}
+    if all("latent_rel" in x for x in items):
+        out["latent_rel_max"] = max(x["latent_rel"] for x in items)
     return out
 
 
@@ -572,6 +577,21 @@ def _queue_stream(ctx: Context, client: Any, mode: str, offset: int) -> dict[str
     }
 
 
+def _idle_single_jobs(ctx: Context, client: Any, rounds: int, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per round: 1 s with nothing queued or rendering, then one job per mode, each waited for."""
+    idle = []
+    for i in range(rounds):
+        time.sleep(1.0)
+        for mode in modes:
+            job = _submit(client, ctx, 100 + i, mode)
+            record = client.wait(job.id, timeout_s=600, poll_s=0.005)
+            idle.append({"mode": mode, "latency_s": record.finished_at - record.created_at,
+                         "queue_wait_s": record.started_at - record.created_at,
+                         "service_s": record.finished_at - record.started_at,
+                         "bytes": sum(im.size_bytes for im in record.images)})
+    return idle
+
+
 def phase_queue(ctx: Context, compile_mode: str, variant: str = "") -> None:
     """``variant``: "SCOPE:THREADS" (``--compile-scope``, ``--encode-threads``) or "" for the run's own."""
     key = f"queue[{compile_mode}]" if not variant else f"queue[{compile_mode},{variant}]"
@@ -588,15 +608,7 @@ def phase_queue(ctx: Context, compile_mode: str, variant: str = "") -> None:
         ctx.save()
         res["exact"] = _queue_stream(ctx, client, "exact", offset=0)
         res["fast"] = _queue_stream(ctx, client, "fast", offset=0)
-        idle = []
-        for i in range(3):
-            time.sleep(1.0)  # idle: nothing queued, nothing rendering
-            job = _submit(client, ctx, 100 + i, "exact")
-            record = client.wait(job.id, timeout_s=600, poll_s=0.005)
-            idle.append({"latency_s": record.finished_at - record.created_at,
-                         "queue_wait_s": record.started_at - record.created_at,
-                         "service_s": record.finished_at - record.started_at})
-        res["idle_single_job"] = idle
+        res["idle_single_job"] = _idle_single_jobs(ctx, client, rounds=3, modes=("exact",))
     ctx.save()
 
 
@@ -899,9 +911,7 @@ def phase_twok(ctx: Context) -> None:
     pairs = [image_diff(images[("fast", i)], images[("exact", i)])
              for i in range(1 + ctx.args.twok_images) if ("fast", i) in images and ("exact", i) in images]
     if pairs:
-        res[f"{side}_exact_vs_fast"] = {"n": len(pairs), "psnr_db_min": min(p["psnr_db"] for p in pairs),
-                                        "psnr_db_mean": sum(p["psnr_db"] for p in pairs) / len(pairs),
-                                        "max_abs": max(p["max_abs"] for p in pairs), "pairs": pairs}
+        res[f"{side}_exact_vs_fast"] = {"n": len(pairs), **_diff_summary(pairs), "pairs": pairs}
     big = 4 * ctx.size
     for mode, binned in [("fast", True)] + [(m, False) for m in ctx.args.native_modes.split(",") if m]:
         key = f"{big}_{mode}" + ("" if binned else "_native")
@@ -966,16 +976,7 @@ def phase_twokqueue(ctx: Context) -> None:
         ctx.save()
         res["exact"] = _queue_stream(sub, client, "exact", offset=0)
         ctx.save()
-        idle = []
-        for i in range(2):
-            time.sleep(1.0)
-            for mode in ("fast", "exact"):
-                job = _submit(client, sub, 100 + i, mode)
-                record = client.wait(job.id, timeout_s=600, poll_s=0.005)
-                idle.append({"mode": mode, "latency_s": record.finished_at - record.created_at,
-                             "service_s": record.finished_at - record.started_at,
-                             "bytes": sum(im.size_bytes for im in record.images)})
-        res["idle_single_job"] = idle
+        res["idle_single_job"] = _idle_single_jobs(sub, client, rounds=2, modes=("fast", "exact"))
     ctx.save()
 
 

@@ -45,19 +45,16 @@ def _request(model: str, **fields: Any) -> JobRequest:
     return JobRequest(**base)
 
 
-def _plain(loaded: Any, request: JobRequest) -> np.ndarray:
-    """The model card's call on the same pipeline: prompt strings, the pipeline encodes them."""
-    import torch
-
+def _plain(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
+    """The model card's call on the same pipeline: prompt strings, the pipeline encodes them; ``kw``
+    goes to the pipeline as it is (``use_resolution_binning=False``)."""
     from worker.render import generators
 
-    image = loaded.pipe(
+    return np.asarray(loaded.pipe(
         prompt=request.prompt, negative_prompt=request.negative_prompt,
         num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-        width=request.width, height=request.height, generator=generators(request)[0],
-    ).images[0]
-    assert isinstance(image.size, tuple) and torch is not None
-    return np.asarray(image)
+        width=request.width, height=request.height, generator=generators(request)[0], **kw,
+    ).images[0])
 
 
 def _render(loaded: Any, request: JobRequest, on_step: Any = None) -> np.ndarray:
@@ -66,7 +63,7 @@ def _render(loaded: Any, request: JobRequest, on_step: Any = None) -> np.ndarray
     return np.asarray(render(loaded, request, on_step)[0])
 
 
-def test_cached_embeddings_are_bit_identical_to_the_plain_call(untrimmed: Any, fidelity_model: str) -> None:
+def test_cached_embeddings_are_bit_identical_to_the_plain(untrimmed: Any, fidelity_model: str) -> None:
     request = _request(fidelity_model)
     cache = untrimmed.accel.cache
     misses = cache.misses
@@ -162,25 +159,15 @@ def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fideli
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def _plain_call(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
-    from worker.render import generators
-
-    return np.asarray(loaded.pipe(
-        prompt=request.prompt, negative_prompt=request.negative_prompt,
-        num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-        width=request.width, height=request.height, generator=generators(request)[0], **kw,
-    ).images[0])
-
-
-def test_native_size_renders_without_binning_like_the_plain_call(untrimmed: Any, fidelity_model: str) -> None:
+def test_native_size_renders_without_binning_like_the_plain(untrimmed: Any, fidelity_model: str) -> None:
     # 400x208 is no 256-pixel bin (its bin is 336x176): binned, it renders small and is resized.
     native = _request(fidelity_model, width=400, height=208, use_resolution_binning=False)
     image = _render(untrimmed, native)
     assert image.shape == (208, 400, 3)
-    assert np.array_equal(image, _plain_call(untrimmed, native, use_resolution_binning=False))
+    assert np.array_equal(image, _plain(untrimmed, native, use_resolution_binning=False))
     binned = _render(untrimmed, native.model_copy(update={"use_resolution_binning": True}))
     assert binned.shape == (208, 400, 3)
-    assert np.array_equal(binned, _plain_call(untrimmed, native))
+    assert np.array_equal(binned, _plain(untrimmed, native))
     assert not np.array_equal(image, binned)
 
 
@@ -197,10 +184,10 @@ def test_only_decodes_above_the_threshold_are_tiled(fidelity_model: str) -> None
     tiling.remove()
     try:
         vae.enable_tiling()
-        tiled_small = _plain_call(loaded, small, use_resolution_binning=False)
-        tiled_large = _plain_call(loaded, large, use_resolution_binning=False)
+        tiled_small = _plain(loaded, small, use_resolution_binning=False)
+        tiled_large = _plain(loaded, large, use_resolution_binning=False)
         vae.disable_tiling()
-        plain_small = _plain_call(loaded, small, use_resolution_binning=False)
+        plain_small = _plain(loaded, small, use_resolution_binning=False)
     finally:
         tiling.install()
     assert np.array_equal(got_small, plain_small)

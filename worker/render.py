@@ -32,6 +32,13 @@ def generators(request: JobRequest) -> list[Any]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
 
 
+def _pipe_and_accel(target: Any) -> tuple[Any, Accelerator]:
+    """A ``LoadedPipeline``'s pipe and accelerator, or a bare pipeline and the accelerator on it."""
+    accel: Accelerator | None = getattr(target, "accel", None)
+    pipe = target.pipe if accel is not None else target
+    return pipe, accel or Accelerator.of(pipe)
+
+
 def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | None = None) -> list[Any]:
     """Run the pipeline for ``request``; ``on_step(steps_done)`` runs after every denoising step.
 
@@ -43,9 +50,7 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
     """
     import torch
 
-    accel: Accelerator | None = getattr(target, "accel", None)
-    pipe = target.pipe if accel is not None else target
-    accel = accel or Accelerator.of(pipe)
+    pipe, accel = _pipe_and_accel(target)
     guided = request.guidance_scale > 1.0
     gens = generators(request)
     with torch.inference_mode():
@@ -71,7 +76,7 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
 
 def render_info(target: Any, request: JobRequest, render_s: float) -> RenderInfo:
     """How the last ``render`` on ``target`` went, for the job record (read it before the next render)."""
-    accel: Accelerator = getattr(target, "accel", None) or Accelerator.of(target)
+    _, accel = _pipe_and_accel(target)
     width, height, tiled = accel.vae_decode.last or (request.width, request.height, False)
     fast = RenderMode(request.mode) is RenderMode.fast
     return RenderInfo(
