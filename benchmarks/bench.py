@@ -3,7 +3,7 @@
 One run measures, on one device and on the same saved model:
 
 card        the model card's plain ``PixArtSigmaPipeline`` (fp16, eager, batch 1): the reference
-inprocess   ``worker.render`` on ``load_pipeline(...)`` with the levers (bf16, compile, warm-up, prompt
+inprocess   ``pixq.worker.gpu.render`` on ``load_pipeline(...)`` with the levers (bf16, compile, warm-up, prompt
             cache, text trimming), exact and fast mode; the component breakdown; the output
             difference (card vs exact, exact vs fast) on fixed prompts and seeds; and the in-process
             job path (two threads, render under a lock, PNG encode and S3 put beside it)
@@ -112,7 +112,7 @@ class Context:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=_jsonable))
 
     def request(self, index: int, mode: str = "exact", **extra: Any) -> Any:
-        from producer.schema import JobRequest
+        from pixq.schema import JobRequest
 
         fields: dict[str, Any] = dict(
             prompt=PROMPTS[index % len(PROMPTS)], seed=1000 + index, width=self.size, height=self.size,
@@ -182,8 +182,8 @@ def phase_card(ctx: Context) -> None:
 
 
 def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
-    from worker.accel import AccelOptions
-    from worker.pipeline import load_pipeline
+    from pixq.worker.gpu.accel import AccelOptions
+    from pixq.worker.gpu.pipeline import load_pipeline
 
     compiled = compile_mode != COMPILE_NONE
     options = AccelOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
@@ -197,8 +197,7 @@ def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
 def _fresh_prompt_cache(loaded: Any) -> None:
     """A steady-state worker: the empty negative cached, these prompts not yet seen."""
     import torch
-
-    from worker.accel import PromptCache
+    from pixq.worker.gpu.accel import PromptCache
 
     loaded.accel.cache = PromptCache(loaded.accel.options.prompt_cache)
     with torch.inference_mode():
@@ -206,7 +205,7 @@ def _fresh_prompt_cache(loaded: Any) -> None:
 
 
 def _stream(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, Any]:
-    from worker.render import render
+    from pixq.worker.gpu.render import render
 
     _fresh_prompt_cache(loaded)
     reset_peak(ctx.device)
@@ -226,8 +225,7 @@ def _stream(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, Any]
 def _breakdown(ctx: Context, loaded: Any) -> dict[str, float]:
     """Where one exact render's time goes: T5 (a new prompt), denoising, VAE decode, the rest."""
     import torch
-
-    from worker.render import render
+    from pixq.worker.gpu.render import render
 
     pipe = loaded.pipe
     vae_s: list[float] = []
@@ -273,8 +271,7 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
 
     import numpy as np
     import torch
-
-    from worker.render import generators, render
+    from pixq.worker.gpu.render import generators, render
 
     accel = loaded.accel
     pairs: dict[str, list[dict[str, Any]]] = {
@@ -339,10 +336,10 @@ def _diff_summary(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _job_path(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, Any]:
     """The queue's work without the queue: two threads, render under a lock, then PNG + S3 put."""
-    from producer.settings import Settings
-    from worker.png import threads_for
-    from worker.render import encode, render
-    from worker.storage import Storage
+    from pixq.settings import Settings
+    from pixq.worker.gpu.png import threads_for
+    from pixq.worker.gpu.render import encode, render
+    from pixq.worker.jobs.storage import Storage
 
     env = _services(ctx)
     storage = Storage(Settings.from_env(env))
@@ -415,10 +412,9 @@ def phase_levers(ctx: Context) -> None:
 
     import numpy as np
     import torch
-
-    from worker.accel import AccelOptions
-    from worker.pipeline import load_pipeline
-    from worker.render import generators, render
+    from pixq.worker.gpu.accel import AccelOptions
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.render import generators, render
 
     loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
                            accel=AccelOptions(compile=True, trim_text=False,
@@ -477,7 +473,7 @@ def _services(ctx: Context) -> dict[str, str]:
     """Redis and SeaweedFS on loopback, started once per run."""
     if ctx.env is not None:
         return ctx.env
-    from worker.stack import start_redis, start_seaweedfs
+    from pixq.worker.ops.stack import start_redis, start_seaweedfs
 
     root = _log_dir(ctx) / f"services-{os.getpid()}"
     svc, redis_url = start_redis(root / "redis")
@@ -495,8 +491,8 @@ def _services(ctx: Context) -> dict[str, str]:
 
 
 def _client(env: dict[str, str]) -> Any:
-    from producer.client import Client
-    from producer.settings import Settings
+    from pixq.client import Client
+    from pixq.settings import Settings
 
     return Client(Settings.from_env(env))
 
@@ -525,8 +521,8 @@ def _worker(
 
     ``info``, when given, receives the worker's presence record and the start time.
     """
-    from producer.wire import WORKER_KEY_PREFIX
-    from worker.stack import start_worker
+    from pixq.wire import WORKER_KEY_PREFIX
+    from pixq.worker.ops.stack import start_worker
 
     env = _services(ctx)
     client = _client(env)
@@ -614,8 +610,8 @@ def phase_queue(ctx: Context, compile_mode: str, variant: str = "") -> None:
 
 def _gpu_workers(ctx: Context, gpus: str, compile_mode: str, log_name: str) -> Any:
     """``pixq worker --gpus GPUS`` (the supervisor, one child per GPU); returns once all announced."""
-    from producer.wire import WORKER_KEY_PREFIX
-    from worker.stack import Service, pixq_argv
+    from pixq.wire import WORKER_KEY_PREFIX
+    from pixq.worker.ops.stack import Service, pixq_argv
 
     env = _services(ctx)
     want = len(gpus.split(","))
@@ -676,7 +672,7 @@ def phase_coldsplit(ctx: Context) -> None:
     res: dict[str, Any] = {}
     ctx.results["coldsplit"] = res
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, celery, worker.process; "
+    subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, celery, pixq.worker.ops.process; "
                     "torch.cuda.init() if torch.cuda.is_available() else None"], env=env, check=True)
     res["imports_and_cuda_init_s"] = time.perf_counter() - t0
     cache = Path("/tmp/pixq-bench-split-cache") / str(time.time_ns())
@@ -715,10 +711,9 @@ def phase_scopes(ctx: Context) -> None:
     Then micro-batching on the blocks pipeline: per-image time of one call with 1, 2, 4 images.
     """
     import torch
-
-    from worker.accel import AccelOptions
-    from worker.pipeline import load_pipeline
-    from worker.render import render
+    from pixq.worker.gpu.accel import AccelOptions
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.render import render
 
     res: dict[str, Any] = {}
     ctx.results["scopes"] = res
@@ -796,15 +791,14 @@ def phase_attention(ctx: Context) -> None:
 
 
 def phase_encode(ctx: Context) -> None:
-    """The idle path after the VAE: device → PIL image, then PNG: Pillow vs worker.png."""
+    """The idle path after the VAE: device → PIL image, then PNG: Pillow vs pixq.worker.gpu.png."""
     import io
 
     import numpy as np
     import torch
     from PIL import Image
-
-    from worker.png import encode_png
-    from worker.render import to_pil
+    from pixq.worker.gpu.png import encode_png
+    from pixq.worker.gpu.render import to_pil
 
     res: dict[str, Any] = {"cpus": os.cpu_count()}
     rng = np.random.default_rng(0)
@@ -865,10 +859,10 @@ def phase_twok(ctx: Context) -> None:
     import numpy as np
     import torch
     from diffusers import PixArtSigmaPipeline
+    from pixq.worker.gpu.accel import Accelerator, AccelOptions
+    from pixq.worker.gpu.render import render
 
     from benchmarks.fullsize import build_transformer, twice_the_size
-    from worker.accel import Accelerator, AccelOptions
-    from worker.render import render
 
     res: dict[str, Any] = {}
     ctx.results["twok"] = res
@@ -1052,9 +1046,9 @@ def _sdpa_backend(name: str) -> Iterator[None]:
 
 
 def phase_offload(ctx: Context) -> None:
-    from worker.accel import AccelOptions
-    from worker.pipeline import load_pipeline
-    from worker.render import render
+    from pixq.worker.gpu.accel import AccelOptions
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.render import render
 
     if not ctx.device.startswith("cuda"):
         ctx.results["offload"] = "skipped: needs a CUDA device"

@@ -73,9 +73,8 @@ def build_pipeline(device: str = "cuda", seed: int = 0) -> Any:
 
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from pixq.worker.gpu.testmodel import _train_tokenizer
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    from worker.testmodel import _train_tokenizer
 
     dtype = torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +102,7 @@ def ensure_model(out_dir: Path, device: str = "cuda", tiny: bool = False) -> tup
     if (out_dir / "model_index.json").exists():
         return out_dir, {"reused": 1.0}
     if tiny:
-        from worker.testmodel import make_test_model
+        from pixq.worker.gpu.testmodel import make_test_model
 
         started = time.perf_counter()
         make_test_model(out_dir)

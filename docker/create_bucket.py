@@ -13,10 +13,9 @@ import time
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-
-from producer.errors import ConfigError
-from producer.s3 import make_s3_client
-from producer.settings import Settings
+from pixq.errors import ConfigError
+from pixq.s3 import make_s3_client
+from pixq.settings import Settings
 
 
 def ensure_bucket(s3: Any, bucket: str, region: str, probe_key: str) -> bool:

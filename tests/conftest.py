@@ -13,15 +13,14 @@ from typing import Any
 
 import pytest
 import redis
-
-from producer.client import Client
-from producer.settings import Settings
-from worker.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
+from pixq.client import Client
+from pixq.settings import Settings
+from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from worker.testmodel import make_test_model
+    from pixq.worker.gpu.testmodel import make_test_model
 
     return str(make_test_model(tmp_path_factory.mktemp("tiny-model")).resolve())
 
@@ -29,7 +28,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The same kind of pipeline with more layers: about 40 ms a step on one core."""
-    from worker.testmodel import make_test_model
+    from pixq.worker.gpu.testmodel import make_test_model
 
     return str(make_test_model(tmp_path_factory.mktemp("slow-model"), layers=8, heads=8).resolve())
 
@@ -85,7 +84,7 @@ def client(settings: Settings) -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def s3_client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
-    from worker.stack import s3_client_for
+    from pixq.worker.ops.stack import s3_client_for
 
     client = s3_client_for(s3)
     yield client

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-
-from worker.stack import Service
+from pixq.worker.ops.stack import Service
 
 
 def pixq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pixq", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -75,7 +74,7 @@ def test_user_mistakes_are_one_line_and_non_zero(env: dict[str, str]) -> None:
 
 
 def test_redis_down_at_submit_is_a_clear_error(env: dict[str, str]) -> None:
-    from worker.stack import free_port
+    from pixq.worker.ops.stack import free_port
 
     down = pixq("submit", "x", env={**env, "PIXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert down.returncode == 1
@@ -97,7 +96,7 @@ def test_help_shows_defaults(env: dict[str, str]) -> None:
 
 
 def test_make_test_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "make-test-model", str(tmp_path / "m")],
+    out = subprocess.run([sys.executable, "-m", "pixq", "make-test-model", str(tmp_path / "m")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
@@ -109,11 +108,12 @@ def test_make_test_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
 def test_producer_imports_without_torch() -> None:
     code = (
         "import sys\n"
-        "for name in ('torch', 'diffusers', 'transformers', 'worker'):\n"
+        "for name in ('torch', 'diffusers', 'transformers', 'pixq.worker'):\n"
         "    sys.modules[name] = None  # any import of these now fails\n"
-        "import producer, producer.cli, producer.client, producer.s3\n"
-        "from producer import Client, Settings, JobRequest\n"
-        "assert not any(m.split('.')[0] in ('torch', 'worker') and sys.modules[m] for m in sys.modules)\n"
+        "import pixq, pixq.cli, pixq.client, pixq.s3\n"
+        "from pixq import Client, Settings, JobRequest\n"
+        "assert not any((m.split('.')[0] == 'torch' or m.startswith('pixq.worker')) and sys.modules[m]\n"
+        "               for m in sys.modules)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

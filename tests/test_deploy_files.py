@@ -27,11 +27,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pixq.settings import ENV_VARS, Settings
+from pixq.wire import queue_name
 from yamllint import linter
 from yamllint.config import YamlLintConfig
-
-from producer.settings import ENV_VARS, Settings
-from producer.wire import queue_name
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -500,7 +499,7 @@ def test_pixq_cli_of_the_producer_image_runs_without_torch() -> None:
         "import sys\n"
         "for m in ('torch', 'diffusers', 'transformers', 'accelerate'): sys.modules[m] = None\n"
         "sys.argv = ['pixq', 'submit', '--help']\n"
-        "from worker.cli import main\n"
+        "from pixq.worker.ops.cli import main\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -536,7 +535,8 @@ def test_dockerignore_sends_only_what_the_images_install() -> None:
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     for secret in (".env", "docker/.env", "infra/secrets.env", ".venv/bin/python", ".git/config", ".pixq/redis"):
         assert dockerignore_excludes(secret, patterns), f"{secret} would be sent to the Docker daemon"
-    needed = ["pyproject.toml", "producer/settings.py", "worker/cli.py", "worker/supervisor.py"]
+    needed = ["pyproject.toml", "worker/pyproject.toml", "producer/pixq/settings.py", "worker/pixq/worker/ops/cli.py",
+              "worker/pixq/worker/ops/supervisor.py"]
     needed.append(pyproject_readme())
     for name in ("Dockerfile.worker", "Dockerfile.producer"):
         for word, args in dockerfile(DOCKER / name):
@@ -558,7 +558,7 @@ def pyproject_readme() -> str:
 
 @pytest.fixture(scope="module")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from worker.stack import StackError, start_seaweedfs
+    from pixq.worker.ops.stack import StackError, start_seaweedfs
 
     try:
         service, endpoint = start_seaweedfs(tmp_path_factory.mktemp("s3"))
@@ -577,7 +577,7 @@ def create_bucket_module() -> Any:
 
 
 def test_create_bucket_makes_a_writable_bucket_once(seaweedfs: Any) -> None:
-    from worker.stack import s3_client_for
+    from pixq.worker.ops.stack import s3_client_for
 
     s3 = s3_client_for(seaweedfs)
     env = {**os.environ, **seaweedfs.env(), "PIXQ_S3_BUCKET": "fresh-bucket", "PIXQ_S3_PREFIX": "imgs"}
@@ -604,8 +604,7 @@ def test_create_bucket_fails_clearly_with_wrong_keys(
 def _worker_command_parses(argv: list[str]) -> None:
     """The shipped arguments are ones `pixq worker` accepts (click parses them; nothing runs)."""
     import typer.main
-
-    from worker.cli import app
+    from pixq.worker.ops.cli import app
 
     command = typer.main.get_command(app)
     with command.make_context("pixq", list(argv), resilient_parsing=False) as ctx:
@@ -615,7 +614,7 @@ def _worker_command_parses(argv: list[str]) -> None:
 
 
 def test_shipped_workers_run_compiled_with_a_persistent_cache_and_warm_up() -> None:
-    from worker.pipeline import parse_size
+    from pixq.worker.gpu.pipeline import parse_size
 
     pod = manifest("Deployment", "pixq-worker")["spec"]["template"]["spec"]
     k8s = worker_container()

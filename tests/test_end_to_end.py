@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from pixq.client import Client
+from pixq.errors import InvalidRequest, JobNotFound
+from pixq.records import JobState
+from pixq.worker.ops.stack import S3Endpoint, Service
 
-from producer.client import Client
-from producer.errors import InvalidRequest, JobNotFound
-from producer.records import JobState
 from tests.conftest import wait_for, write_artifact
-from worker.stack import S3Endpoint, Service
 
 
 def observe(client: Client, job_id: str, timeout_s: float = 60) -> list[tuple[str, int]]:
@@ -234,7 +234,7 @@ def test_a_job_waiting_at_start_runs_before_the_deferred_warm_up(
     first job); the deferred warm-up waits until the worker is idle."""
     import shutil
 
-    from worker.stack import start_worker
+    from pixq.worker.ops.stack import start_worker
 
     model = str(shutil.copytree(tiny_model, tmp_path / "model"))  # its own queue: no other worker takes it
     c = Client(settings)

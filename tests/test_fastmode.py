@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from producer.schema import JobRequest
-from worker.fastmode import Action, FastPlan, StepController
+from pixq.schema import JobRequest
+from pixq.worker.gpu.fastmode import Action, FastPlan, StepController
 
 # Measured on the tiny model, 256², 20 steps, seeds 11-15: 55.7-56.2 dB, max 2/255 (order 0).
 MIN_PSNR_DB = 45.0
@@ -19,14 +18,14 @@ MIN_PSNR_DB = 45.0
 
 @pytest.fixture(scope="session")
 def fast_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from worker.testmodel import make_test_model
+    from pixq.worker.gpu.testmodel import make_test_model
 
     return str(make_test_model(tmp_path_factory.mktemp("fast-model")).resolve())
 
 
 @pytest.fixture(scope="module")
 def loaded(fast_model: str) -> Any:
-    from worker.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import load_pipeline
 
     return load_pipeline(fast_model, "cpu")
 
@@ -40,7 +39,7 @@ def _request(model: str, **fields: Any) -> JobRequest:
 
 def _render_counting(loaded: Any, request: JobRequest) -> tuple[np.ndarray, list[int]]:
     """Render, counting the rows (batch entries) that reach the transformer's first block."""
-    from worker.render import render
+    from pixq.worker.gpu.render import render
 
     rows: list[int] = []
     block = loaded.pipe.transformer.transformer_blocks[0]
@@ -135,7 +134,7 @@ def test_fast_mode_with_several_images_and_without_guidance(loaded: Any, fast_mo
 
 
 def test_prompt_cache_is_a_bounded_lru() -> None:
-    from worker.accel import Encoded, PromptCache
+    from pixq.worker.gpu.accel import Encoded, PromptCache
 
     cache = PromptCache(2)
     for text in ("a", "b", "a", "c"):

@@ -24,12 +24,12 @@ from typing import Any
 
 import psutil
 import pytest
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.worker.jobs.tasks import progress_reporter
+from pixq.worker.ops.stack import Service, free_port, pixq_argv, start_worker
 
-from producer.client import Client
-from producer.records import JobState
 from tests.conftest import wait_for, write_artifact
-from worker.stack import Service, free_port, pixq_argv, start_worker
-from worker.tasks import progress_reporter
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -64,7 +64,7 @@ class Flower:
 
 
 def pixq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pixq", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -212,7 +212,7 @@ def test_credentials_stay_off_command_lines(flower: Flower) -> None:
     # `pixq flower` became Flower itself (exec): same process, Flower's own command line.
     proc = psutil.Process(flower.svc.pid)
     group = [proc, *proc.children(recursive=True)]
-    assert proc.cmdline()[1:] == ["-m", "celery", "-A", "worker.flower:celery_app", "flower"]
+    assert proc.cmdline()[1:] == ["-m", "celery", "-A", "pixq.worker.ops.flower:celery_app", "flower"]
     for p in group:
         assert not any(flower.password in arg for arg in p.cmdline()), p.cmdline()
     assert proc.environ()["FLOWER_BASIC_AUTH"] == f"{flower.user}:{flower.password}"

@@ -11,13 +11,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.settings import Settings
+from pixq.worker.ops.stack import S3Endpoint, free_port, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.client import Client
-from producer.records import JobState
-from producer.settings import Settings
 from tests.conftest import stack_env
-from worker.stack import S3Endpoint, free_port, start_worker
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

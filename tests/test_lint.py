@@ -19,5 +19,5 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_is_clean() -> None:
-    out = run("mypy", "producer", "worker")
+    out = run("mypy", "producer/pixq", "worker/pixq")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -7,11 +7,12 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from producer.client import Client
-from producer.records import JobState
-from producer.settings import Settings
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.settings import Settings
+from pixq.worker.ops.stack import S3Endpoint, start_redis, start_worker
+
 from tests.conftest import stack_env
-from worker.stack import S3Endpoint, start_redis, start_worker
 
 JOBS = 500
 WORKERS = 3

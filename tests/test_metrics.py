@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker (worker/metrics.py): the class alone, then scraped from a real worker."""
+"""Prometheus metrics of a worker (pixq.worker.jobs.metrics): the class alone, then scraped from a real worker."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.settings import Settings
+from pixq.worker.jobs.metrics import OUTCOMES, WindowedRate, WorkerMetrics
+from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_redis, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.client import Client
-from producer.records import JobState
-from producer.settings import Settings
 from tests.conftest import stack_env
-from worker.metrics import OUTCOMES, WindowedRate, WorkerMetrics
-from worker.stack import S3Endpoint, Service, free_port, start_redis, start_worker
 
 
 class Clock:

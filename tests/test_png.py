@@ -9,8 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-
-from worker.png import adler32_combine, encode_png, paeth_filter
+from pixq.worker.gpu.png import adler32_combine, encode_png, paeth_filter
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -11,19 +11,18 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-
-from producer.client import Client
-from producer.inspect import QueueReport, message_job_id
-from producer.records import JobState
-from producer.schema import parse_request
-from producer.wire import queue_lists, send_job
-from worker.stack import Service
+from pixq.client import Client
+from pixq.inspect import QueueReport, message_job_id
+from pixq.records import JobState
+from pixq.schema import parse_request
+from pixq.wire import queue_lists, send_job
+from pixq.worker.ops.stack import Service
 
 MAIN_NODE = "cpu-main@test"  # conftest's session worker
 
 
 def pixq(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pixq", *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
 

@@ -7,12 +7,12 @@ import uuid
 from pathlib import Path
 
 import redis
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.settings import Settings
+from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_worker
 
-from producer.client import Client
-from producer.records import JobState
-from producer.settings import Settings
 from tests.conftest import stack_env
-from worker.stack import S3Endpoint, Service, free_port, start_worker
 
 
 def make_certs(d: Path) -> None:

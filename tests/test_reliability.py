@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import redis
 from kombu import Connection, Exchange, Producer
+from pixq.client import Client
+from pixq.errors import QueueFull
+from pixq.records import JobRecord, JobState
+from pixq.settings import Settings
+from pixq.wire import celery_config, queue_name
+from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_worker
 
-from producer.client import Client
-from producer.errors import QueueFull
-from producer.records import JobRecord, JobState
-from producer.settings import Settings
-from producer.wire import celery_config, queue_name
 from tests.conftest import stack_env, wait_for
-from worker.stack import S3Endpoint, Service, start_redis, start_worker
 
 LEASE_TTL_S = 3
 
@@ -376,7 +376,7 @@ def test_permanent_storage_errors_fail_the_job_at_once(cluster: Cluster) -> None
 
 
 def test_s3_stopped_mid_upload_and_started_again(cluster: Cluster, tmp_path: Path) -> None:
-    from worker.stack import restart_seaweedfs, s3_client_for, start_seaweedfs
+    from pixq.worker.ops.stack import restart_seaweedfs, s3_client_for, start_seaweedfs
 
     s3_svc, endpoint = start_seaweedfs(tmp_path / "own-s3", bucket="outage")
     try:

@@ -10,20 +10,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from producer.schema import JobRequest
+from pixq.schema import JobRequest
 
 
 @pytest.fixture(scope="session")
 def fidelity_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from worker.testmodel import make_test_model
+    from pixq.worker.gpu.testmodel import make_test_model
 
     return str(make_test_model(tmp_path_factory.mktemp("fidelity-model")).resolve())
 
 
 def _load(model: str, **options: Any) -> Any:
-    from worker.accel import AccelOptions
-    from worker.pipeline import load_pipeline
+    from pixq.worker.gpu.accel import AccelOptions
+    from pixq.worker.gpu.pipeline import load_pipeline
 
     return load_pipeline(model, "cpu", accel=AccelOptions(**options))
 
@@ -48,7 +47,7 @@ def _request(model: str, **fields: Any) -> JobRequest:
 def _plain(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
     """The model card's call on the same pipeline: prompt strings, the pipeline encodes them; ``kw``
     goes to the pipeline as it is (``use_resolution_binning=False``)."""
-    from worker.render import generators
+    from pixq.worker.gpu.render import generators
 
     return np.asarray(loaded.pipe(
         prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -58,7 +57,7 @@ def _plain(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
 
 
 def _render(loaded: Any, request: JobRequest, on_step: Any = None) -> np.ndarray:
-    from worker.render import render
+    from pixq.worker.gpu.render import render
 
     return np.asarray(render(loaded, request, on_step)[0])
 
@@ -125,8 +124,7 @@ def test_a_stop_raised_from_on_step_ends_the_render_and_the_next_one_is_clean(
 
 def test_a_bare_pipeline_renders_too(fidelity_model: str) -> None:
     from diffusers import PixArtSigmaPipeline
-
-    from worker.render import render
+    from pixq.worker.gpu.render import render
 
     pipe = PixArtSigmaPipeline.from_pretrained(Path(fidelity_model))
     pipe.set_progress_bar_config(disable=True)
@@ -199,9 +197,8 @@ def test_compiled_vae_decoder_matches_eager_with_one_graph_for_any_image_count(f
     """The worker's compiled VAE decode: close to eager, one graph per image size (images go through one by
     one), and tiled decodes bypass it."""
     import torch
+    from pixq.worker.gpu.accel import VaeDecode
     from torch._dynamo.utils import counters
-
-    from worker.accel import VaeDecode
 
     loaded = _load(fidelity_model)
     vae = loaded.pipe.vae

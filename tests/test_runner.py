@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from producer.client import Client
-from producer.records import JobState
-from producer.settings import Settings
-from worker.lease import Leases
-from worker.pipeline import LoadedPipeline, load_pipeline
-from worker.runner import JobRunner, RunnerConfig
-from worker.storage import Storage
-from worker.tasks import create_app
+from pixq.client import Client
+from pixq.records import JobState
+from pixq.settings import Settings
+from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline
+from pixq.worker.jobs.lease import Leases
+from pixq.worker.jobs.runner import JobRunner, RunnerConfig
+from pixq.worker.jobs.storage import Storage
+from pixq.worker.jobs.tasks import create_app
 
 
 @pytest.fixture()
@@ -72,7 +71,7 @@ def test_a_second_delivery_of_a_finished_job_does_nothing(broken) -> None:  # ty
 def test_a_job_without_progress_past_the_hard_limit_is_caught(client, tiny_model: str) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    from worker.lease import exit_hung_process
+    from pixq.worker.jobs.lease import exit_hung_process
 
     hung: list[str] = []
     leases = Leases(client.records, "hang@test", ttl_s=1, hard_limit_s=0.5, on_hung=hung.append)

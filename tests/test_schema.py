@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from producer.errors import ConfigError, InvalidRequest
-from producer.models import DEFAULT_MODEL
-from producer.schema import MAX_SEED, JobRequest, parse_request, request_schema
-from producer.settings import Settings
+from pixq.errors import ConfigError, InvalidRequest
+from pixq.models import DEFAULT_MODEL
+from pixq.schema import MAX_SEED, JobRequest, parse_request, request_schema
+from pixq.settings import Settings
 
 # (request fields, field named in the error, words of the rule)
 INVALID = [

@@ -6,10 +6,9 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from producer.errors import InvalidRequest
-from producer.models import KNOWN_MODELS
-from producer.schema import MAX_PROMPT_CHARS, JobRequest, parse_request
+from pixq.errors import InvalidRequest
+from pixq.models import KNOWN_MODELS
+from pixq.schema import MAX_PROMPT_CHARS, JobRequest, parse_request
 
 FIELDS = set(JobRequest.model_fields)
 json_values = st.recursive(

@@ -39,7 +39,7 @@ def services_under(root: Path) -> list[psutil.Process]:
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "A cozy cabin in the snow", "--dir", str(tmp_path / "state"),
+        [sys.executable, "-m", "pixq", "demo", "A cozy cabin in the snow", "--dir", str(tmp_path / "state"),
          "-o", str(tmp_path / "out"), "--size", "256"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
@@ -57,7 +57,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
 
 def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> None:
     root = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--dir", str(root)],
+    proc = subprocess.Popen([sys.executable, "-m", "pixq", "up", "--dir", str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []
@@ -77,7 +77,7 @@ def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> Non
         denied.value.close()
 
         env = {**os.environ, **exports}
-        sub = subprocess.run([sys.executable, "-m", "worker.cli", "submit", "hello", "--width", "128",
+        sub = subprocess.run([sys.executable, "-m", "pixq", "submit", "hello", "--width", "128",
                               "--height", "128", "--steps", "3", "--wait", "--json"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0 and '"state": "succeeded"' in sub.stdout, sub.stderr

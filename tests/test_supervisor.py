@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 import typer
-
-from producer.errors import ConfigError
-from worker.supervisor import Backoff, Slot, parse_gpus, plan_slots, visible_gpus, worker_argv
+from pixq.errors import ConfigError
+from pixq.worker.ops.supervisor import Backoff, Slot, parse_gpus, plan_slots, visible_gpus, worker_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +76,7 @@ note("timeout")
 DRIVER = r"""
 import json, logging, sys
 from pathlib import Path
-from worker.supervisor import Backoff, Supervisor, plan_slots
+from pixq.worker.ops.supervisor import Backoff, Supervisor, plan_slots
 
 cfg = json.loads(sys.argv[1])
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
@@ -236,11 +235,11 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 
 def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Path) -> None:
-    from worker.cli import app
+    from pixq.worker.ops.cli import app
 
     slot = Slot(gpu=3, device="3", name="gpu3@h", ready_file=tmp_path / "ready.gpu3")
     argv = list(worker_argv("PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "bfloat16", True, "DEBUG")(slot))
-    assert argv[:4] == [sys.executable, "-m", "worker.cli", "worker"]
+    assert argv[:4] == [sys.executable, "-m", "pixq", "worker"]
     assert argv[argv.index("--device") + 1] == "cuda:0"  # masked: the child sees only its GPU
     assert argv[argv.index("--name") + 1] == "gpu3@h"
     assert argv[argv.index("--ready-file") + 1] == str(tmp_path / "ready.gpu3")
@@ -377,7 +376,7 @@ def test_supervisor_killed_outright_still_drains_its_workers(supervise: Callable
 
 
 def test_supervisor_refuses_duplicate_names() -> None:
-    from worker.supervisor import Supervisor
+    from pixq.worker.ops.supervisor import Supervisor
 
     slot = Slot(gpu=0, device="0", name="gpu0@h", ready_file=None)
     with pytest.raises(ConfigError, match="distinct names"):

@@ -9,12 +9,11 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Reject
-
-from producer.records import JobRecord, RecordStore
-from producer.settings import Settings
-from producer.wire import RENDER_TASK, make_celery
-from worker.broker import TRANSPORT
-from worker.runner import GiveBack, JobRunner
+from pixq.records import JobRecord, RecordStore
+from pixq.settings import Settings
+from pixq.wire import RENDER_TASK, make_celery
+from pixq.worker.jobs.broker import TRANSPORT
+from pixq.worker.jobs.runner import GiveBack, JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress messages a second, plus the fi
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, name="pixq-worker")
     if settings.require_redis().startswith(("redis://", "rediss://")):
-        app.conf.broker_transport = TRANSPORT  # survives a broker reconnect (worker/broker.py)
+        app.conf.broker_transport = TRANSPORT  # survives a broker reconnect (worker/pixq/worker/jobs/broker.py)
     return app
 
 

@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from producer.errors import InvalidRequest
-from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+from pixq.errors import InvalidRequest
+from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
 
 MAX_PROMPT_CHARS = 4000
 MAX_STEPS = 200

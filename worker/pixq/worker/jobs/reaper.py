@@ -10,10 +10,9 @@ import threading
 
 import redis
 from celery import Celery
-
-from producer.errors import JobNotFound
-from producer.records import RecordStore
-from producer.wire import send_job
+from pixq.errors import JobNotFound
+from pixq.records import RecordStore
+from pixq.wire import send_job
 
 log = logging.getLogger(__name__)
 

@@ -44,4 +44,4 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-TRANSPORT = "worker.broker:Transport"
+TRANSPORT = "pixq.worker.jobs.broker:Transport"

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-from producer.errors import ConfigError
-from producer.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+from pixq.errors import ConfigError
+from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 

@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import redis
-
-from producer.records import RecordStore
+from pixq.records import RecordStore
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-
-from producer.records import ImageRecord, JobError, JobRecord, JobState, RecordStore, RenderInfo
-from producer.wire import send_job
-from worker.lease import HeldJob, Leases
-from worker.metrics import WorkerMetrics
-from worker.png import threads_for
-from worker.render import encode, render, render_info
-from worker.storage import Storage
+from pixq.records import ImageRecord, JobError, JobRecord, JobState, RecordStore, RenderInfo
+from pixq.wire import send_job
+from pixq.worker.gpu.png import threads_for
+from pixq.worker.gpu.render import encode, render, render_info
+from pixq.worker.jobs.lease import HeldJob, Leases
+from pixq.worker.jobs.metrics import WorkerMetrics
+from pixq.worker.jobs.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-
-from producer.wire import WORKER_KEY_PREFIX
+from pixq.wire import WORKER_KEY_PREFIX
 
 
 class StackError(RuntimeError):
@@ -283,7 +282,7 @@ def _ensure_bucket(endpoint: S3Endpoint) -> bool:
 
 def pixq_argv(*args: str) -> list[str]:
     """Run our own CLI with this interpreter (works from a venv without activating it)."""
-    return [sys.executable, "-m", "worker.cli", *args]
+    return [sys.executable, "-m", "pixq", *args]
 
 
 def start_worker(
@@ -313,8 +312,8 @@ def start_worker(
 def start_flower(env: dict[str, str], port: int, user: str, password: str, log_path: Path) -> Service:
     """Flower on loopback with basic auth, as ``pixq flower`` runs it; credentials travel by
     environment, not argv."""
-    from producer.settings import Settings
-    from worker.flower import FlowerOptions, flower_argv, flower_env
+    from pixq.settings import Settings
+    from pixq.worker.ops.flower import FlowerOptions, flower_argv, flower_env
 
     options = FlowerOptions(port=port, address="127.0.0.1", basic_auth=f"{user}:{password}")
     svc = Service("flower", flower_argv(), log_path, env=flower_env(Settings.from_env(env), env, options)).start()

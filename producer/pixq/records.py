@@ -16,8 +16,8 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from producer.errors import JobNotFound
-from producer.schema import JobRequest, RenderMode
+from pixq.errors import JobNotFound
+from pixq.schema import JobRequest, RenderMode
 
 KEY_PREFIX = "pixq:job:"
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import redis
 
-from producer.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
-from producer.inspect import QueueReport, inspect_queues, queue_depth
-from producer.records import JobRecord, JobState, RecordStore
-from producer.s3 import make_s3_client
-from producer.schema import JobRequest, parse_request
-from producer.settings import Settings
-from producer.wire import make_celery, send_job
+from pixq.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
+from pixq.inspect import QueueReport, inspect_queues, queue_depth
+from pixq.records import JobRecord, JobState, RecordStore
+from pixq.s3 import make_s3_client
+from pixq.schema import JobRequest, parse_request
+from pixq.settings import Settings
+from pixq.wire import make_celery, send_job
 
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from producer.settings import Settings
+from pixq.settings import Settings
 
 
 def make_s3_client(settings: Settings) -> Any:

@@ -10,8 +10,8 @@ from typing import Any
 
 from celery import Celery
 
-from producer.schema import JobRequest
-from producer.settings import Settings
+from pixq.schema import JobRequest
+from pixq.settings import Settings
 
 RENDER_TASK = "pixq.render"
 QUEUE_PREFIX = "pixq."
@@ -50,7 +50,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     restore_interval = min(10, max(1, int(sweep_s)))
     transport = {
         # Longer than the longest allowed job, so Redis does not hand a running job's message to
-        # a second worker; leases (worker/lease.py) catch dead workers much sooner.
+        # a second worker; leases (worker/pixq/worker/jobs/lease.py) catch dead workers much sooner.
         "visibility_timeout": visibility,
         "unacked_restore_interval": restore_interval,
         "unacked_restore_throttle": max(1, round(sweep_s / restore_interval)),

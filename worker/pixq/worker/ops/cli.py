@@ -11,12 +11,11 @@ from typing import Annotated, Optional
 
 import click
 import typer
-
-from producer.cli import app, client_from_env, err, wait_with_progress
-from producer.errors import ConfigError, PixqError
-from producer.settings import Settings
-from worker.accel import COMPILE_MODES, COMPILE_SCOPES, VAE_TILE_ABOVE
-from worker.pipeline import DTYPES, parse_size
+from pixq.cli import app, client_from_env, err, wait_with_progress
+from pixq.errors import ConfigError, PixqError
+from pixq.settings import Settings
+from pixq.worker.gpu.accel import COMPILE_MODES, COMPILE_SCOPES, VAE_TILE_ABOVE
+from pixq.worker.gpu.pipeline import DTYPES, parse_size
 
 
 @app.command()
@@ -56,7 +55,7 @@ def worker(
                                               help="With --compile: the VAE decoder too")] = True,
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
-    from worker.process import WorkerOptions, serve
+    from pixq.worker.ops.process import WorkerOptions, serve
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
@@ -81,7 +80,7 @@ def worker(
     if gpus is not None:
         if name or device != "cpu":
             raise ConfigError("--gpus sets each worker's --device and --name; drop them")
-        from worker.supervisor import run_gpu_workers
+        from pixq.worker.ops.supervisor import run_gpu_workers
 
         extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
                  "--compile-scope", compile_scope, "--prompt-cache", str(prompt_cache),
@@ -114,7 +113,7 @@ def make_test_model_cmd(
     directory: Annotated[Path, typer.Argument(help="Where to write the pipeline.")],
 ) -> None:
     """Write a tiny random PixArt-Σ pipeline (for tests and demos: it draws noise)."""
-    from worker.testmodel import make_test_model
+    from pixq.worker.gpu.testmodel import make_test_model
 
     path = make_test_model(directory)
     typer.echo(str(path.resolve()))
@@ -130,7 +129,7 @@ def _pick_model(root: Path, model: Optional[str], device: Optional[str]) -> tupl
         if device.startswith("cuda"):
             model = Settings.from_env(os.environ).model
         else:
-            from worker.testmodel import make_test_model
+            from pixq.worker.gpu.testmodel import make_test_model
 
             model = str(make_test_model(root / "tiny-model").resolve())
             err.print("[yellow]no GPU: serving the tiny test model on CPU. Its weights are random, "
@@ -145,7 +144,7 @@ def up(
     device: Annotated[Optional[str], typer.Option(help="[default: cuda:0 if there is a GPU, else cpu]")] = None,
 ) -> None:
     """Start Redis, SeaweedFS (S3), one worker and Flower on loopback; Ctrl-C stops them all."""
-    from worker.stack import local_stack
+    from pixq.worker.ops.stack import local_stack
 
     root = state_dir.resolve()
     model, device = _pick_model(root, model, device)
@@ -184,8 +183,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed; -1 draws one.")] = 42,
 ) -> None:
     """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
-    from producer.cli import download, finish
-    from worker.stack import local_stack
+    from pixq.cli import download, finish
+    from pixq.worker.ops.stack import local_stack
 
     root = state_dir.resolve()
     model, device = _pick_model(root, None, None)
@@ -201,7 +200,7 @@ def demo(
         download(job.id, output)
 
 
-from worker.flower import flower_command  # noqa: E402
+from pixq.worker.ops.flower import flower_command  # noqa: E402
 
 app.command("flower")(flower_command)
 

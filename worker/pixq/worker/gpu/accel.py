@@ -12,7 +12,7 @@
   (regional: one graph that all 28 blocks share, ``CompiledBlocks``); fullgraph, static shapes
   except the text length, which is marked dynamic so trimmed prompts share one graph; inductor's
   on-disk caches make a restart compile from cache (``configure_compile_cache``);
-* fast mode's step plan (``worker.fastmode``), switched per render on the same pipeline;
+* fast mode's step plan (``pixq.worker.gpu.fastmode``), switched per render on the same pipeline;
 * the VAE decode (``VaeDecode``): larger than ``vae_tile_above`` pixels in tiles (a native 4096²
   image), smaller ones in one piece as the plain pipeline does; with ``compile`` (and
   ``compile_vae``) the one-piece decode runs a compiled decoder.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.fastmode import Action, FastPlan, StepController
+from pixq.worker.gpu.fastmode import Action, FastPlan, StepController
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from producer.models import BASE_COMPONENTS, is_local
-from worker.accel import Accelerator, AccelOptions, configure_compile_cache
+from pixq.models import BASE_COMPONENTS, is_local
+from pixq.worker.gpu.accel import Accelerator, AccelOptions, configure_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load_pipeline(
     is one whole pipeline saved with ``save_pretrained``. ``offload`` keeps idle components
     in host memory (``enable_model_cpu_offload``) for cards of 24 GB or less.
 
-    ``accel`` sets the worker's speed-ups (worker/accel.py): ``compile`` (the transformer, with
+    ``accel`` sets the worker's speed-ups (worker/pixq/worker/gpu/accel.py): ``compile`` (the transformer, with
     inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
     ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
     compilation and kernel selection happen before the first real job.
@@ -113,8 +113,8 @@ def load_pipeline(
 
 def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> None:
     """Render one job per size and mode (compiles the graphs those shapes need, selects kernels)."""
-    from producer.schema import JobRequest, RenderMode
-    from worker.render import render
+    from pixq.schema import JobRequest, RenderMode
+    from pixq.worker.gpu.render import render
 
     started = time.perf_counter()
     for width, height in sizes:

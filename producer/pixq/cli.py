@@ -1,6 +1,6 @@
 """``pixq`` commands that need only the producer: submit, status, wait, cancel, download, schema.
 
-The worker adds its own commands to this app (``worker/cli.py``); nothing here imports it.
+The worker adds its own commands to this app (``worker/pixq/worker/ops/cli.py``); nothing here imports it.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -24,11 +25,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from producer.client import Client
-from producer.errors import PixqError
-from producer.records import JobRecord, JobState
-from producer.schema import OutputFormat, RenderMode, request_schema
-from producer.settings import Settings
+from pixq.client import Client
+from pixq.errors import PixqError
+from pixq.records import JobRecord, JobState
+from pixq.schema import OutputFormat, RenderMode, request_schema
+from pixq.settings import Settings
 
 app = typer.Typer(
     name="pixq",
@@ -305,3 +306,18 @@ def queue_cmd(
         step = f"{j.step}/{j.total_steps}" + (" (canceling)" if j.cancel_requested else "")
         jobs.add_row(j.id, name, step, j.worker or "-", _duration(now - j.started_at if j.started_at else None))
     out.print(jobs)
+
+
+def main() -> None:
+    """Run ``pixq``: the worker's commands join when pixart-queue-worker is installed.
+
+    Transitional (the move to the ``pixq`` namespace): the worker's CLI module still adds its
+    commands to this app when imported.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("pixq.worker") is not None:
+        from pixq.worker.ops.cli import main as worker_main
+
+        worker_main()
+    sys.exit(app())  # without the worker: the producer's commands only

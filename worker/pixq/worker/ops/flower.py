@@ -1,9 +1,9 @@
 """``pixq flower``: Celery's dashboard on the queue's Redis, behind a login.
 
 Flower sees what the workers report as events: every job (the task id of a job's first
-message is the job id), its arguments as ``producer/wire.py`` shows them (model, size and a
+message is the job id), its arguments as ``producer/pixq/wire.py`` shows them (model, size and a
 shortened prompt, never secrets), its step while it renders (``task-progress``, see
-``worker/tasks.py``), the job's outcome as the task's result, and one node per worker
+``worker/pixq/worker/jobs/tasks.py``), the job's outcome as the task's result, and one node per worker
 process (``gpuN@host`` or ``--name``). Flower can also stop workers and revoke tasks, so it
 never starts without credentials unless ``--no-auth`` is given on purpose.
 
@@ -22,13 +22,12 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from celery import Celery
-
-from producer.errors import ConfigError
-from producer.settings import Settings, mask_url
-from producer.wire import make_celery
+from pixq.errors import ConfigError
+from pixq.settings import Settings, mask_url
+from pixq.wire import make_celery
 
 AUTH_ENV = "FLOWER_BASIC_AUTH"
-CELERY_APP = "worker.flower:celery_app"  # what Flower's process loads (``celery -A``)
+CELERY_APP = "pixq.worker.ops.flower:celery_app"  # what Flower's process loads (``celery -A``)
 # The tasks page's columns: Flower's default hides the arguments and the result.
 TASKS_COLUMNS = "name,uuid,state,kwargs,result,received,runtime,worker"
 
@@ -101,7 +100,7 @@ def flower_celery(env: Mapping[str, str]) -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A worker.flower:celery_app`` asks for this in Flower's process, its entry point;
+    # ``celery -A pixq.worker.ops.flower:celery_app`` asks for this in Flower's process, its entry point;
     # nothing is built when the module is imported.
     if name == "celery_app":
         return flower_celery(os.environ)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from producer.records import ImageRecord
-from producer.s3 import make_s3_client
-from producer.schema import JobRequest, OutputFormat
-from producer.settings import Settings
+from pixq.records import ImageRecord
+from pixq.s3 import make_s3_client
+from pixq.schema import JobRequest, OutputFormat
+from pixq.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,20 +16,19 @@ from pathlib import Path
 from types import FrameType
 
 import redis
+from pixq.records import RecordStore
+from pixq.settings import Settings
+from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
+from pixq.worker.gpu.accel import VAE_TILE_ABOVE, AccelOptions
+from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
+from pixq.worker.jobs.lease import Leases
+from pixq.worker.jobs.metrics import WorkerMetrics
+from pixq.worker.jobs.reaper import Reaper
+from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
+from pixq.worker.jobs.storage import Storage
+from pixq.worker.jobs.tasks import create_app, register_render_task
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
-
-from producer.records import RecordStore
-from producer.settings import Settings
-from producer.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
-from worker.accel import VAE_TILE_ABOVE, AccelOptions
-from worker.lease import Leases
-from worker.metrics import WorkerMetrics
-from worker.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
-from worker.reaper import Reaper
-from worker.runner import JobRunner, RunnerConfig, Shutdown
-from worker.storage import Storage
-from worker.tasks import create_app, register_render_task
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class WorkerOptions:
     loglevel: str = "INFO"
     ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
     concurrency: int = 2  # job threads: one renders while the other encodes and uploads
-    # Speed-ups (worker/accel.py, docs/performance.md)
+    # Speed-ups (worker/pixq/worker/gpu/accel.py, docs/performance.md)
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "model"

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis
 
-from producer.errors import JobNotFound
-from producer.records import RUNNING_KEY, JobState, RecordStore
-from producer.wire import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_PREFIX, WORKER_KEY_PREFIX, queue_lists
+from pixq.errors import JobNotFound
+from pixq.records import RUNNING_KEY, JobState, RecordStore
+from pixq.wire import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_PREFIX, WORKER_KEY_PREFIX, queue_lists
 
 # Messages read from the old end of each list to find the oldest job still queued (older
 # messages may belong to jobs canceled meanwhile, which a worker drops when it gets to them).

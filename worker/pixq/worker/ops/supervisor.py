@@ -10,7 +10,7 @@ Signals, as a container runtime or an operator sends them to the parent:
 first SIGTERM (or SIGINT) -> SIGTERM to every child: Celery's warm shutdown, each finishes
 its job; no more restarts; the parent exits once all have. A second one -> SIGTERM again:
 each worker gives its running job back to the queue at the next denoising step and exits
-(worker/process.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
+(worker/pixq/worker/ops/process.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
 parent -> SIGQUIT to every child (Celery's cold shutdown: the running job's lease lapses and
 another worker's reaper re-queues it).
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from producer.errors import ConfigError
+from pixq.errors import ConfigError
 
 log = logging.getLogger("pixq.supervisor")
 
@@ -134,7 +134,7 @@ def worker_argv(
         argv = [
             sys.executable,
             "-m",
-            "worker.cli",
+            "pixq",
             "worker",
             "--model",
             model,

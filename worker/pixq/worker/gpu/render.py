@@ -7,13 +7,13 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from producer.records import RenderInfo
-from producer.schema import JobRequest, OutputFormat, RenderMode
-from worker.accel import Accelerator
-from worker.fastmode import MEASURED_DIFFERENCE
-from worker.png import encode_png
+from pixq.records import RenderInfo
+from pixq.schema import JobRequest, OutputFormat, RenderMode
+from pixq.worker.gpu.accel import Accelerator
+from pixq.worker.gpu.fastmode import MEASURED_DIFFERENCE
+from pixq.worker.gpu.png import encode_png
 
-# PNG goes through worker.png (zlib level 1, on several cores); the others through Pillow.
+# PNG goes through pixq.worker.gpu.png (zlib level 1, on several cores); the others through Pillow.
 PNG_LEVEL = 1
 _SAVE_OPTIONS: dict[OutputFormat, dict[str, Any]] = {
     OutputFormat.webp: {"format": "WEBP", "quality": 90, "method": 4},
@@ -45,7 +45,7 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
     ``target`` is a ``LoadedPipeline`` (preferred: it carries the worker's compiled transformer and
     prompt cache) or a bare ``PixArtSigmaPipeline`` (its accelerator is found on it, or a plain one
     is attached). ``request.mode`` picks the plain computation (``exact``) or fast mode's step plan
-    (``fast``, worker/fastmode.py) on the same pipeline. An exception raised by ``on_step``
+    (``fast``, worker/pixq/worker/gpu/fastmode.py) on the same pipeline. An exception raised by ``on_step``
     (cancel, deadline) stops the render at that step.
     """
     import torch
@@ -123,7 +123,7 @@ def _step_callback(pipe: Any, on_step: Callable[[int], None] | None) -> dict[str
 
 
 def encode(image: Any, fmt: OutputFormat, threads: int = 0) -> bytes:
-    """``image`` in ``fmt``; PNG on ``threads`` threads (0: ``worker.png``'s default)."""
+    """``image`` in ``fmt``; PNG on ``threads`` threads (0: ``pixq.worker.gpu.png``'s default)."""
     if fmt is OutputFormat.png:
         return encode_png(image, PNG_LEVEL, threads=threads)
     buf = io.BytesIO()
