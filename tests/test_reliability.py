@@ -149,8 +149,8 @@ def test_job_that_kills_its_worker_every_time_is_dead_after_the_cap(cluster: Clu
     assert cluster.objects(job.id) == []
 
     # `pixq retry` queues it again with fresh attempts; this time nothing kills the worker.
-    again = client.retry(job.id)
-    assert again.state is JobState.queued and again.attempts == 0 and again.error is None
+    again = client.retry(job.id)  # read after the send: a free worker may already have claimed it
+    assert again.state is not JobState.failed and again.attempts <= 1 and again.error is None, again
     record = client.wait(job.id, timeout_s=60)
     cluster.assert_delivered_once(record)
     assert record.attempts == 1 and client.dead() == [], (record, cluster.objects(job.id))
