@@ -182,11 +182,11 @@ def phase_card(ctx: Context) -> None:
 
 
 def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
-    from pixq.worker.gpu.accel import AccelOptions
     from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
 
     compiled = compile_mode != COMPILE_NONE
-    options = AccelOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
+    options = SpeedupOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
                            compile_scope=ctx.args.compile_scope)
     return load_pipeline(
         str(ctx.model_dir), ctx.device, "auto", accel=options, compile_cache=str(ctx.args.compile_cache),
@@ -197,7 +197,7 @@ def _load(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
 def _fresh_prompt_cache(loaded: Any) -> None:
     """A steady-state worker: the empty negative cached, these prompts not yet seen."""
     import torch
-    from pixq.worker.gpu.accel import PromptCache
+    from pixq.worker.gpu.textcache import PromptCache
 
     loaded.accel.cache = PromptCache(loaded.accel.options.prompt_cache)
     with torch.inference_mode():
@@ -412,12 +412,12 @@ def phase_levers(ctx: Context) -> None:
 
     import numpy as np
     import torch
-    from pixq.worker.gpu.accel import AccelOptions
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.render import generators, render
+    from pixq.worker.gpu.speedups import SpeedupOptions
 
     loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                           accel=AccelOptions(compile=True, trim_text=False,
+                           accel=SpeedupOptions(compile=True, trim_text=False,
                                               compile_scope=ctx.args.compile_scope),
                            compile_cache=str(ctx.args.compile_cache))
     accel: Any = loaded.accel
@@ -672,7 +672,7 @@ def phase_coldsplit(ctx: Context) -> None:
     res: dict[str, Any] = {}
     ctx.results["coldsplit"] = res
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, celery, pixq.worker.ops.process; "
+    subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, celery, pixq.worker.ops.serve; "
                     "torch.cuda.init() if torch.cuda.is_available() else None"], env=env, check=True)
     res["imports_and_cuda_init_s"] = time.perf_counter() - t0
     cache = Path("/tmp/pixq-bench-split-cache") / str(time.time_ns())
@@ -711,9 +711,9 @@ def phase_scopes(ctx: Context) -> None:
     Then micro-batching on the blocks pipeline: per-image time of one call with 1, 2, 4 images.
     """
     import torch
-    from pixq.worker.gpu.accel import AccelOptions
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.render import render
+    from pixq.worker.gpu.speedups import SpeedupOptions
 
     res: dict[str, Any] = {}
     ctx.results["scopes"] = res
@@ -726,7 +726,7 @@ def phase_scopes(ctx: Context) -> None:
             Path("/tmp/pixq-bench/scope-cache") / f"{scope}-{time.time_ns()}")
         shutil.rmtree(cache, ignore_errors=True)
         loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                               accel=AccelOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
+                               accel=SpeedupOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
                                warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"))
         item: dict[str, Any] = {"cold_compile_and_warmup_s": loaded.warmup_s}
         item["exact"] = _stream(ctx, loaded, "exact", offset=0)
@@ -859,8 +859,8 @@ def phase_twok(ctx: Context) -> None:
     import numpy as np
     import torch
     from diffusers import PixArtSigmaPipeline
-    from pixq.worker.gpu.accel import Accelerator, AccelOptions
     from pixq.worker.gpu.render import render
+    from pixq.worker.gpu.speedups import RenderSpeedups, SpeedupOptions
 
     from benchmarks.fullsize import build_transformer, twice_the_size
 
@@ -874,7 +874,7 @@ def phase_twok(ctx: Context) -> None:
     compiled = ctx.args.twok_compile != COMPILE_NONE
     # vae_tile_above=0: every decode tiled, as the issue's 2048² setup states (the worker's default decodes
     # 2048² in one piece; the "vae" phase times both).
-    accel = Accelerator(pipe, AccelOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled
+    accel = RenderSpeedups(pipe, SpeedupOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled
                                            else "default", compile_scope=ctx.args.compile_scope,
                                            vae_tile_above=ctx.args.twok_tile_above))
     res["compile"] = ctx.args.twok_compile
@@ -1046,15 +1046,15 @@ def _sdpa_backend(name: str) -> Iterator[None]:
 
 
 def phase_offload(ctx: Context) -> None:
-    from pixq.worker.gpu.accel import AccelOptions
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.render import render
+    from pixq.worker.gpu.speedups import SpeedupOptions
 
     if not ctx.device.startswith("cuda"):
         ctx.results["offload"] = "skipped: needs a CUDA device"
         return
     reset_peak(ctx.device)
-    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto", offload=True, accel=AccelOptions())
+    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto", offload=True, accel=SpeedupOptions())
     res: dict[str, Any] = {"load_s": loaded.load_s}
     for mode in ("exact", "fast"):
         times = []

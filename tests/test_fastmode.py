@@ -134,7 +134,7 @@ def test_fast_mode_with_several_images_and_without_guidance(loaded: Any, fast_mo
 
 
 def test_prompt_cache_is_a_bounded_lru() -> None:
-    from pixq.worker.gpu.accel import Encoded, PromptCache
+    from pixq.worker.gpu.textcache import Encoded, PromptCache
 
     cache = PromptCache(2)
     for text in ("a", "b", "a", "c"):

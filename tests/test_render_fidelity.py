@@ -21,10 +21,10 @@ def fidelity_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _load(model: str, **options: Any) -> Any:
-    from pixq.worker.gpu.accel import AccelOptions
     from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
 
-    return load_pipeline(model, "cpu", accel=AccelOptions(**options))
+    return load_pipeline(model, "cpu", accel=SpeedupOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_compiled_vae_decoder_matches_eager_with_one_graph_for_any_image_count(f
     """The worker's compiled VAE decode: close to eager, one graph per image size (images go through one by
     one), and tiled decodes bypass it."""
     import torch
-    from pixq.worker.gpu.accel import VaeDecode
+    from pixq.worker.gpu.vae import VaeDecode
     from torch._dynamo.utils import counters
 
     loaded = _load(fidelity_model)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pixq.models import BASE_COMPONENTS, is_local
-from pixq.worker.gpu.accel import Accelerator, AccelOptions, configure_compile_cache
+from pixq.worker.gpu.compile import configure_compile_cache
+from pixq.worker.gpu.speedups import RenderSpeedups, SpeedupOptions
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +19,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass
 class LoadedPipeline:
-    """What a worker process keeps: the pipeline and its per-process accelerator state.
+    """What a worker process keeps: the pipeline and its per-process speed-ups (``RenderSpeedups``).
 
-    Pass this object (not ``.pipe``) to ``render``; a bare pipe also works, its accelerator is
+    Pass this object (not ``.pipe``) to ``render``; a bare pipe also works, its speed-ups are
     attached to it.
     """
 
@@ -29,7 +30,7 @@ class LoadedPipeline:
     device: str
     dtype: str
     load_s: float
-    accel: Accelerator | None = None
+    accel: RenderSpeedups | None = None
     warmup_s: float = 0.0
     warmed: list[str] = field(default_factory=list)  # "1024x1024/exact", ...
 
@@ -60,7 +61,7 @@ def load_pipeline(
     device: str = "cpu",
     dtype: str = "auto",
     offload: bool = False,
-    accel: AccelOptions | None = None,
+    accel: SpeedupOptions | None = None,
     compile_cache: str | None = None,
     warmup: Sequence[tuple[int, int]] = (),
     warmup_modes: Sequence[str] = ("exact", "fast"),
@@ -72,7 +73,7 @@ def load_pipeline(
     is one whole pipeline saved with ``save_pretrained``. ``offload`` keeps idle components
     in host memory (``enable_model_cpu_offload``) for cards of 24 GB or less.
 
-    ``accel`` sets the worker's speed-ups (worker/pixq/worker/gpu/accel.py): ``compile`` (the transformer, with
+    ``accel`` sets the worker's speed-ups (pixq.worker.gpu.speedups): ``compile`` (the transformer, with
     inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
     ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
     compilation and kernel selection happen before the first real job.
@@ -98,12 +99,12 @@ def load_pipeline(
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    options = accel or AccelOptions()
+    options = accel or SpeedupOptions()
     if options.compile and offload:
         log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
         options = replace(options, compile=False)
     loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0)
-    loaded.accel = Accelerator(pipe, options)
+    loaded.accel = RenderSpeedups(pipe, options)
     loaded.load_s = time.perf_counter() - started
     log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, loaded.load_s)
     if warmup:

@@ -9,9 +9,9 @@ from typing import Any
 
 from pixq.records import RenderInfo
 from pixq.schema import JobRequest, OutputFormat, RenderMode
-from pixq.worker.gpu.accel import Accelerator
 from pixq.worker.gpu.fastmode import MEASURED_DIFFERENCE
 from pixq.worker.gpu.png import encode_png
+from pixq.worker.gpu.speedups import RenderSpeedups
 
 # PNG goes through pixq.worker.gpu.png (zlib level 1, on several cores); the others through Pillow.
 PNG_LEVEL = 1
@@ -32,11 +32,11 @@ def generators(request: JobRequest) -> list[Any]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
 
 
-def _pipe_and_accel(target: Any) -> tuple[Any, Accelerator]:
+def _pipe_and_accel(target: Any) -> tuple[Any, RenderSpeedups]:
     """A ``LoadedPipeline``'s pipe and accelerator, or a bare pipeline and the accelerator on it."""
-    accel: Accelerator | None = getattr(target, "accel", None)
+    accel: RenderSpeedups | None = getattr(target, "accel", None)
     pipe = target.pipe if accel is not None else target
-    return pipe, accel or Accelerator.of(pipe)
+    return pipe, accel or RenderSpeedups.of(pipe)
 
 
 def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | None = None) -> list[Any]:

@@ -14,8 +14,9 @@ import typer
 from pixq.cli import app, client_from_env, err, wait_with_progress
 from pixq.errors import ConfigError, PixqError
 from pixq.settings import Settings
-from pixq.worker.gpu.accel import COMPILE_MODES, COMPILE_SCOPES, VAE_TILE_ABOVE
+from pixq.worker.gpu.compile import COMPILE_MODES, COMPILE_SCOPES
 from pixq.worker.gpu.pipeline import DTYPES, parse_size
+from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 
 
 @app.command()
@@ -55,7 +56,7 @@ def worker(
                                               help="With --compile: the VAE decoder too")] = True,
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
-    from pixq.worker.ops.process import WorkerOptions, serve
+    from pixq.worker.ops.serve import WorkerOptions, serve
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")

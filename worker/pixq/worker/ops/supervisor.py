@@ -10,7 +10,7 @@ Signals, as a container runtime or an operator sends them to the parent:
 first SIGTERM (or SIGINT) -> SIGTERM to every child: Celery's warm shutdown, each finishes
 its job; no more restarts; the parent exits once all have. A second one -> SIGTERM again:
 each worker gives its running job back to the queue at the next denoising step and exits
-(worker/pixq/worker/ops/process.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
+(worker/pixq/worker/ops/serve.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
 parent -> SIGQUIT to every child (Celery's cold shutdown: the running job's lease lapses and
 another worker's reaper re-queues it).
 """

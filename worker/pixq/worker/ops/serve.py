@@ -1,4 +1,5 @@
-"""One worker process: load the pipeline on its device, then serve its model's queue."""
+"""Serving: one worker process's lifecycle: load the pipeline on its device, warm it up, serve its model's queue
+through Celery, and stop in two stages on SIGTERM (finish the job, then give it back)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import redis
 from pixq.records import RecordStore
 from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
-from pixq.worker.gpu.accel import VAE_TILE_ABOVE, AccelOptions
 from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
+from pixq.worker.gpu.speedups import SpeedupOptions
+from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 from pixq.worker.jobs.lease import Leases
 from pixq.worker.jobs.metrics import WorkerMetrics
 from pixq.worker.jobs.reaper import Reaper
@@ -45,7 +47,7 @@ class WorkerOptions:
     loglevel: str = "INFO"
     ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
     concurrency: int = 2  # job threads: one renders while the other encodes and uploads
-    # Speed-ups (worker/pixq/worker/gpu/accel.py, docs/performance.md)
+    # Speed-ups (pixq.worker.gpu.speedups, docs/performance.md)
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "model"
@@ -62,8 +64,8 @@ class WorkerOptions:
     compile_vae: bool = True  # with compile: the VAE decoder too
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
-    def accel_options(self) -> AccelOptions:
-        return AccelOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
+    def accel_options(self) -> SpeedupOptions:
+        return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
                             prompt_cache=self.prompt_cache, trim_text=self.trim_text,
                             vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae)
 

@@ -1,0 +1,68 @@
+"""The worker's VAE decode: tiled only above a size, one piece (compiled with ``--compile``) below it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pixq.worker.gpu.compile import compile_fn
+
+# Decodes above this many pixels run tiled: a 2048² decode in one piece peaks at 8.7 GiB (fits a 24 GB
+# card), a native 4096² one would need ~35 GiB.
+VAE_TILE_ABOVE = 2048 * 2048
+
+
+class VaeDecode:
+    """The worker's ``vae.decode``: tiled above ``tile_above`` pixels, else one piece, compiled when asked.
+
+    diffusers' ``enable_tiling`` is all or nothing for a VAE; tiling blends overlapping tiles,
+    which changes the pixels slightly, so sizes that fit in memory keep the plain one-piece decode.
+    With ``compile_mode``, one-piece decodes run a compiled ``vae.decoder`` (2.3× faster on an
+    H200: its GroupNorm/SiLU chains fuse), one image at a time so that one graph per image size
+    serves every ``num_images_per_prompt``; tiled decodes (odd tile shapes) stay eager.
+    """
+
+    def __init__(self, vae: Any, tile_above: int, compile_mode: str | None = None):
+        self.vae = vae
+        self.tile_above = tile_above
+        self.scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent -> pixels (8 for SDXL's VAE)
+        self.tiled = 0  # decodes that ran tiled
+        self.last: tuple[int, int, bool] | None = None  # (width, height, tiled) of the last decode, in pixels
+        self.eager = False  # True: the compiled decoder is bypassed (a reference for it)
+        self._decoder_forward = vae.decoder.forward
+        self._compiled = compile_fn(self._decoder_forward, compile_mode) if compile_mode else None
+        self._use_compiled = False
+        self._forward = self._decoder  # the one bound method installed, so remove() can recognise it
+        self.install()
+
+    def __call__(self, z: Any, *args: Any, **kw: Any) -> Any:
+        tile = z.shape[-1] * z.shape[-2] * self.scale**2 > self.tile_above
+        self.vae.use_tiling = tile
+        self.tiled += tile
+        self.last = (int(z.shape[-1]) * self.scale, int(z.shape[-2]) * self.scale, tile)
+        self._use_compiled = self._compiled is not None and not tile and not self.eager
+        try:
+            return type(self.vae).decode(self.vae, z, *args, **kw)
+        finally:
+            self._use_compiled = False
+
+    def _decoder(self, sample: Any, *args: Any, **kw: Any) -> Any:
+        if not self._use_compiled or self._compiled is None:
+            return self._decoder_forward(sample, *args, **kw)
+        if sample.shape[0] == 1:
+            return self._compiled(sample, *args, **kw)
+        import torch
+
+        return torch.cat([self._compiled(sample[i : i + 1], *args, **kw) for i in range(sample.shape[0])])
+
+    def install(self) -> None:
+        self.vae.decode = self
+        if self._compiled is not None:
+            self.vae.decoder.forward = self._forward
+
+    def remove(self) -> None:
+        """The VAE's own ``decode`` and decoder again (its ``use_tiling`` flag decides); what others
+        installed on them (offload hooks) stays."""
+        if self.vae.__dict__.get("decode") is self:
+            del self.vae.decode
+        if self.vae.decoder.__dict__.get("forward") is self._forward:
+            del self.vae.decoder.forward
