@@ -21,3 +21,12 @@ def test_ruff_is_clean() -> None:
 def test_mypy_is_clean() -> None:
     out = run("mypy", "producer/pixq", "worker/pixq")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_import_contracts_are_kept() -> None:
+    """.importlinter: the light package never imports pixq.worker nor torch; worker layers ops > jobs > gpu."""
+    out = subprocess.run([sys.executable, "scripts/lint_imports.py", "--no-cache"], cwd=REPO, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # grimp saw both folders of pixq (scripts/lint_imports.py): the layers contract is about real modules.
+    assert "Contracts: 4 kept, 0 broken." in out.stdout, out.stdout
