@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import pytest
+import typer.main
 from PIL import Image
+from pixq.cli import COMPONENT_COMMANDS, build_command
+from pixq.errors import BrokerUnavailable, InvalidRequest, JobNotFound, MissingComponent
 from pixq.worker.ops.stack import Service
 
 
@@ -55,13 +60,14 @@ def test_submit_prints_the_id_and_wait_follows_it(env: dict[str, str], worker: S
 
 def test_user_mistakes_are_one_line_and_non_zero(env: dict[str, str]) -> None:
     bad = pixq("submit", "x", "--width", "1001", "--steps", "0", env=env)
-    assert bad.returncode == 1
+    assert bad.returncode == InvalidRequest.exit_code
     assert bad.stderr.strip().splitlines() == [
         "error: num_inference_steps: Input should be greater than or equal to 1; "
         "width: must be a multiple of 8 (got 1001)"
     ]
     unknown = pixq("status", "nope", env=env)
-    assert unknown.returncode == 1 and unknown.stderr.strip() == "error: no job 'nope' (never submitted, or expired)"
+    assert unknown.returncode == JobNotFound.exit_code
+    assert unknown.stderr.strip() == "error: no job 'nope' (never submitted, or expired)"
     assert "Traceback" not in bad.stderr + unknown.stderr
 
     config = pixq("status", "x", env={**env, "PIXQ_REDIS_URL": "http://127.0.0.1:1"})
@@ -77,8 +83,9 @@ def test_redis_down_at_submit_is_a_clear_error(env: dict[str, str]) -> None:
     from pixq.worker.ops.stack import free_port
 
     down = pixq("submit", "x", env={**env, "PIXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    assert down.returncode == 1
-    assert down.stderr.startswith("error: Redis unreachable, job not submitted")
+    assert down.returncode == BrokerUnavailable.exit_code
+    assert down.stderr.startswith("error: Redis unreachable: ") and down.stderr.strip().endswith("job not submitted")
+    assert len(down.stderr.strip().splitlines()) == 1
     assert "Traceback" not in down.stderr
 
 
@@ -118,3 +125,135 @@ def test_producer_imports_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# -- the one CLI: composition, lazy loading, usage errors -------------------------------------------
+
+HEAVY = ("torch", "diffusers", "transformers", "pixq.worker", "celery", "boto3")
+
+# Runs one pixq command line in this interpreter and prints, last, the modules it imported.
+_IMPORTS_OF = """
+import json, sys
+sys.argv = ["pixq", *sys.argv[1:]]
+from pixq.cli import run
+code = run()
+print("\\nMODULES " + json.dumps(sorted(sys.modules)))
+sys.exit(code)
+"""
+
+
+def imported_by(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_OF, *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+    modules = json.loads(done.stdout.rsplit("MODULES ", 1)[1])
+    return done, {m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}
+
+
+def test_help_and_status_import_neither_torch_nor_the_worker(env: dict[str, str], raw_redis: object) -> None:
+    listed, heavy = imported_by("--help", env=env)
+    assert listed.returncode == 0 and "submit" in listed.stdout and "worker" in listed.stdout
+    assert heavy == set(), heavy
+    status, heavy = imported_by("status", "no-such-job", env=env)
+    assert status.returncode == JobNotFound.exit_code, status.stderr  # it reached Redis and read
+    assert heavy == set(), heavy
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("status",), "Missing argument"),
+    (("submit", "x", "--steps", "abc"), "Invalid value for '--steps'"),
+    (("submit", "x", "--bogus"), "No such option: --bogus"),
+    (("statsu", "x"), "No such command 'statsu'"),
+    (("url", "x", "--index", "-1"), "Invalid value for '--index'"),
+    (("worker", "--gpus", "0", "--bogus"), "No such option: --bogus"),
+])
+def test_usage_mistakes_are_one_line_and_exit_2(args: tuple[str, ...], words: str, env: dict[str, str]) -> None:
+    done = pixq(*args, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+    assert "Usage: pixq" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_component_commands_list_their_own_help_without_importing_them() -> None:
+    """What `pixq --help` says of each worker command is what the command itself says."""
+    from pixq.worker.ops.cli import app as worker_app
+
+    real = typer.main.get_command(worker_app).commands  # type: ignore[attr-defined]
+    assert {spec.name for spec in COMPONENT_COMMANDS} == set(real)
+    for spec in COMPONENT_COMMANDS:
+        first_paragraph = " ".join((real[spec.name].help or "").split("\n\n")[0].split())
+        assert spec.help == first_paragraph, spec.name
+        assert spec.installed()
+    group = build_command()
+    with group.make_context("pixq", ["worker", "--help"], resilient_parsing=True) as ctx:
+        loaded = group.get_command(ctx, "worker").spec.load()
+    assert (loaded.name, loaded.help) == ("worker", real["worker"].help)
+
+
+# Without pixart-queue-worker: pixq.worker cannot be imported (as after `pip install pixart-queue`).
+_WITHOUT_WORKER = """
+import sys
+sys.modules["pixq.worker"] = None
+sys.argv = ["pixq", *sys.argv[1:]]
+from pixq.cli import run
+sys.exit(run())
+"""
+
+
+def test_without_the_worker_its_commands_say_what_to_install(env: dict[str, str]) -> None:
+    def light(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_WORKER, *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    listed = light("--help")
+    assert listed.returncode == 0
+    assert "Not installed: pip install pixart-queue-worker" in listed.stdout
+    assert "Worker and local stack (pixart-queue-worker)" not in listed.stdout  # no panel offers them as usable
+    for args in (("worker",), ("up", "--dir", "x"), ("flower", "--help"), ("make-test-model", "d")):
+        done = light(*args)
+        assert done.returncode == MissingComponent.exit_code, done.stderr
+        assert done.stderr.strip() == f"error: `pixq {args[0]}` needs pixart-queue-worker: pip install " \
+                                      "pixart-queue-worker"
+    assert light("schema").returncode == 0  # the producer's commands work
+
+
+def test_format_and_mode_choices_are_the_schemas() -> None:
+    from pixq import commands
+    from pixq.schema import OutputFormat, RenderMode
+
+    assert typing.get_args(commands.FormatChoice) == tuple(f.value for f in OutputFormat)
+    assert typing.get_args(commands.ModeChoice) == tuple(m.value for m in RenderMode)
+
+
+def test_gpus_children_get_every_option_the_parent_parsed(tmp_path: Path) -> None:
+    """Give `pixq worker` a non-default value for every option; the children's argv, parsed by the same
+    command, must yield the same values (but the ones each child gets from its slot). An option added
+    later is covered without changing this test."""
+    from pixq.worker.ops.cli import app as worker_app
+    from pixq.worker.ops.supervisor import SLOT_OPTIONS, Slot, option_argv, worker_argv
+
+    command = typer.main.get_command(worker_app).commands["worker"]  # type: ignore[attr-defined]
+    samples = {"integer": ["7"], "float": ["0.25"], "text": ["128x128"], "path": [str(tmp_path / "p")]}
+    argv: list[str] = []
+    for param in command.params:
+        if param.param_type_name != "option" or param.name in SLOT_OPTIONS:
+            continue
+        if param.is_bool_flag:
+            argv.append(param.secondary_opts[0] if param.default else param.opts[0])
+            continue
+        values = samples.get(param.type.name, ["x"])
+        for value in values * (2 if param.multiple else 1):
+            argv += [param.opts[0], value]
+    with command.make_context("worker", [*argv, "--gpus", "all"]) as parent:
+        parsed = dict(parent.params)
+    slot = Slot(gpu=1, device="1", name="gpu1@h", ready_file=None)
+    child_argv = worker_argv(option_argv(command.params, parsed), metrics_port=9100)(slot)
+    start = child_argv.index("worker") + 1
+    with command.make_context("worker", child_argv[start:]) as child:
+        got = dict(child.params)
+    assert (got["device"], got["name"], got["metrics_port"], got["gpus"]) == ("cuda:0", "gpu1@h", 9101, None)
+    differing = {k for k in parsed if k not in SLOT_OPTIONS and parsed[k] != got[k]}
+    assert differing == set(), {k: (parsed[k], got[k]) for k in differing}
+    defaults = {p.name: p.default for p in command.params}
+    unchanged = {k for k in parsed if k not in SLOT_OPTIONS and parsed[k] == defaults[k]}
+    assert unchanged == set(), unchanged  # the test really moved every option off its default

@@ -499,7 +499,7 @@ def test_pixq_cli_of_the_producer_image_runs_without_torch() -> None:
         "import sys\n"
         "for m in ('torch', 'diffusers', 'transformers', 'accelerate'): sys.modules[m] = None\n"
         "sys.argv = ['pixq', 'submit', '--help']\n"
-        "from pixq.worker.ops.cli import main\n"
+        "from pixq.cli import main\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -1,323 +1,182 @@
-"""``pixq`` commands that need only the producer: submit, status, wait, cancel, download, schema.
+"""The ``pixq`` command: one Typer app that names every command explicitly, and ``main()``.
 
-The worker adds its own commands to this app (``worker/pixq/worker/ops/cli.py``); nothing here imports it.
+- The producer's commands (``pixq.commands``) need only this package and are registered directly.
+- The worker's commands (distribution ``pixart-queue-worker``: worker, up, demo, make-test-model,
+  flower) and any other component's are registered by name in ``COMPONENT_COMMANDS`` and imported
+  only when one of them runs: ``pixq --help`` and ``pixq status`` import neither torch nor the
+  worker. Without the component installed, ``--help`` lists them under a panel saying what to
+  install, and running one prints that line and exits ``MissingComponent.exit_code``.
+- ``main()`` ends every failure as one line on stderr with a defined exit code (``pixq.errors``;
+  usage mistakes exit 2, like click's), never a traceback.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
+import importlib.util
 import os
 import sys
-import time
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
+import typer.core
+import typer.main
+
+from pixq import commands
+from pixq.errors import MissingComponent, PixqError, service_error
+
+HELP = "pixart-queue: PixArt-Σ text-to-image jobs through Redis, Celery workers and S3."
+
+
+@dataclass(frozen=True)
+class ComponentCommand:
+    """A command another distribution provides, registered here by name and loaded when run.
+
+    ``module`` holds a Typer app named ``app`` with a command ``name``; ``help`` is its one-line
+    help for ``pixq --help`` (tests/test_cli.py checks it matches the real command's). ``package``
+    is the distribution's top package: whether it can be found says whether it is installed
+    (without importing it).
+    """
+
+    name: str
+    module: str
+    help: str
+    distribution: str
+    package: str
+    panel: str
+
+    def installed(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.package) is not None
+        except (ImportError, ValueError):  # a parent package is missing or blocked
+            return False
+
+    def missing(self) -> MissingComponent:
+        return MissingComponent(f"`pixq {self.name}` needs {self.distribution}: pip install {self.distribution}")
+
+    def load(self) -> Any:
+        """The real click command (imports ``module``)."""
+        if not self.installed():
+            raise self.missing()
+        group = typer.main.get_command(importlib.import_module(self.module).app)
+        found = group.commands.get(self.name) if isinstance(group, typer.core.TyperGroup) else group
+        if found is None:
+            raise RuntimeError(f"{self.module}.app has no command {self.name!r}")
+        return found
+
+
+_WORKER = "pixart-queue-worker"
+_WORKER_PANEL = "Worker and local stack (pixart-queue-worker)"
+COMPONENT_COMMANDS = (
+    ComponentCommand("worker", "pixq.worker.ops.cli", "Start one worker process: load the pipeline once on "
+                     "DEVICE, then render jobs one by one.", _WORKER, "pixq.worker", _WORKER_PANEL),
+    ComponentCommand("up", "pixq.worker.ops.cli", "Start Redis, SeaweedFS (S3), one worker and Flower on "
+                     "loopback; Ctrl-C stops them all.", _WORKER, "pixq.worker", _WORKER_PANEL),
+    ComponentCommand("demo", "pixq.worker.ops.cli", "The main job end to end: start the stack, submit, wait, "
+                     "print the S3 key and URL, save, stop.", _WORKER, "pixq.worker", _WORKER_PANEL),
+    ComponentCommand("make-test-model", "pixq.worker.ops.cli", "Write a tiny random PixArt-Σ pipeline (for "
+                     "tests and demos: it draws noise).", _WORKER, "pixq.worker", _WORKER_PANEL),
+    ComponentCommand("flower", "pixq.worker.ops.cli", "Start Flower (Celery's dashboard) on the queue's Redis, "
+                     "behind basic auth.", _WORKER, "pixq.worker", _WORKER_PANEL),
 )
 
-from pixq.client import Client
-from pixq.errors import PixqError
-from pixq.records import JobRecord, JobState
-from pixq.schema import OutputFormat, RenderMode, request_schema
-from pixq.settings import Settings
+
+class LazyCommand(typer.core.TyperCommand):
+    """Stands in for a ``ComponentCommand`` in the group: listed from its registered help, the real
+    command is imported only to parse and run it (``make_context``)."""
+
+    def __init__(self, spec: ComponentCommand):
+        installed = spec.installed()
+        super().__init__(
+            spec.name,
+            help=spec.help if installed else f"(not installed: pip install {spec.distribution}) {spec.help}",
+            rich_help_panel=spec.panel if installed else f"Not installed: pip install {spec.distribution}",
+            add_help_option=False,
+        )
+        self.spec = spec
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        return self.spec.load().make_context(info_name, args, parent=parent, **extra)
+
 
 app = typer.Typer(
     name="pixq",
-    help="pixart-queue: PixArt-Σ text-to-image jobs through Redis, Celery workers and S3.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+_JOBS = "Jobs"
+app.command(rich_help_panel=_JOBS)(commands.submit)
+app.command(rich_help_panel=_JOBS)(commands.status)
+app.command("wait", rich_help_panel=_JOBS)(commands.wait_cmd)
+app.command(rich_help_panel=_JOBS)(commands.cancel)
+app.command(rich_help_panel=_JOBS)(commands.download)
+app.command(rich_help_panel=_JOBS)(commands.url)
+app.command(rich_help_panel=_JOBS)(commands.dead)
+app.command(rich_help_panel=_JOBS)(commands.retry)
+app.command("queue", rich_help_panel=_JOBS)(commands.queue_cmd)
+app.command(rich_help_panel=_JOBS)(commands.schema)
 
 
-class UserError(PixqError):
-    """A mistake on the command line: printed as one line, exit code 1."""
+def build_command() -> Any:
+    """The ``pixq`` click group: the producer's commands plus every component's, lazily."""
+    group = typer.main.get_command(app)
+    for spec in COMPONENT_COMMANDS:
+        group.add_command(LazyCommand(spec), spec.name)  # type: ignore[attr-defined]
+    return group
 
 
-def client_from_env() -> Client:
-    """The entry point's one settings object, and a client over it."""
-    return Client(Settings.from_env(os.environ))
+def _usage_line(exc: typer.TyperException) -> str:
+    """click's usage error (four lines and a box with rich) as one line: the problem, then the usage."""
+    message = exc.format_message().strip().rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return f"error: {message}"
+    usage = ctx.get_usage().strip().removeprefix("Usage:").strip()
+    return f"error: {message}. Usage: {usage} (see {ctx.command_path} --help)"
 
 
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=None, sort_keys=False))
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one ``pixq`` command line; return its exit code. Errors are printed as one line."""
+    command = build_command()
+    try:
+        result = command.main(args=list(argv) if argv is not None else None, prog_name="pixq",
+                              standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except typer.TyperException as exc:  # typer's click: usage errors, bad parameters
+        name = type(exc).__name__
+        if name == "NoArgsIsHelpError":
+            typer.echo(exc.format_message())
+        else:
+            typer.echo(_usage_line(exc) if hasattr(exc, "ctx") else f"error: {exc.format_message()}", err=True)
+        return int(getattr(exc, "exit_code", 2))
+    except PixqError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (| head): nothing to report, and nothing more to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        mapped = service_error(exc)
+        if mapped is None:
+            raise  # a bug: its traceback is what a report needs
+        typer.echo(f"error: {mapped}", err=True)
+        return mapped.exit_code
+    return result if isinstance(result, int) else 0
 
 
-def describe(record: JobRecord) -> None:
-    r = record.request
-    out.print(f"[bold]{record.id}[/bold]  {record.state.value}")
-    out.print(f"  prompt    {r.prompt!r}")
-    out.print(f"  model     {r.model_name}   {r.width}x{r.height}   steps {r.num_inference_steps}   "
-              f"guidance {r.guidance_scale}   seed {r.seed}   {r.mode.value}"
-              + ("" if r.use_resolution_binning else "   native size"))
-    if record.state is JobState.running:
-        out.print(f"  progress  step {record.step}/{record.total_steps} on {record.worker}")
-    if record.attempts:
-        out.print(f"  attempts  {record.attempts}   worker {record.worker}")
-    if record.render is not None:
-        info = record.render
-        out.print(f"  rendered  {info.width}x{info.height}{' then resized' if info.resized else ''}   "
-                  f"{info.render_s:.2f} s   {info.transformer_rows_per_image} transformer rows/image"
-                  + ("   VAE tiled" if info.vae_tiled else ""))
-        if info.difference_from_exact:
-            out.print(f"  fast mode {info.difference_from_exact}")
-    for image in record.images:
-        out.print(f"  image {image.index}   s3://{image.bucket}/{image.key}  seed {image.seed}  "
-                  f"{image.size_bytes} bytes")
-    if record.error:
-        out.print(f"  error     {record.error.type}: {record.error.message}")
+def main() -> NoReturn:
+    """The ``pixq`` console script."""
+    sys.exit(run())
 
 
-def wait_with_progress(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
-    """Wait for the job, drawing the denoising steps as a progress bar on stderr."""
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=False,
-    ) as bar:
-        task = bar.add_task("queued", total=None)
-
-        def update(record: JobRecord) -> None:
-            bar.update(task, description=record.state.value, total=record.total_steps or None,
-                       completed=record.total_steps if record.state is JobState.succeeded else record.step)
-
-        return client.wait(job_id, timeout_s=timeout_s, on_update=update)
-
-
-def finish(record: JobRecord, as_json: bool) -> None:
-    if as_json:
-        print_json(record.to_json_dict())
-    else:
-        describe(record)
-    if record.state is not JobState.succeeded:
-        raise typer.Exit(1)
-
-
-@app.command()
-def submit(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint or local directory [default: PIXQ_MODEL]")] = None,
-    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.5,
-    seed: Annotated[int, typer.Option(help="Seed of image 0; -1 draws one and records it.")] = -1,
-    width: Annotated[int, typer.Option(help="Width, a multiple of 8.")] = 1024,
-    height: Annotated[int, typer.Option(help="Height, a multiple of 8.")] = 1024,
-    num_images: Annotated[int, typer.Option(help="Images to render.")] = 1,
-    output_format: Annotated[OutputFormat, typer.Option("--format", help="Image format.")] = OutputFormat.png,
-    idempotency_key: Annotated[Optional[str], typer.Option(help="Same key, same job.")] = None,
-    priority: Annotated[int, typer.Option(help="0 to 9; higher runs first.")] = 0,
-    mode: Annotated[RenderMode, typer.Option(help="exact, or the opt-in fast mode.")] = RenderMode.exact,
-    native: Annotated[bool, typer.Option(
-        "--native", help="Render at exactly width x height (multiples of 16) instead of the checkpoint's nearest "
-        "trained size resized (use_resolution_binning=false).")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait, showing the denoising steps.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds --wait waits at most.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
-) -> None:
-    """Validate and enqueue one job; print its id (or, with --wait, its final record)."""
-    fields: dict[str, Any] = {
-        "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance_scale,
-        "seed": seed, "width": width, "height": height, "num_images_per_prompt": num_images,
-        "output_format": output_format.value, "priority": priority, "mode": mode.value,
-        "use_resolution_binning": not native,
-    }
-    if model is not None:
-        fields["model_name"] = model
-    if idempotency_key is not None:
-        fields["idempotency_key"] = idempotency_key
-    client = client_from_env()
-    job = client.submit(prompt, **fields)
-    if wait:
-        finish(wait_with_progress(client, job.id, timeout), as_json)
-    elif as_json:
-        print_json(client.status(job.id).to_json_dict())
-    else:
-        typer.echo(job.id)
-
-
-@app.command()
-def status(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
-) -> None:
-    """Show a job's record."""
-    record = client_from_env().status(job)
-    if as_json:
-        print_json(record.to_json_dict())
-    else:
-        describe(record)
-
-
-@app.command("wait")
-def wait_cmd(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait at most.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the final record as JSON.")] = False,
-) -> None:
-    """Wait for a job to finish, with a progress bar; exit 1 unless it succeeded."""
-    finish(wait_with_progress(client_from_env(), job, timeout), as_json)
-
-
-@app.command()
-def cancel(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
-) -> None:
-    """Cancel a job: a queued one never starts, a running one stops at its next step."""
-    record = client_from_env().cancel(job)
-    if as_json:
-        print_json(record.to_json_dict())
-    else:
-        typer.echo(f"{job} {record.state.value}{' (cancel requested)' if record.cancel_requested else ''}")
-
-
-@app.command()
-def dead(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list.")] = False,
-) -> None:
-    """List jobs that ran out of attempts (dead letters), with the reason."""
-    records = client_from_env().dead()
-    if as_json:
-        print_json([r.to_json_dict() for r in records])
-        return
-    if not records:
-        typer.echo("no dead jobs")
-    for r in records:
-        reason = f"{r.error.type}: {r.error.message}" if r.error else r.state.value
-        typer.echo(f"{r.id}  attempts {r.attempts}  {reason}  {r.request.prompt[:50]!r}")
-
-
-@app.command()
-def retry(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-) -> None:
-    """Queue a failed (or dead, or canceled) job again with fresh attempts."""
-    record = client_from_env().retry(job)
-    typer.echo(f"{job} {record.state.value}")
-
-
-@app.command()
-def download(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the images to.")] = Path("."),
-) -> None:
-    """Save a finished job's images as DIR/{job}-{index}.{ext}, checking their sha256."""
-    client = client_from_env()
-    record = client.status(job)
-    if record.state is not JobState.succeeded:
-        raise UserError(f"job {job} is {record.state.value}, not succeeded: nothing to download")
-    output.mkdir(parents=True, exist_ok=True)
-    s3 = client.s3()
-    saved = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=err) as bar:
-        for image in record.images:
-            task = bar.add_task(f"image {image.index}", total=image.size_bytes)
-            body = bytearray()
-            for chunk in s3.get_object(Bucket=image.bucket, Key=image.key)["Body"].iter_chunks(256 * 1024):
-                body += chunk
-                bar.update(task, advance=len(chunk))
-            if hashlib.sha256(body).hexdigest() != image.sha256:
-                raise UserError(f"s3://{image.bucket}/{image.key} does not match its recorded sha256")
-            path = output / f"{job}-{image.index}.{image.key.rsplit('.', 1)[-1]}"
-            path.write_bytes(bytes(body))
-            saved.append(path)
-    for path in saved:
-        typer.echo(str(path))
-
-
-@app.command()
-def schema() -> None:
-    """Print the job request's JSON schema."""
-    print_json(request_schema())
-
-
-@app.command()
-def url(
-    job: Annotated[str, typer.Argument(help="Job id.")],
-    index: Annotated[int, typer.Option(help="Which image.")] = 0,
-    expires_in: Annotated[int, typer.Option(help="Seconds the URL stays valid (at most 7 days).")] = 3600,
-) -> None:
-    """Print a presigned GET URL for one image of a finished job."""
-    typer.echo(client_from_env().presigned_url(job, index=index, expires_in_s=expires_in))
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-@app.command("queue")
-def queue_cmd(
-    model: Annotated[Optional[list[str]], typer.Option(help="Also show this model's queue when it is "
-                                                           "empty; repeatable")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list, a report per model.")] = False,
-) -> None:
-    """Show each model's queue (jobs waiting, the oldest one's wait, live workers) and the running jobs."""
-    from rich.table import Table
-
-    reports = client_from_env().queues(model)
-    if as_json:
-        print_json([r.to_json_dict() for r in reports])
-        return
-    if not reports:
-        typer.echo("no queues: nothing waiting, running or serving")
-        return
-    queues = Table(title="queues", title_justify="left")
-    queues.add_column("model", overflow="fold")
-    queues.add_column("waiting", justify="right")
-    queues.add_column("oldest waits", justify="right")
-    queues.add_column("running", justify="right")
-    queues.add_column("workers", overflow="fold")
-    for r in reports:
-        workers = ", ".join(f"{w.name} ({w.device})" for w in r.workers) or "[red]none[/red]"
-        queues.add_row(r.model, str(r.depth), _duration(r.oldest_age_s), str(len(r.running)), workers)
-    out.print(queues)
-    running = [(r.model, j) for r in reports for j in r.running]
-    if not running:
-        return
-    now = time.time()
-    jobs = Table(title="running jobs", title_justify="left")
-    jobs.add_column("job", no_wrap=True)
-    jobs.add_column("model", overflow="fold")
-    jobs.add_column("step", justify="right", no_wrap=True)
-    jobs.add_column("worker", overflow="fold")
-    jobs.add_column("running for", justify="right")
-    for name, j in running:
-        step = f"{j.step}/{j.total_steps}" + (" (canceling)" if j.cancel_requested else "")
-        jobs.add_row(j.id, name, step, j.worker or "-", _duration(now - j.started_at if j.started_at else None))
-    out.print(jobs)
-
-
-def main() -> None:
-    """Run ``pixq``: the worker's commands join when pixart-queue-worker is installed.
-
-    Transitional (the move to the ``pixq`` namespace): the worker's CLI module still adds its
-    commands to this app when imported.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("pixq.worker") is not None:
-        from pixq.worker.ops.cli import main as worker_main
-
-        worker_main()
-    sys.exit(app())  # without the worker: the producer's commands only
+if __name__ == "__main__":
+    main()

@@ -1,21 +1,32 @@
-"""The client: submit a job, read its record, wait for it, cancel it, hand out image URLs."""
+"""The client: submit a job, read its record, wait for it, cancel it, hand out image URLs.
+
+Every public method raises only ``PixqError`` subclasses for what a service does: Redis, kombu and
+botocore exceptions are mapped in one place, ``pixq.errors.service_errors``.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import Callable
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from pixq.errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout, QueueFull
-from pixq.inspect import QueueReport, inspect_queues, queue_depth
+from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
+from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.s3 import make_s3_client
 from pixq.schema import JobRequest, parse_request
 from pixq.settings import Settings
-from pixq.wire import make_celery, send_job
+from pixq.wire import WORKER_KEY_TTL_S, make_celery, send_job
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pixq.records import ImageRecord
 
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
@@ -25,10 +36,11 @@ IDEMPOTENCY_PREFIX = "pixq:idem:"
 class Job:
     """A thin handle on one job: its id and the client that submitted it."""
 
-    def __init__(self, client: Client, job_id: str, created: bool = True):
+    def __init__(self, client: Client, job_id: str, created: bool = True, warning: str | None = None):
         self.client = client
         self.id = job_id
         self.created = created  # False when an idempotency key matched an earlier job
+        self.warning = warning  # e.g. no live worker serves the job's model (also issued as NoWorkerWarning)
 
     def status(self) -> JobRecord:
         return self.client.status(self.id)
@@ -55,23 +67,56 @@ class Client:
             health_check_interval=10,
         )
         self.records = RecordStore(self.conn, settings.retention_s)
-        self._celery = make_celery(settings, name="pixq-producer")
+        self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen
+        self._s3: Any = None
+
+    @cached_property
+    def _celery(self) -> Celery:
+        # Built on the first submit or retry: reading commands need no Celery app.
+        return make_celery(self.settings, name="pixq-producer")
 
     # -- submit -----------------------------------------------------------------------------
 
-    def submit(self, prompt: str | None = None, /, **fields: Any) -> Job:
+    def submit(self, prompt: str | None = None, /, *extra: Any, **fields: Any) -> Job:
         """Validate, record and enqueue one job. Raises ``InvalidRequest`` before anything is
-        written, ``QueueFull`` past the configured depth, ``BrokerUnavailable`` if Redis is down.
+        written, ``QueueFull`` past the configured depth, ``BrokerUnavailable`` if Redis is down or
+        refuses us (nothing is left half-written).
+
+        When no live worker serves the job's model, the job still waits in its queue; ``Job.warning``
+        says so and a ``NoWorkerWarning`` is issued.
         """
+        if extra:
+            raise TypeError(f"submit() takes the prompt as its only positional argument, got {1 + len(extra)}; "
+                            "pass the other fields by name, e.g. submit(prompt, negative_prompt=...)")
         data = dict(fields)
         if prompt is not None:
+            if "prompt" in data:
+                raise TypeError("submit() got the prompt twice, as the first argument and as prompt=")
             data["prompt"] = prompt
         data.setdefault("model_name", self.settings.model)
         request = parse_request(data).with_seed()
+        with service_errors("job not submitted"):
+            job = self._enqueue(request)
+        if job.created and not self._served(request.model_name):
+            job.warning = (f"no live worker serves {request.model_name} (none seen in the last "
+                           f"{WORKER_KEY_TTL_S} s): job {job.id} waits in its queue until one starts")
+            warnings.warn(job.warning, NoWorkerWarning, stacklevel=2)
+        return job
+
+    def _served(self, model_name: str) -> bool:
+        """Whether a live worker serves ``model_name``; a yes is kept for a presence key's lifetime,
+        so a stream of submits does not scan for workers each time. Unknown (Redis failed) counts as yes:
+        the job is in, and this is only a warning."""
+        now = time.monotonic()
+        if self._served_until.get(model_name, 0.0) > now:
+            return True
         try:
-            return self._enqueue(request)
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"Redis unreachable, job not submitted: {exc}") from exc
+            served = any(w.model == model_name for w in live_workers(self.conn))
+        except redis.RedisError:
+            return True
+        if served:
+            self._served_until[model_name] = now + WORKER_KEY_TTL_S
+        return served
 
     def submit_request(self, request: JobRequest) -> Job:
         return self.submit(**request.model_dump())
@@ -114,20 +159,23 @@ class Client:
 
     def queue_depth(self, model_name: str) -> int:
         """Messages waiting on the model's queue (not counting the ones being rendered)."""
-        return queue_depth(self.conn, model_name)
+        with service_errors():
+            return queue_depth(self.conn, model_name)
 
     def queues(self, models: list[str] | None = None) -> list[QueueReport]:
         """Per model: waiting jobs, the oldest one's age, running jobs with their step, live workers.
 
         Covers every model with a waiting message, a running job or a live worker, plus ``models``.
         """
-        return inspect_queues(self.records, models)
+        with service_errors():
+            return inspect_queues(self.records, models)
 
     # -- read -------------------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobRecord:
         """The job's record. Raises ``JobNotFound`` for an unknown or expired id."""
-        return self.records.get(job_id)
+        with service_errors():
+            return self.records.get(job_id)
 
     def wait(
         self,
@@ -155,30 +203,33 @@ class Client:
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a queued one never starts; a running one stops at its next step."""
         self.status(job_id)  # JobNotFound for an unknown id
-        done, _ = self.records.transition(
-            job_id, (JobState.queued,), state=JobState.canceled, finished_at=time.time()
-        )
-        if not done:
-            self.records.transition(job_id, (JobState.running,), cancel_requested=True)
+        with service_errors("nothing canceled"):
+            done, _ = self.records.transition(
+                job_id, (JobState.queued,), state=JobState.canceled, finished_at=time.time()
+            )
+            if not done:
+                self.records.transition(job_id, (JobState.running,), cancel_requested=True)
         return self.status(job_id)
 
     def dead(self) -> list[JobRecord]:
         """Jobs that ran out of attempts (``failed``, reason in ``error``), oldest first."""
         records = []
-        for job_id in self.records.dead_ids():
-            try:
-                records.append(self.records.get(job_id))
-            except JobNotFound:
-                continue  # expired after its retention
+        with service_errors():
+            for job_id in self.records.dead_ids():
+                try:
+                    records.append(self.records.get(job_id))
+                except JobNotFound:
+                    continue  # expired after its retention
         return records
 
     def retry(self, job_id: str) -> JobRecord:
         """Queue a failed or canceled job again, with fresh attempts."""
         record = self.status(job_id)
-        if not self.records.retry(job_id):
-            raise InvalidRequest([("job", f"job {job_id} is {record.state.value}; only failed or canceled "
-                                          "jobs can be retried")])
-        send_job(self._celery, job_id, record.request)
+        with service_errors("job not queued again"):
+            if not self.records.retry(job_id):
+                raise InvalidRequest([("job", f"job {job_id} is {record.state.value}; only failed or canceled "
+                                              "jobs can be retried")])
+            send_job(self._celery, job_id, record.request)
         return self.status(job_id)
 
     # -- images -----------------------------------------------------------------------------
@@ -188,19 +239,36 @@ class Client:
         if not 1 <= expires_in_s <= MAX_PRESIGN_EXPIRY_S:
             raise InvalidRequest([("expires_in_s", f"must be between 1 and {MAX_PRESIGN_EXPIRY_S} seconds")])
         record = self.status(job_id)
-        if index >= len(record.images):
-            raise InvalidRequest([("index", f"job {job_id} has {len(record.images)} image(s)")])
+        count = len(record.images)
+        if not 0 <= index < count:
+            rule = f"must be 0 to {count - 1}" if count else "has no image to point at"
+            raise InvalidRequest([("index", f"{rule}: job {job_id} is {record.state.value} with {count} image(s) "
+                                            f"(got {index})")])
         image = record.images[index]
-        return str(
-            self.s3().generate_presigned_url(
-                "get_object", Params={"Bucket": image.bucket, "Key": image.key}, ExpiresIn=expires_in_s
+        with service_errors("no URL made"):
+            return str(
+                self.s3().generate_presigned_url(
+                    "get_object", Params={"Bucket": image.bucket, "Key": image.key}, ExpiresIn=expires_in_s
+                )
             )
-        )
+
+    def read_image(self, image: ImageRecord, on_chunk: Callable[[int], None] | None = None) -> bytes:
+        """One stored image's bytes (``on_chunk`` is told each chunk's size, for a progress bar)."""
+        body = bytearray()
+        with service_errors(f"s3://{image.bucket}/{image.key} not read"):
+            for chunk in self.s3().get_object(Bucket=image.bucket, Key=image.key)["Body"].iter_chunks(256 * 1024):
+                body += chunk
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
+        return bytes(body)
 
     def s3(self) -> Any:
-        """A boto3 S3 client for the configured endpoint (boto3 is imported only then)."""
-        return make_s3_client(self.settings)
+        """A boto3 S3 client for the configured endpoint (boto3 is imported only then), made once."""
+        if self._s3 is None:
+            self._s3 = make_s3_client(self.settings)
+        return self._s3
 
     def close(self) -> None:
-        self._celery.close()
+        if "_celery" in self.__dict__:
+            self._celery.close()
         self.conn.close()

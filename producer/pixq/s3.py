@@ -18,6 +18,9 @@ def make_s3_client(settings: Settings) -> Any:
         region_name=settings.aws_region,
         config=Config(
             s3={"addressing_style": "path"},
+            # SigV4 everywhere: botocore still presigns SigV2 URLs for us-east-1 without it, which S3
+            # refuses for SSE-KMS objects and SigV4-only stores do not accept at all.
+            signature_version="s3v4",
             retries={"mode": "standard", "max_attempts": 5},
             connect_timeout=5,
             read_timeout=30,

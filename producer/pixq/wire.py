@@ -6,12 +6,13 @@ is treated as lossy; the job record in Redis is the truth (see ``records.py``).
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Celery
+from typing import TYPE_CHECKING, Any
 
 from pixq.schema import JobRequest
 from pixq.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 RENDER_TASK = "pixq.render"
 QUEUE_PREFIX = "pixq."
@@ -98,6 +99,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings, name: str = "pixq") -> Celery:
+    from celery import Celery  # here: commands that only read records need no Celery
+
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

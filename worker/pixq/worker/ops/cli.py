@@ -1,26 +1,33 @@
-"""The ``pixq`` console entry: the producer's commands plus worker, up, demo, make-test-model."""
+"""The worker's ``pixq`` commands: worker, up, demo, make-test-model, flower.
+
+``pixq.cli`` (the light package's one CLI) registers each by name and imports this module only
+when one of them runs; ``app`` here is a plain Typer app holding them (nothing is added to the
+producer's app).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
-from pixq.cli import app, client_from_env, err, wait_with_progress
-from pixq.errors import ConfigError, PixqError
+from pixq.commands import client_from_env, err, wait_with_progress
+from pixq.errors import ConfigError
 from pixq.settings import Settings
 from pixq.worker.gpu.compile import COMPILE_MODES, COMPILE_SCOPES
 from pixq.worker.gpu.pipeline import DTYPES, parse_size
 from pixq.worker.gpu.vae import VAE_TILE_ABOVE
+from pixq.worker.ops.flower import flower_command
+
+app = typer.Typer(name="pixq", add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def worker(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Model to serve [default: PIXQ_MODEL]")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bf16 on GPU, fp32 on CPU")] = "auto",
@@ -81,21 +88,11 @@ def worker(
     if gpus is not None:
         if name or device != "cpu":
             raise ConfigError("--gpus sets each worker's --device and --name; drop them")
-        from pixq.worker.ops.supervisor import run_gpu_workers
+        from pixq.worker.ops.supervisor import option_argv, run_gpu_workers
 
-        extra = ["--compile" if compile else "--no-compile", "--compile-mode", compile_mode,
-                 "--compile-scope", compile_scope, "--prompt-cache", str(prompt_cache),
-                 "--encode-threads", str(encode_threads), "--vae-tile-above", str(vae_tile_above),
-                 "--compile-vae" if compile_vae else "--no-compile-vae",
-                 "--defer-warmup" if defer_warmup else "--no-defer-warmup",
-                 "--trim-text" if trim_text else "--no-trim-text"]
-        extra += ["--compile-cache", str(compile_cache)] if compile_cache else []
-        for size in warmup or []:
-            extra += ["--warmup", size]
-        for mode in warmup_mode or []:
-            extra += ["--warmup-mode", mode]
-        raise typer.Exit(run_gpu_workers(gpus, model=model or settings.model, dtype=dtype, offload=offload,
-                                         loglevel=loglevel, ready_file=ready_file, extra_args=extra,
+        # Every other option as parsed, for each child: a new option cannot miss them.
+        child_args = option_argv(ctx.command.params, {**ctx.params, "model": model or settings.model})
+        raise typer.Exit(run_gpu_workers(gpus, child_args, loglevel=loglevel, ready_file=ready_file,
                                          metrics_port=metrics_port))
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
                                   offload=offload, loglevel=loglevel,
@@ -184,7 +181,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed; -1 draws one.")] = 42,
 ) -> None:
     """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
-    from pixq.cli import download, finish
+    from pixq.commands import download, finish
     from pixq.worker.ops.stack import local_stack
 
     root = state_dir.resolve()
@@ -201,31 +198,4 @@ def demo(
         download(job.id, output)
 
 
-from pixq.worker.ops.flower import flower_command  # noqa: E402
-
 app.command("flower")(flower_command)
-
-
-def main() -> None:
-    """Run the CLI; a user mistake or a service error prints one line, never a traceback."""
-    try:
-        code = app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except PixqError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

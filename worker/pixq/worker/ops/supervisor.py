@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pixq.errors import ConfigError
 
@@ -120,66 +121,79 @@ def plan_slots(gpus: Sequence[int], visible: Sequence[str], host: str, ready_fil
     ]
 
 
-def worker_argv(
-    model: str, dtype: str = "auto", offload: bool = False, loglevel: str = "INFO", extra_args: Sequence[str] = (),
-    metrics_port: int = 0,
-) -> ArgvBuilder:
-    """The real child: ``pixq worker`` on ``cuda:0`` of its masked view, plus ``extra_args`` (e.g. ``--compile``).
+# Options each child gets from the supervisor (its GPU's device, name, ready file and metrics port),
+# or that start the supervisor itself: never copied from the parent's command line.
+SLOT_OPTIONS = frozenset({"gpus", "device", "name", "ready_file", "metrics_port"})
+
+
+def option_argv(params: Sequence[Any], values: Mapping[str, Any], skip: frozenset[str] = SLOT_OPTIONS) -> list[str]:
+    """The command-line words that give a child the same option values as the parsed command.
+
+    ``params`` are the command's click parameters (``ctx.command.params``) and ``values`` its parsed
+    values (``ctx.params``): every option is written out from them, so an option added to
+    ``pixq worker`` reaches the children without a line here. Flags with an off switch are written
+    either way (``--compile`` / ``--no-compile``); repeatable options once per value.
+    """
+    argv: list[str] = []
+    for param in params:
+        if param.name in skip:
+            continue
+        if param.param_type_name != "option":
+            raise TypeError(f"option_argv: {param.name!r} is a positional argument; children take options only")
+        value = values.get(param.name)
+        if value is None:
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_bool_flag:
+            if value:
+                argv.append(flag)
+            elif param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+            continue
+        for item in value if param.multiple else [value]:
+            argv += [flag, str(item.value if isinstance(item, enum.Enum) else item)]
+    return argv
+
+
+def worker_argv(shared_args: Sequence[str], metrics_port: int = 0) -> ArgvBuilder:
+    """The real child: ``pixq worker`` on ``cuda:0`` of its masked view, named for its GPU, plus
+    ``shared_args`` (every other option of the parent's command, from ``option_argv``).
 
     With ``metrics_port``, GPU i serves its metrics on ``metrics_port + i``. Secrets stay in the
     environment, never in an argv.
     """
+    from pixq.worker.ops.stack import pixq_argv
 
     def build(slot: Slot) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "pixq",
-            "worker",
-            "--model",
-            model,
-            "--device",
-            "cuda:0",
-            "--dtype",
-            dtype,
-            "--name",
-            slot.name,
-            "--loglevel",
-            loglevel,
-        ]
-        if offload:
-            argv.append("--offload")
+        argv = pixq_argv("worker", "--device", "cuda:0", "--name", slot.name)
         if slot.ready_file:
             argv += ["--ready-file", str(slot.ready_file)]
         if metrics_port:
             argv += ["--metrics-port", str(metrics_port + slot.gpu)]
-        return argv + list(extra_args)
+        return argv + list(shared_args)
 
     return build
 
 
 def run_gpu_workers(
     spec: str,
+    child_args: Sequence[str],
     *,
-    model: str,
-    dtype: str = "auto",
-    offload: bool = False,
     loglevel: str = "INFO",
     ready_file: Path | None = None,
-    extra_args: Sequence[str] = (),
     metrics_port: int = 0,
 ) -> int:
     """``pixq worker --gpus SPEC``: one supervised worker per GPU until stopped; returns the exit code.
 
-    ``extra_args`` go to every child unchanged (``--compile``, ``--warmup 1024x1024`` ...);
-    ``--device``, ``--name`` and ``--ready-file`` are the supervisor's to set.
+    ``child_args`` go to every child unchanged (``option_argv`` of the parent's options: ``--model``,
+    ``--compile``, ``--warmup 1024x1024`` ...); ``--device``, ``--name``, ``--ready-file`` and
+    ``--metrics-port`` are the supervisor's to set.
     """
     env = dict(os.environ)
     visible = visible_gpus(env)
     slots = plan_slots(parse_gpus(spec, len(visible)), visible, socket.gethostname(), ready_file)
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
-    argv = worker_argv(model, dtype, offload, loglevel, extra_args, metrics_port)
-    return Supervisor(slots, argv, env, ready_file=ready_file).run()
+    return Supervisor(slots, worker_argv(child_args, metrics_port), env, ready_file=ready_file).run()
 
 
 @dataclass
