@@ -230,10 +230,12 @@ def test_gpus_children_get_every_option_the_parent_parsed(tmp_path: Path) -> Non
     command, must yield the same values (but the ones each child gets from its slot). An option added
     later is covered without changing this test."""
     from pixq.worker.ops.cli import app as worker_app
+    from pixq.worker.ops.cli import worker as worker_function
     from pixq.worker.ops.supervisor import SLOT_OPTIONS, Slot, option_argv, worker_argv
 
     command = typer.main.get_command(worker_app).commands["worker"]  # type: ignore[attr-defined]
-    samples = {"integer": ["7"], "float": ["0.25"], "text": ["128x128"], "path": [str(tmp_path / "p")]}
+    hints = typing.get_type_hints(worker_function)
+    samples = {int: "7", float: "0.25", str: "128x128", Path: str(tmp_path / "p")}
     argv: list[str] = []
     for param in command.params:
         if param.param_type_name != "option" or param.name in SLOT_OPTIONS:
@@ -241,9 +243,11 @@ def test_gpus_children_get_every_option_the_parent_parsed(tmp_path: Path) -> Non
         if param.is_bool_flag:
             argv.append(param.secondary_opts[0] if param.default else param.opts[0])
             continue
-        values = samples.get(param.type.name, ["x"])
-        for value in values * (2 if param.multiple else 1):
-            argv += [param.opts[0], value]
+        kind = next((t for t in (hints[param.name], *typing.get_args(hints[param.name])) if t in samples), None)
+        if kind is None:  # list[str]
+            kind = typing.get_args(typing.get_args(hints[param.name])[0])[0]
+        for _ in range(2 if param.multiple else 1):
+            argv += [param.opts[0], samples[kind]]
     with command.make_context("worker", [*argv, "--gpus", "all"]) as parent:
         parsed = dict(parent.params)
     slot = Slot(gpu=1, device="1", name="gpu1@h", ready_file=None)
