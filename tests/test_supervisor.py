@@ -34,14 +34,14 @@ def note(event, **extra):
     with open(events, "a") as f:
         f.write(json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **extra}) + "\n")
 
+terms = []  # handlers first: the test signals as soon as it sees "start" (a slow, loaded machine showed the race)
+signal.signal(signal.SIGTERM, lambda *_: terms.append("TERM"))
+signal.signal(signal.SIGQUIT, lambda *_: terms.append("QUIT"))
+
 runs = sum(1 for line in events.read_text().splitlines() if '"start"' in line) if events.exists() else 0
 note("start", cvd=os.environ.get("CUDA_VISIBLE_DEVICES"), order=os.environ.get("CUDA_DEVICE_ORDER"),
      secret=os.environ.get("PIXQ_REDIS_URL"), argv=sys.argv)
 print(f"hello from run {runs + 1}", flush=True)
-
-terms = []
-signal.signal(signal.SIGTERM, lambda *_: terms.append("TERM"))
-signal.signal(signal.SIGQUIT, lambda *_: terms.append("QUIT"))
 
 if mode == "crash" or (mode == "crash_twice" and runs < 2):
     sys.exit(3)
