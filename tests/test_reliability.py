@@ -187,6 +187,50 @@ def test_redis_restarted_mid_job(cluster: Cluster) -> None:
     cluster.assert_delivered_once(after)
 
 
+@pytest.mark.slow
+def test_jobs_prefetched_after_a_redis_restart_run_promptly_when_that_worker_dies(
+        cluster: Cluster, slow_model: str) -> None:
+    """The issue-15 defect: after a reconnect kombu does not lower the consumer's prefetch, so a
+    worker busy with two jobs takes two more messages; they are neither claimed nor leased. When
+    that worker dies, their messages sit in kombu's unacked hash until the visibility timeout
+    (1800 s here). The reconciliation re-sends them once the dead worker's reservations lapse."""
+    from pixq.wire import RESERVED_KEY_PREFIX
+
+    name, svc = cluster.start_worker(slow_model)
+    client = cluster.client()
+    longs = [client.submit(f"long {i}", model_name=slow_model, **LONG)
+             for i in range(2)]
+    wait_for(lambda: all(client.status(j.id).state is JobState.running for j in longs), 60, "two jobs claimed")
+    shorts = [client.submit(f"short {i}", model_name=slow_model, width=128, height=128, num_inference_steps=2,
+                            priority=9) for i in range(3)]
+    cluster.restart_redis()
+    reserved = RESERVED_KEY_PREFIX + name
+    held = wait_for(lambda: (m := {x.decode() for x in client.conn.smembers(reserved)}) >= {j.id for j in longs}
+                    and len(m) == 4 and m, 60, "the worker to take two more messages after the restart")
+    prefetched = [j for j in shorts if j.id in held]
+    assert len(prefetched) == 2, held
+    assert all(client.status(j.id).state is JobState.queued and client.status(j.id).attempts == 0
+               for j in prefetched)
+    assert all(client.status(j.id).state is JobState.running for j in longs)
+    svc.signal(signal.SIGKILL)
+    svc.stop()
+    killed_at = time.monotonic()
+    for job in longs:  # re-queued by the lapsed lease, they stop at their first step: the next worker is free
+        client.cancel(job.id)
+    survivor, _ = cluster.start_worker(slow_model)
+    for job in prefetched:
+        record = client.wait(job.id, timeout_s=120)
+        cluster.assert_delivered_once(record)
+        assert record.attempts == 1
+    delay = time.monotonic() - killed_at
+    print(f"prefetched jobs of the dead worker ran {delay:.1f} s after the kill (visibility timeout 1800 s)")
+    assert "queued with no message" in cluster.log(survivor)
+    for job in shorts:
+        cluster.assert_delivered_once(client.wait(job.id, timeout_s=120))
+    for job in longs:
+        assert client.wait(job.id, timeout_s=120).state is JobState.canceled
+
+
 def test_duplicate_idempotency_key_concurrently_gives_one_job(cluster: Cluster) -> None:
     cluster.start_worker()
     client = cluster.client()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -85,6 +86,9 @@ class JobRecord(BaseModel):
 
 
 RUNNING_KEY = "pixq:running"  # ZSET job id -> claim time: jobs some worker holds a lease on
+# ZSET job id -> time it was (re)queued: every job that may be waiting for a message. A superset
+# (entries whose record moved on are dropped by the reaper's reconciliation, worker/.../reaper.py).
+QUEUED_KEY = "pixq:queued"
 DEAD_KEY = "pixq:dead"  # ZSET job id -> time: jobs that ran out of attempts
 LEASE_PREFIX = "pixq:lease:"
 
@@ -105,11 +109,17 @@ if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 return {1, state}
 """
 
-# KEYS[1]: the job hash. ARGV[1]: retention in seconds. ARGV[2..]: field, value pairs.
+# KEYS: the job hash, the queued index. ARGV: retention in seconds, job id, created_at, field/value
+# pairs. Safe to re-run after an unknown outcome (a retry after a lost reply): the record written
+# by the first run has our created_at, and that counts as created.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'created_at') == ARGV[3] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 return 1
 """
 
@@ -129,26 +139,34 @@ if attempts >= tonumber(ARGV[3]) then
 end
 """
 
-# Take a job to run: a queued one, or a running one whose worker's lease lapsed.
+# Take a job to run: a queued one, or a running one whose worker's lease lapsed. KEYS: job, lease,
+# running, dead, queued. ARGV[7]: a token drawn for this claim: a re-run of the same claim after an
+# unknown outcome finds its own token and answers 'claimed' again (a second delivery has another).
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', ''} end
+if not state then redis.call('ZREM', KEYS[5], ARGV[1]) return {'missing', ''} end
 if state == 'running' then
   local holder = redis.call('GET', KEYS[2])
+  if holder and holder == ARGV[5] and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+    return {'claimed', redis.call('HGET', KEYS[1], 'attempts')}
+  end
   if holder then return {'busy', holder} end
 elseif state ~= 'queued' then
   return {'settled', state}
 end
 """ + _DEAD_IF_SPENT + """
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0')
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0',
+  'claim', ARGV[7])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 return {'claimed', tostring(n)}
 """
 
 # A running job whose lease lapsed goes back to queued (the caller sends a new message) or,
-# out of attempts, to the dead list.
+# out of attempts, to the dead list. A re-run after an unknown outcome answers 'settled queued'
+# and sends nothing; the reconciliation re-sends that job (reaper.py).
 _REAP = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then redis.call('ZREM', KEYS[3], ARGV[1]) return {'gone', ''} end
@@ -157,6 +175,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', ''} end
 """ + _DEAD_IF_SPENT + """
 redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 return {'requeued', ''}
 """
 
@@ -181,28 +200,42 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' e
 return 'ok'
 """
 
-# KEYS: job, lease, running. ARGV: worker, job id, retention, attempts delta, field/value pairs.
-# End (or give back) a job we hold: set fields, drop the lease and the running entry.
+# KEYS: job, lease, running, queued. ARGV: worker, job id, retention, attempts delta, new state, now,
+# field/value pairs. End (or give back) a job we hold: set fields, drop the lease and the running
+# entry. A re-run after an unknown outcome finds the end it wrote (same state, same claim) and
+# answers 1 again.
 _RELEASE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
-  return {0, redis.call('HGET', KEYS[1], 'state') or false}
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  if state == ARGV[5] and state ~= 'queued' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
+    return {1, state}
+  end
+  return {0, state or false}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[4]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[2])
+end
 return {1, 'running'}
 """
 
-# KEYS: job, dead. ARGV: job id, retention. A failed or canceled job goes back to queued with
-# fresh attempts (the caller sends the message).
+# KEYS: job, dead, queued. ARGV: job id, retention, now. A failed or canceled job goes back to
+# queued with fresh attempts (the caller sends the message). A re-run after an unknown outcome
+# finds it queued with no attempt and answers 1 again (one extra message: harmless).
 _RETRY = """
 local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' and redis.call('HGET', KEYS[1], 'attempts') == '0' then return {1, state} end
 if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'worker', '',
   'error', '', 'images', '[]', 'render', '', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, state}
 """
@@ -288,7 +321,8 @@ class RecordStore:
         )
         fields = record.model_dump(exclude={"images", "error", "render"}, exclude_none=True)
         fields["request"] = request
-        created = self._create(keys=[self.key(job_id)], args=[self.retention_s, *_encode(fields)])
+        created = self._create(keys=[self.key(job_id), QUEUED_KEY],
+                               args=[self.retention_s, job_id, repr(record.created_at), *_encode(fields)])
         if not created:
             raise ValueError(f"job {job_id} already exists")
         return record
@@ -314,7 +348,8 @@ class RecordStore:
 
     def retry(self, job_id: str) -> bool:
         """Put a failed or canceled job back to queued with fresh attempts (caller re-sends)."""
-        done, _ = self._retry(keys=[self.key(job_id), DEAD_KEY], args=[job_id, self.retention_s])
+        done, _ = self._retry(keys=[self.key(job_id), DEAD_KEY, QUEUED_KEY],
+                              args=[job_id, self.retention_s, time.time()])
         return bool(done)
 
     def dead_ids(self) -> list[str]:
@@ -323,20 +358,32 @@ class RecordStore:
     def running_ids(self) -> list[str]:
         return _strings(self.conn.zrange(RUNNING_KEY, 0, -1))
 
+    def queued_before(self, cutoff: float) -> list[str]:
+        """Jobs in the queued index since before ``cutoff`` (some may have moved on since)."""
+        return _strings(self.conn.zrangebyscore(QUEUED_KEY, "-inf", cutoff))
+
+    def mark_queued(self, job_id: str, at: float | None = None) -> None:
+        """(Re)start the job's time in the queued index: a message for it was just sent."""
+        self.conn.zadd(QUEUED_KEY, {job_id: time.time() if at is None else at})
+
+    def unindex_queued(self, job_id: str) -> None:
+        self.conn.zrem(QUEUED_KEY, job_id)
+
     def delete(self, job_id: str) -> None:
         self.conn.delete(self.key(job_id))
 
     # -- worker side ------------------------------------------------------------------------
 
     def _job_keys(self, job_id: str) -> list[str]:
-        return [self.key(job_id), self.lease_key(job_id), RUNNING_KEY, DEAD_KEY]
+        return [self.key(job_id), self.lease_key(job_id), RUNNING_KEY, DEAD_KEY, QUEUED_KEY]
 
     def claim(self, job_id: str, worker: str, lease_ttl_s: float, max_attempts: int) -> tuple[str, str]:
         """Take the job: ``('claimed', attempts)``, or why not: ``missing``, ``busy`` (another
         worker holds its lease), ``settled`` (already ended), ``dead`` (out of attempts)."""
         outcome, detail = self._claim(
             keys=self._job_keys(job_id),
-            args=[job_id, time.time(), max_attempts, self.retention_s, worker, int(lease_ttl_s * 1000)],
+            args=[job_id, time.time(), max_attempts, self.retention_s, worker, int(lease_ttl_s * 1000),
+                  uuid.uuid4().hex],
         )
         return outcome.decode(), detail.decode() if isinstance(detail, bytes) else str(detail)
 
@@ -357,8 +404,10 @@ class RecordStore:
 
     def release(self, job_id: str, holder: str, attempts_delta: int = 0, **fields: Any) -> bool:
         """End (or give back) a job ``holder`` holds; ``False`` if it is no longer theirs."""
+        state = fields.get("state")
         done, _ = self._release(
-            keys=[self.key(job_id), self.lease_key(job_id), RUNNING_KEY],
-            args=[holder, job_id, self.retention_s, attempts_delta, *_encode(fields)],
+            keys=[self.key(job_id), self.lease_key(job_id), RUNNING_KEY, QUEUED_KEY],
+            args=[holder, job_id, self.retention_s, attempts_delta,
+                  state.value if isinstance(state, JobState) else "", time.time(), *_encode(fields)],
         )
         return bool(done)

@@ -25,6 +25,10 @@ PRIORITY_SEP = ":"
 # A live worker keeps ``pixq:worker:{name}`` (JSON: model, device, pid, ...) with a short TTL.
 WORKER_KEY_PREFIX = "pixq:worker:"
 WORKER_KEY_TTL_S = 15
+# A live worker keeps ``pixq:reserved:{name}`` (SET of job ids): every message it has taken from a
+# queue and not yet finished, prefetched ones too. Same TTL, renewed with its presence, so a dead
+# worker's set lapses and the reaper's reconciliation re-sends what it held (reaper.py).
+RESERVED_KEY_PREFIX = "pixq:reserved:"
 
 
 def queue_name(model_name: str) -> str:

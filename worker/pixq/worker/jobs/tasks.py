@@ -13,6 +13,7 @@ from pixq.records import JobRecord, RecordStore
 from pixq.settings import Settings
 from pixq.wire import RENDER_TASK, make_celery
 from pixq.worker.jobs.broker import TRANSPORT
+from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import GiveBack, JobRunner
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,33 @@ def not_run(records: RecordStore, job_id: str) -> str:
         return "not run here"
 
 
-def register_render_task(app: Celery, runner: JobRunner) -> None:
-    """``pixq.render(job_id)`` runs the job through ``runner``; nothing else is accepted."""
+def register_render_task(app: Celery, runner: JobRunner, reservations: Reservations | None = None) -> None:
+    """``pixq.render(job_id)`` runs the job through ``runner``; nothing else is accepted.
+
+    With ``reservations``, every message the consumer takes (prefetched ones too) is recorded
+    there until its task returns (``reservations.py``).
+    """
 
     @app.task(name=RENDER_TASK, bind=True, typing=True)
     def render_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
-        if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 64:
-            raise Reject(f"malformed job id {job_id!r}", requeue=False)
         try:
-            record = runner.run(job_id, on_progress=progress_reporter(self, job_id))
-        except GiveBack:
-            raise Reject("worker stopping before the job started", requeue=True) from None
-        return outcome(record) if record is not None else not_run(runner.records, job_id)
+            if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 64:
+                raise Reject(f"malformed job id {job_id!r}", requeue=False)
+            try:
+                record = runner.run(job_id, on_progress=progress_reporter(self, job_id))
+            except GiveBack:
+                raise Reject("worker stopping before the job started", requeue=True) from None
+            return outcome(record) if record is not None else not_run(runner.records, job_id)
+        finally:
+            if reservations is not None and isinstance(job_id, str):
+                reservations.remove(job_id)
+
+    if reservations is not None:
+        from celery.signals import task_received
+
+        def on_received(request: Any = None, **_: object) -> None:
+            job_id = (getattr(request, "kwargs", None) or {}).get("job_id")
+            if getattr(request, "name", None) == RENDER_TASK and isinstance(job_id, str):
+                reservations.add(job_id)
+
+        task_received.connect(on_received, weak=False)

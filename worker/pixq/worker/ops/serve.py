@@ -26,6 +26,7 @@ from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 from pixq.worker.jobs.lease import Leases
 from pixq.worker.jobs.metrics import WorkerMetrics
 from pixq.worker.jobs.reaper import Reaper
+from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.tasks import create_app, register_render_task
@@ -79,10 +80,12 @@ class WorkerOptions:
 class Presence:
     """Keeps ``pixq:worker:{name}`` alive while the worker serves, so others can see it."""
 
-    def __init__(self, conn: redis.Redis, name: str, info: dict[str, object]):
+    def __init__(self, conn: redis.Redis, name: str, info: dict[str, object],
+                 reservations: Reservations | None = None):
         self.conn = conn
         self.key = WORKER_KEY_PREFIX + name
         self.info = json.dumps(info)
+        self.reservations = reservations
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="pixq-presence", daemon=True)
 
@@ -93,6 +96,8 @@ class Presence:
         while not self._stop.is_set():
             try:
                 self.conn.set(self.key, self.info, ex=WORKER_KEY_TTL_S)
+                if self.reservations is not None:
+                    self.reservations.refresh()
             except redis.RedisError as exc:
                 log.warning("presence: %s", exc)
             self._stop.wait(WORKER_KEY_TTL_S / 3)
@@ -101,6 +106,8 @@ class Presence:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
             self.conn.delete(self.key)
+            if self.reservations is not None:
+                self.reservations.clear()
 
 
 def resilient_redis(url: str) -> redis.Redis:
@@ -218,7 +225,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
                      encode_threads=options.encode_threads),
         leases, app, shutdown, metrics=metrics,
     )
-    register_render_task(app, runner)
+    reservations = Reservations(conn, name)
+    register_render_task(app, runner, reservations)
     reaper = Reaper(records, app, settings.max_attempts, interval_s=max(settings.lease_ttl_s / 3, 0.5))
     presence = Presence(
         conn,
@@ -232,6 +240,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
             "load_s": round(loaded.load_s, 3),
             "started_at": time.time(),
         },
+        reservations,
     )
 
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
