@@ -90,6 +90,12 @@ class MissingComponent(PixqError):
     exit_code = 9
 
 
+class WorkerNameTaken(PixqError):
+    """A live worker already holds the worker name asked for (two processes never share a lease identity)."""
+
+    exit_code = 10
+
+
 class NoWorkerWarning(UserWarning):
     """A job was queued for a model that no live worker serves: it waits until one starts."""
 

@@ -31,7 +31,8 @@ def worker(
     model: Annotated[Optional[str], typer.Option(help="Model to serve [default: PIXQ_MODEL]")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bf16 on GPU, fp32 on CPU")] = "auto",
-    name: Annotated[Optional[str], typer.Option(help="Celery node name [default: gpuN@host or cpu@host]")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Node and lease name, unique among live workers [default: gpuN-PID@host, cpu-PID@host]")] = None,
     offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     ready_file: Annotated[Optional[Path], typer.Option(help="File written once serving (readiness probes)")] = None,

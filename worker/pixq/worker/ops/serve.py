@@ -30,6 +30,7 @@ from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.tasks import create_app, register_render_task
+from pixq.worker.ops.identity import check_name_free, claim_name, default_name
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -71,10 +72,8 @@ class WorkerOptions:
                             vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae)
 
     def node_name(self) -> str:
-        if self.name:
-            return self.name
-        tag = "cpu" if self.device == "cpu" else "gpu" + (self.device.split(":", 1)[1] if ":" in self.device else "0")
-        return f"{tag}@{socket.gethostname()}"
+        """``--name``, else the device, this process's id and the host (``cpu-4711@host``)."""
+        return self.name or default_name(self.device)
 
 
 class Presence:
@@ -204,14 +203,15 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     later_modes: tuple[str, ...] = ()
     if options.defer_warmup and len(options.warmup_modes) > 1:
         now_modes, later_modes = options.warmup_modes[:1], options.warmup_modes[1:]
+    conn = resilient_redis(settings.require_redis())
+    name = options.node_name()
+    check_name_free(conn, name)
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
         warmup=sizes, warmup_modes=now_modes,
     )
-    conn = resilient_redis(settings.require_redis())
     records = RecordStore(conn, settings.retention_s)
-    name = options.node_name()
     app = create_app(settings)
     leases = Leases(records, name, ttl_s=settings.lease_ttl_s,
                     hard_limit_s=settings.job_timeout_s + UPLOAD_RETRY_BUDGET_S + 60)
@@ -228,20 +228,18 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     reservations = Reservations(conn, name)
     register_render_task(app, runner, reservations)
     reaper = Reaper(records, app, settings.max_attempts, interval_s=max(settings.lease_ttl_s / 3, 0.5))
-    presence = Presence(
-        conn,
-        name,
-        {
-            "name": name,
-            "model": options.model,
-            "device": options.device,
-            "dtype": loaded.dtype,
-            "pid": os.getpid(),
-            "load_s": round(loaded.load_s, 3),
-            "started_at": time.time(),
-        },
-        reservations,
-    )
+    info: dict[str, object] = {
+        "name": name,
+        "model": options.model,
+        "device": options.device,
+        "dtype": loaded.dtype,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "load_s": round(loaded.load_s, 3),
+        "started_at": time.time(),
+    }
+    claim_name(conn, name, info)  # kept by the presence beat from the worker's start on
+    presence = Presence(conn, name, info, reservations)
 
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
