@@ -39,6 +39,19 @@ INVALID = [
     ({"prompt": "x", "width": 1000, "use_resolution_binning": False}, "width",
      "multiple of 16 when use_resolution_binning is false"),
     ({"prompt": "x", "use_resolution_binning": "no"}, "use_resolution_binning", "valid boolean"),
+    ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale", "finite number"),
+    ({"prompt": "x", "guidance_scale": float("inf")}, "guidance_scale", "finite number"),
+    ({"prompt": "x", "guidance_scale": float("-inf")}, "guidance_scale", "finite number"),
+    ({"prompt": "\x00\x00\x00"}, "prompt", "must not be empty or blank"),
+    ({"prompt": "\x1b\u200b\t\u3000\x7f\r"}, "prompt", "must not be empty or blank"),
+    ({"prompt": "x", "seed": MAX_SEED, "num_images_per_prompt": 4}, "seed",
+     f"must be at most {MAX_SEED - 3} with num_images_per_prompt 4"),
+    ({"prompt": "x", "seed": MAX_SEED - 1, "num_images_per_prompt": 3}, "seed", f"must be at most {MAX_SEED - 2}"),
+    ({"prompt": "x", "model_name": "/models/" + "m" * 600}, "model_name", "at most 512 characters"),
+    ({"prompt": "x", "model_name": "/models/a:1"}, "model_name", "may hold only"),
+    ({"prompt": "x", "model_name": "/models/my model"}, "model_name", "may hold only"),
+    ({"prompt": "x", "model_name": "/models//pixart"}, "model_name", "may hold only"),
+    ({"prompt": "x", "model_name": "/models/../etc"}, "model_name", "must not contain . or .."),
 ]
 
 
@@ -72,8 +85,17 @@ def test_native_size_needs_multiples_of_16_only_without_binning() -> None:
     assert (native.width, native.height, native.use_resolution_binning) == (1008, 592, False)
 
 
+def test_seeds_of_every_image_stay_in_range_and_visible_prompts_pass() -> None:
+    last = parse_request({"prompt": "x", "seed": MAX_SEED - 3, "num_images_per_prompt": 4})
+    assert last.image_seeds()[-1] == MAX_SEED
+    assert parse_request({"prompt": "x", "seed": MAX_SEED}).image_seeds() == [MAX_SEED]
+    assert parse_request({"prompt": "\x00 a cat\n"}).prompt == "\x00 a cat\n"  # one visible character is enough
+    assert parse_request({"prompt": "猫"}).prompt == "猫"
+
+
 def test_local_directories_and_known_checkpoints_are_valid() -> None:
     assert parse_request({"prompt": "x", "model_name": "/models/pixart"}).model_name == "/models/pixart"
+    assert parse_request({"prompt": "x", "model_name": "/m/PixArt-Σ.v2_1+a@b"}).model_name
     big = parse_request({"prompt": "x", "model_name": "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "width": 4096})
     assert big.width == 4096
 
@@ -113,7 +135,13 @@ def test_settings_read_the_contract_variables() -> None:
     ("var", "value", "words"),
     [
         ("PIXQ_REDIS_URL", "http://x", "must start with redis://"),
-        ("PIXQ_REDIS_URL", "redis://:pw@host:notaport/0", "malformed port"),
+        ("PIXQ_REDIS_URL", "redis://:pw@host:notaport/0", "malformed"),
+        ("PIXQ_REDIS_URL", "redis://:pw@host:99999/0", "malformed"),
+        ("PIXQ_REDIS_URL", "redis://:pw@[::1:6379/0", "malformed (Invalid IPv6 URL)"),
+        ("PIXQ_REDIS_URL", "redis://:pw@host:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("PIXQ_REDIS_URL", "redis://:pw@host:6379/0?no_such_option=1", "no_such_option"),
+        ("PIXQ_REDIS_URL", "redis://:pw@host:6379/zero", "the path is the database number"),
+        ("PIXQ_MODEL", "/models/a:b", "may hold only"),
         ("PIXQ_REDIS_URL", "rediss://:pw@host:6380/0", "ssl_cert_reqs=required"),
         ("PIXQ_S3_ENDPOINT_URL", "s3.example", "http:// or https://"),
         ("PIXQ_S3_BUCKET", "Bad_Bucket", "not a valid S3 bucket name"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,9 @@ json_values = st.recursive(
 )
 
 valid_requests = st.fixed_dictionaries(
-    {"prompt": st.text(min_size=1, max_size=300).filter(lambda s: s.strip())},
+    # Not blank: a character other than white space, control (Cc) and format (Cf) characters.
+    {"prompt": st.text(min_size=1, max_size=300).filter(
+        lambda s: any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in s))},
     optional={
         "negative_prompt": st.text(max_size=100),
         "num_inference_steps": st.integers(1, 200),
@@ -32,7 +35,7 @@ valid_requests = st.fixed_dictionaries(
         "priority": st.integers(0, 9),
         "mode": st.sampled_from(["exact", "fast"]),
     },
-)
+).filter(lambda d: d.get("seed", -1) + d.get("num_images_per_prompt", 1) - 1 <= 2**32 - 1)  # every image's seed
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,13 +12,16 @@ import json
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
 
-from pixq.errors import InvalidRequest, StorageUnavailable
+from pixq.errors import InvalidRequest, NoWorkerWarning, StorageUnavailable
 
 # The choices of --format and --mode, spelled out so that listing the commands need not import the
 # schema (pydantic); tests/test_cli.py checks they are the schema's OutputFormat and RenderMode.
@@ -82,6 +85,17 @@ def describe(record: JobRecord) -> None:
         out.print(f"  error     {record.error.type}: {record.error.message}")
 
 
+@contextmanager
+def _bar_or_nothing(progress: Any) -> Iterator[Any]:
+    """A rich Progress that disappears when the block fails: the failure is its one error line."""
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True
+            raise
+
+
 def progress_text(record: JobRecord) -> str:
     """A running job's progress. The worker claims a job before it takes the GPU and records a step
     only once one is done: step 0 is a job that waits for the GPU (another job renders) or for its
@@ -97,10 +111,11 @@ def wait_with_progress(client: Client, job_id: str, timeout_s: float | None) -> 
 
     from pixq.records import JobState
 
-    with Progress(
+    client.status(job_id)  # an unknown job or an unreachable Redis is reported before any bar is drawn
+    with _bar_or_nothing(Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=False,
-    ) as bar:
+    )) as bar:
         task = bar.add_task("queued", total=None)
 
         def update(record: JobRecord) -> None:
@@ -154,7 +169,9 @@ def submit(
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     client = client_from_env()
-    job = client.submit(prompt, **fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoWorkerWarning)  # said below, as one line
+        job = client.submit(prompt, **fields)
     if job.warning:
         err.print(f"[yellow]warning: {job.warning}[/yellow]", highlight=False)
     if wait:
@@ -242,8 +259,8 @@ def download(
         raise typer.BadParameter(f"cannot make the directory {output}: {exc.strerror}",
                                  param_hint="'-o' / '--output'") from None
     saved = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=err) as bar:
+    with _bar_or_nothing(Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), console=err)) as bar:
         for image in record.images:
             task = bar.add_task(f"image {image.index}", total=image.size_bytes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import unicodedata
 from typing import Annotated, Any
 
 from pydantic import (
@@ -22,7 +23,7 @@ from pydantic import (
 )
 
 from pixq.errors import InvalidRequest
-from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 
 MAX_PROMPT_CHARS = 4000
 MAX_STEPS = 200
@@ -69,13 +70,15 @@ class JobRequest(BaseModel):
     negative_prompt: Prompt = Field("", description="What to steer away from.")
     num_inference_steps: int = Field(20, ge=1, le=MAX_STEPS, description="Denoising steps.")
     guidance_scale: float = Field(
-        4.5, ge=0.0, le=MAX_GUIDANCE, description="Classifier-free guidance scale (1 or less: no guidance)."
+        4.5, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Classifier-free guidance scale, a finite number (1 or less: no guidance).",
     )
     seed: int = Field(
         RANDOM_SEED,
         ge=RANDOM_SEED,
         le=MAX_SEED,
-        description="Seed of image 0 (image i uses seed + i); -1 draws one at submit and records it.",
+        description="Seed of image 0 (image i uses seed + i, so seed + num_images_per_prompt - 1 is at most "
+        f"{MAX_SEED}); -1 draws one at submit and records it.",
     )
     width: int = Field(1024, ge=MIN_SIDE, description="Width in pixels, a multiple of 8 (16 when rendered natively).")
     height: int = Field(1024, ge=MIN_SIDE, description="Height in pixels, a multiple of 8 (16 when rendered natively).")
@@ -109,10 +112,17 @@ class JobRequest(BaseModel):
     @model_validator(mode="after")
     def _check_rules(self) -> JobRequest:
         errors: list[tuple[str, str]] = []
-        if not self.prompt.strip():
-            errors.append(("prompt", "must not be empty or blank"))
+        if not _visible(self.prompt):
+            errors.append(("prompt", "must not be empty or blank (only spaces or control characters)"))
+        last_seed = self.seed + self.num_images_per_prompt - 1
+        if self.seed != RANDOM_SEED and last_seed > MAX_SEED:
+            errors.append(("seed", f"must be at most {MAX_SEED - self.num_images_per_prompt + 1} with "
+                                   f"num_images_per_prompt {self.num_images_per_prompt} (image i uses seed + i, "
+                                   f"at most {MAX_SEED}; got {self.seed})"))
         spec = model_spec(self.model_name)
-        if spec is None:
+        if (problem := model_name_problem(self.model_name)) is not None:
+            errors.append(("model_name", problem))
+        elif spec is None:
             errors.append(
                 (
                     "model_name",
@@ -139,6 +149,12 @@ class JobRequest(BaseModel):
 
     def image_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images_per_prompt)]
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` holds a character that is neither white space nor a control or format
+    character (NUL, escape codes, zero-width marks): what "not blank" means for a prompt."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
 
 
 class _ErrorList(list):  # type: ignore[type-arg]

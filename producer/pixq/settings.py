@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict
 
 from pixq.errors import ConfigError
-from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_spec
+from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 
@@ -81,6 +81,8 @@ class Settings(BaseModel):
                 )
             values["s3_prefix"] = prefix
         if (model := get("PIXQ_MODEL")) is not None:
+            if (problem := model_name_problem(model)) is not None:
+                raise ConfigError(f"PIXQ_MODEL: {problem}")
             if model_spec(model) is None:
                 raise ConfigError(
                     f"PIXQ_MODEL: unknown model {model!r}; use one of {', '.join(KNOWN_MODELS)} "
@@ -123,16 +125,26 @@ class Settings(BaseModel):
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password replaced by ``***`` (also in a URL too malformed to parse)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url, count=1)
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
 
 
 def _check_redis_url(url: str) -> str:
-    parts = urlsplit(url)
+    """A URL redis-py and kombu will take: scheme, host, port, database number and options checked here,
+    so that a mistake stops the program naming PIXQ_REDIS_URL instead of failing at the first command."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} is malformed ({exc})") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
             f"PIXQ_REDIS_URL: {mask_url(url)!r} must start with redis://, rediss:// (TLS) or unix://"
@@ -145,10 +157,17 @@ def _check_redis_url(url: str) -> str:
             "rediss://user:password@host:6380/0?ssl_cert_reqs=required (add &ssl_ca_certs=/path/ca.pem "
             "for a private CA)"
         )
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r}: the path is the database number, e.g. /0 "
+                          f"(got /{database})")
+    import redis  # here: settings are read before any command needs Redis
+
     try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} has a malformed port") from None
+        redis.ConnectionPool.from_url(url).make_connection()  # parses every option; connects nowhere
+    except (ValueError, TypeError) as exc:
+        detail = str(exc).replace("AbstractConnection.__init__() got an ", "")
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r}: {detail}") from None
     return url
 
 

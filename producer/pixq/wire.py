@@ -122,6 +122,9 @@ def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None 
         queue=queue_name(request.model_name),
         priority=broker_priority(request.priority),
         task_id=task_id,
+        # The job record is the result: no Celery result to wait for, so no subscription to the result
+        # backend per job (send_task by name does not know the task's ignore_result).
+        ignore_result=True,
         # What Flower shows as the arguments: no secrets, a shortened prompt.
         kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
                          "model": request.model_name, "job_id": job_id}),
