@@ -27,6 +27,6 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "==> installing torch ${PIXQ_TORCH_VERSION:-2.13.0}"
   python -m pip install -q "torch==${PIXQ_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
 fi
-echo "==> installing pixart-queue[dev] + pixart-queue-worker[stack] (editable)"
-python -m pip install -q -e ".[dev]" -e "./worker[stack]" 2>&1 | grep -vE "is ignored|^\s*$" || true
+echo "==> installing pixart-queue[dev,api] + pixart-queue-worker[stack] (editable)"
+python -m pip install -q -e ".[dev,api]" -e "./worker[stack]" 2>&1 | grep -vE "is ignored|^\s*$" || true
 python -c "import torch, diffusers, celery, redis, boto3; print('==> ready: torch', torch.__version__, '| diffusers', diffusers.__version__)"

@@ -69,7 +69,7 @@ class ComponentCommand:
 
 _WORKER = "pixart-queue-worker"
 _WORKER_PANEL = "Worker and local stack (pixart-queue-worker)"
-COMPONENT_COMMANDS = (
+COMPONENT_COMMANDS: tuple[ComponentCommand, ...] = (
     ComponentCommand("worker", "pixq.worker.ops.cli", "Start one worker process: load the pipeline once on "
                      "DEVICE, then render jobs one by one.", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("up", "pixq.worker.ops.cli", "Start Redis, SeaweedFS (S3), one worker and Flower on "
@@ -80,6 +80,16 @@ COMPONENT_COMMANDS = (
                      "tests and demos: it draws noise).", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("flower", "pixq.worker.ops.cli", "Start Flower (Celery's dashboard) on the queue's Redis, "
                      "behind basic auth.", _WORKER, "pixq.worker", _WORKER_PANEL),
+)
+_API = "pixart-queue[api]"
+_API_PANEL = "HTTP API and webhooks (the api extra)"
+COMPONENT_COMMANDS += (
+    ComponentCommand("api", "pixq.api.cli", "Serve the HTTP API (and, unless --no-relay, the webhook relay).",
+                     _API, "fastapi", _API_PANEL),
+    ComponentCommand("keys", "pixq.api.cli", "API keys: create, list, revoke, rotate the webhook secret.",
+                     _API, "fastapi", _API_PANEL),
+    ComponentCommand("webhooks", "pixq.api.cli", "The webhook relay, and deliveries that ran out of attempts.",
+                     _API, "fastapi", _API_PANEL),
 )
 
 

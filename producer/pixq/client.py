@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
 from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.records import JobRecord, JobState, RecordStore
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
 IDEMPOTENCY_PREFIX = "pixq:idem:"
+
+
+def check_webhook(url: str, allow: tuple[Network, ...]) -> None:
+    """``InvalidRequest`` naming ``webhook.url`` unless the destination may be reached."""
+    try:
+        check_destination(url, allow)
+    except EgressRefused as exc:
+        raise InvalidRequest([("webhook.url", str(exc))]) from None
 
 
 class Job:
@@ -94,14 +103,23 @@ class Client:
                 raise TypeError("submit() got the prompt twice, as the first argument and as prompt=")
             data["prompt"] = prompt
         data.setdefault("model_name", self.settings.model)
-        request = parse_request(data).with_seed()
-        with service_errors("job not submitted"):
-            job = self._enqueue(request)
+        request = parse_request(data)
+        job = self.submit_request(request)
         if job.created and not self._served(request.model_name):
             job.warning = (f"no live worker serves {request.model_name} (none seen in the last "
                            f"{WORKER_KEY_TTL_S} s): job {job.id} waits in its queue until one starts")
             warnings.warn(job.warning, NoWorkerWarning, stacklevel=2)
         return job
+
+    def submit_request(self, request: JobRequest, *, owner: str | None = None, max_in_flight: int = 0) -> Job:
+        """Record and enqueue a validated request (the API's path: no worker warning). ``owner`` (an API
+        key's id) scopes the job's idempotency key and listing; ``max_in_flight`` > 0 refuses
+        (``QueueFull``) an owner who already has that many unfinished jobs, atomically with the record."""
+        request = request.with_seed()
+        if request.webhook is not None:
+            check_webhook(request.webhook.url, self.settings.webhook_allow_networks())
+        with service_errors("job not submitted"):
+            return self._enqueue(request, owner, max_in_flight)
 
     def _served(self, model_name: str) -> bool:
         """Whether a live worker serves ``model_name``; a yes is kept for a presence key's lifetime,
@@ -118,15 +136,12 @@ class Client:
             self._served_until[model_name] = now + WORKER_KEY_TTL_S
         return served
 
-    def submit_request(self, request: JobRequest) -> Job:
-        return self.submit(**request.model_dump())
-
-    def _enqueue(self, request: JobRequest) -> Job:
+    def _enqueue(self, request: JobRequest, owner: str | None = None, max_in_flight: int = 0) -> Job:
         self._check_depth(request.model_name)
         job_id = uuid.uuid4().hex
         idem_key = None
         if request.idempotency_key is not None:
-            idem_key = IDEMPOTENCY_PREFIX + request.idempotency_key
+            idem_key = IDEMPOTENCY_PREFIX + (f"{owner}/" if owner else "") + request.idempotency_key
             claimed = self.conn.set(idem_key, job_id, nx=True, ex=self.settings.retention_s)
             if not claimed:
                 existing = self.conn.get(idem_key)
@@ -136,7 +151,7 @@ class Client:
                 # The key expired between the two calls: fall through as a new job.
                 self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
         try:
-            self.records.create(job_id, request)
+            self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight)
             send_job(self._celery, job_id, request, task_id=job_id)
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from pixq.errors import JobNotFound
+from pixq.errors import JobNotFound, QueueFull
 from pixq.schema import JobRequest, RenderMode
 
 KEY_PREFIX = "pixq:job:"
@@ -80,6 +80,7 @@ class JobRecord(BaseModel):
     render: RenderInfo | None = None
     error: JobError | None = None
     cancel_requested: bool = False
+    owner: str | None = None  # the API key (its id) that submitted the job; None for direct Python clients
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -91,11 +92,45 @@ RUNNING_KEY = "pixq:running"  # ZSET job id -> claim time: jobs some worker hold
 QUEUED_KEY = "pixq:queued"
 DEAD_KEY = "pixq:dead"  # ZSET job id -> time: jobs that ran out of attempts
 LEASE_PREFIX = "pixq:lease:"
+# Written by the scripts below together with the state change they describe:
+OUTBOX_KEY = "pixq:outbox"  # STREAM: webhook events (event + the whole record), read by the relays
+EVENTS_PREFIX = "pixq:events:"  # STREAM per job: queued / running (every step) / terminal, for SSE
+OWNER_INDEX_PREFIX = "pixq:owner-jobs:"  # ZSET per owner ("-": none): job id -> created_at
+INFLIGHT_PREFIX = "pixq:owner-inflight:"  # ZSET per owner with a max-in-flight quota: its unfinished jobs
+NO_OWNER = "-"
+
+# Lua helpers prepended to every script that changes a job's state: the per-job event stream
+# (SSE) and, for jobs with a webhook asking for the event, the outbox entry. One script, one
+# atomic change: a state change and its webhook are written together or not at all.
+_EMIT = """
+local function pixq_event(job_key, event)
+  local id = redis.call('HGET', job_key, 'id')
+  local stream = 'pixq:events:' .. id
+  redis.call('XADD', stream, 'MAXLEN', '~', '1000', '*', 'type', event,
+    'step', redis.call('HGET', job_key, 'step') or '0')
+  if event ~= 'running' then
+    local ttl = redis.call('TTL', job_key)
+    if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  end
+end
+local function pixq_emit(job_key, event)
+  pixq_event(job_key, event)
+  if event == 'queued' then return end
+  local ok, req = pcall(cjson.decode, redis.call('HGET', job_key, 'request') or '{}')
+  if not ok or type(req['webhook']) ~= 'table' then return end
+  for _, wanted in ipairs(req['webhook']['events'] or {}) do
+    if wanted == event then
+      redis.call('XADD', 'pixq:outbox', '*', 'event', event, unpack(redis.call('HGETALL', job_key)))
+      return
+    end
+  end
+end
+"""
 
 # KEYS[1]: the job hash. ARGV[1]: allowed current states, comma-joined ("*": any).
 # ARGV[2..]: field, value pairs to set. Returns {1, old_state} if set, {0, state} if not
 # (state false when the job does not exist).
-_TRANSITION = """
+_TRANSITION = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0, false} end
 if ARGV[1] ~= '*' then
@@ -106,20 +141,38 @@ if ARGV[1] ~= '*' then
   if not allowed then return {0, state} end
 end
 if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+local now_state = redis.call('HGET', KEYS[1], 'state')
+if now_state ~= state then pixq_emit(KEYS[1], now_state) end
 return {1, state}
 """
 
-# KEYS: the job hash, the queued index. ARGV: retention in seconds, job id, created_at, field/value
-# pairs. Safe to re-run after an unknown outcome (a retry after a lost reply): the record written
-# by the first run has our created_at, and that counts as created.
-_CREATE = """
+# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set. ARGV:
+# retention in seconds, job id, created_at, max in flight (0: no quota), field/value pairs. Returns
+# 1; 0 when another job has the id; -1 when the owner already has max-in-flight unfinished jobs
+# (nothing written). Safe to re-run after an unknown outcome (a retry after a lost reply): the
+# record written by the first run has our created_at, and that counts as created.
+_CREATE = _EMIT + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'created_at') == ARGV[3] then return 1 end
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local quota = tonumber(ARGV[4])
+if quota > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local s = redis.call('HGET', 'pixq:job:' .. id, 'state')
+    if not s or s == 'succeeded' or s == 'failed' or s == 'canceled' then redis.call('ZREM', KEYS[4], id) end
+  end
+  if redis.call('ZCARD', KEYS[4]) >= quota then return -1 end
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3] - ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+pixq_emit(KEYS[1], 'queued')
 return 1
 """
 
@@ -135,6 +188,7 @@ if attempts >= tonumber(ARGV[3]) then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  pixq_emit(KEYS[1], 'failed')
   return {'dead', message}
 end
 """
@@ -142,7 +196,7 @@ end
 # Take a job to run: a queued one, or a running one whose worker's lease lapsed. KEYS: job, lease,
 # running, dead, queued. ARGV[7]: a token drawn for this claim: a re-run of the same claim after an
 # unknown outcome finds its own token and answers 'claimed' again (a second delivery has another).
-_CLAIM = """
+_CLAIM = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then redis.call('ZREM', KEYS[5], ARGV[1]) return {'missing', ''} end
 if state == 'running' then
@@ -161,13 +215,14 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at',
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
+pixq_emit(KEYS[1], 'running')
 return {'claimed', tostring(n)}
 """
 
 # A running job whose lease lapsed goes back to queued (the caller sends a new message) or,
 # out of attempts, to the dead list. A re-run after an unknown outcome answers 'settled queued'
 # and sends nothing; the reconciliation re-sends that job (reaper.py).
-_REAP = """
+_REAP = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then redis.call('ZREM', KEYS[3], ARGV[1]) return {'gone', ''} end
 if state ~= 'running' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'settled', state} end
@@ -176,6 +231,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', ''} end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+pixq_emit(KEYS[1], 'queued')
 return {'requeued', ''}
 """
 
@@ -190,12 +246,13 @@ return 0
 
 # KEYS: job, lease. ARGV: worker, step. Record progress if we still hold the job; answer
 # 'cancel' when a cancel was asked for, 'lost' when the job is no longer ours.
-_PROGRESS = """
+_PROGRESS = _EMIT + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
    or redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 'lost'
 end
 redis.call('HSET', KEYS[1], 'step', ARGV[2])
+pixq_event(KEYS[1], 'running')
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
 return 'ok'
 """
@@ -204,7 +261,7 @@ return 'ok'
 # field/value pairs. End (or give back) a job we hold: set fields, drop the lease and the running
 # entry. A re-run after an unknown outcome finds the end it wrote (same state, same claim) and
 # answers 1 again.
-_RELEASE = """
+_RELEASE = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   if state == ARGV[5] and state ~= 'queued' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
@@ -217,18 +274,20 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[4]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+local now_state = redis.call('HGET', KEYS[1], 'state')
+if now_state ~= 'queued' then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 else
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[2])
 end
+if now_state ~= 'running' then pixq_emit(KEYS[1], now_state) end
 return {1, 'running'}
 """
 
 # KEYS: job, dead, queued. ARGV: job id, retention, now. A failed or canceled job goes back to
 # queued with fresh attempts (the caller sends the message). A re-run after an unknown outcome
 # finds it queued with no attempt and answers 1 again (one extra message: harmless).
-_RETRY = """
+_RETRY = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' and redis.call('HGET', KEYS[1], 'attempts') == '0' then return {1, state} end
 if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
@@ -237,6 +296,7 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'wo
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+pixq_emit(KEYS[1], 'queued')
 return {1, state}
 """
 
@@ -279,7 +339,11 @@ def _decode(raw: dict[bytes, bytes]) -> JobRecord:
         render=RenderInfo.model_validate_json(f["render"]) if f.get("render") else None,
         error=JobError.model_validate_json(f["error"]) if f.get("error") else None,
         cancel_requested=f.get("cancel_requested") == "1",
+        owner=f.get("owner") or None,
     )
+
+
+decode_record = _decode  # the record from a raw HGETALL (listing and event streams read hashes in pipelines)
 
 
 def _strings(members: Any) -> list[str]:
@@ -311,18 +375,26 @@ class RecordStore:
 
     # -- producer side ----------------------------------------------------------------------
 
-    def create(self, job_id: str, request: JobRequest) -> JobRecord:
+    def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0) -> JobRecord:
+        """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
+        ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written)."""
         record = JobRecord(
             id=job_id,
             state=JobState.queued,
             request=request,
             created_at=time.time(),
             total_steps=request.num_inference_steps,
+            owner=owner,
         )
         fields = record.model_dump(exclude={"images", "error", "render"}, exclude_none=True)
         fields["request"] = request
-        created = self._create(keys=[self.key(job_id), QUEUED_KEY],
-                               args=[self.retention_s, job_id, repr(record.created_at), *_encode(fields)])
+        tenant = owner or NO_OWNER
+        created = self._create(
+            keys=[self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant],
+            args=[self.retention_s, job_id, repr(record.created_at), max_in_flight, *_encode(fields)],
+        )
+        if created == -1:
+            raise QueueFull(f"key already has {max_in_flight} unfinished jobs (its max-in-flight quota)")
         if not created:
             raise ValueError(f"job {job_id} already exists")
         return record

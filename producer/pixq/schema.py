@@ -10,6 +10,7 @@ import enum
 import secrets
 import unicodedata
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -59,6 +60,48 @@ class RenderMode(str, enum.Enum):
 
 
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+MAX_WEBHOOK_URL_CHARS = 2000
+
+
+class WebhookEvent(str, enum.Enum):
+    """The job events a webhook can ask for."""
+
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+class Webhook(BaseModel):
+    """Where to push the job's events (Standard Webhooks, signed with the API key's secret)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=MAX_WEBHOOK_URL_CHARS)] = Field(
+        description="https:// URL (http:// only for destinations on the operator's PIXQ_WEBHOOK_ALLOW list)."
+    )
+    events: list[Annotated[WebhookEvent, Strict(False)]] = Field(
+        default_factory=lambda: list(WebhookEvent), min_length=1, description="Events to deliver (default: all)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError("has a malformed port") from None
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
+        if len(set(events)) != len(events):
+            raise ValueError("must not repeat an event")
+        return events
 
 
 class JobRequest(BaseModel):
@@ -101,6 +144,7 @@ class JobRequest(BaseModel):
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
         None, description="Two submits with the same key give one job."
     )
+    webhook: Webhook | None = Field(None, description="Push the job's events to this URL.")
 
     @field_validator("width", "height")
     @classmethod

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from pixq.egress import Network, parse_networks
 from pixq.errors import ConfigError
 from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 
@@ -50,6 +51,11 @@ class Settings(BaseModel):
     visibility_timeout_s: int | None = None  # Redis redelivery of unacked messages; default derived below
     max_attempts: int = 3  # deliveries of one job before it is dead
     lease_ttl_s: int = 15  # a running job whose worker stops renewing this is re-queued
+    # Webhook destinations allowed although private/loopback (and over plain http): PIXQ_WEBHOOK_ALLOW.
+    webhook_allow: tuple[str, ...] = ()
+
+    def webhook_allow_networks(self) -> tuple[Network, ...]:
+        return parse_networks(",".join(self.webhook_allow))
 
     @property
     def effective_visibility_timeout_s(self) -> int:
@@ -89,6 +95,11 @@ class Settings(BaseModel):
                     "or an absolute path to a local pipeline directory"
                 )
             values["model"] = model
+        if (allow := get("PIXQ_WEBHOOK_ALLOW")) is not None:
+            try:
+                values["webhook_allow"] = tuple(str(net) for net in parse_networks(allow))
+            except ValueError as exc:
+                raise ConfigError(f"PIXQ_WEBHOOK_ALLOW: {exc}") from None
         if (region := get("AWS_DEFAULT_REGION")) is not None:
             values["aws_region"] = region
         for var, field, minimum in (

@@ -1,0 +1,101 @@
+"""The FastAPI application factory: ``create_app(settings, api_settings)``.
+
+Everything the routes need (the ``Client``, the key store, the rate limiter, the metrics registry)
+is built here once and kept on ``app.state``; nothing is read from the environment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from limits import parse as parse_limit
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pixq.api import errors
+from pixq.api.config import ApiSettings
+from pixq.api.keys import ApiKey, KeyStore
+from pixq.api.middleware import BodyLimit, Metrics
+from pixq.client import Client
+from pixq.settings import Settings
+
+API_VERSION = "1"
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    api: ApiSettings
+    client: Client
+    keys: KeyStore
+    aconn: aioredis.Redis
+    limiter: MovingWindowRateLimiter
+    registry: CollectorRegistry
+    public_url: str
+    webhook_outcomes: Counter
+    outbox_entries: Gauge
+    deliveries_due: Gauge
+
+    def rate_limited(self, key: ApiKey) -> int:
+        """0 if the key may submit now (the hit is counted), else seconds until it may."""
+        if not key.rate:
+            return 0
+        item = parse_limit(key.rate)
+        if self.limiter.hit(item, "pixq-key", key.id):
+            return 0
+        stats = self.limiter.get_window_stats(item, "pixq-key", key.id)
+        return max(1, int(stats.reset_time - time.time() + 0.999))
+
+
+def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://127.0.0.1:8000",
+               relay: Any = None) -> FastAPI:
+    """The API over one Redis; ``relay`` (a ``pixq.api.relay.Relay``) runs beside it when given."""
+    url = settings.require_redis()
+    conn = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
+    registry = CollectorRegistry()
+    state = ApiState(
+        settings=settings, api=api, client=Client(settings, conn=conn), keys=KeyStore(conn, api.require_pepper()),
+        aconn=aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10),
+        limiter=MovingWindowRateLimiter(storage_from_string(url)),
+        registry=registry, public_url=(api.public_url or public_url).rstrip("/"),
+        webhook_outcomes=Counter("pixq_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
+                                 registry=registry),
+        outbox_entries=Gauge("pixq_webhook_outbox_entries", "Webhook events in the outbox stream not yet taken "
+                             "by a relay", registry=registry),
+        deliveries_due=Gauge("pixq_webhook_deliveries_due", "Webhook deliveries due now (the relays' backlog)",
+                             registry=registry),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if relay is not None:
+            relay.start(outcomes=state.webhook_outcomes)
+        try:
+            yield
+        finally:
+            if relay is not None:
+                relay.stop()
+            await state.aconn.aclose()
+            state.client.close()
+
+    app = FastAPI(
+        title="pixart-queue API", version=API_VERSION, lifespan=lifespan, separate_input_output_schemas=False,
+        description="PixArt-Σ text-to-image jobs: submit, follow (SSE), fetch images, signed webhooks. "
+        "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <key>`.",
+    )
+    app.state.pixq = state
+    errors.install(app)
+    from pixq.api import routes  # the routes read app.state.pixq
+
+    app.include_router(routes.router)
+    app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
+    app.add_middleware(Metrics, registry=registry)
+    return app

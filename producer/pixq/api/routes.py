@@ -1,0 +1,246 @@
+"""The routes: each one authenticates, validates with the shared schema and calls the ``Client``.
+
+No business rules live here: validation is ``pixq.schema``, records and quotas are
+``pixq.records``, enqueueing is ``pixq.client``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from pixq.api import events
+from pixq.api.app import ApiState
+from pixq.api.errors import ApiError, RateLimited, invalid, responses
+from pixq.api.keys import ApiKey, Scope
+from pixq.errors import InvalidRequest, JobNotFound
+from pixq.listing import decode_cursor, list_jobs
+from pixq.records import JobRecord, JobState
+from pixq.schema import JobRequest, WebhookEvent, parse_request, request_schema
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="An API key from `pixq keys create`")
+MAX_LIST_LIMIT = 100
+
+
+def state_of(request: Request) -> ApiState:
+    return request.app.state.pixq  # type: ignore[no-any-return]
+
+
+class JobView(JobRecord):
+    """The job record, with each image's link through this API (a redirect to a fresh URL)."""
+
+    image_urls: list[str] = []
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = None
+
+
+def view(state: ApiState, record: JobRecord) -> JobView:
+    urls = [f"{state.public_url}/v1/jobs/{record.id}/images/{i.index}" for i in record.images]
+    return JobView(**dict(record), image_urls=urls)
+
+
+def authenticated(scope: Scope) -> Any:
+    def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+        if creds is None or creds.scheme.lower() != "bearer":
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <API key>",
+                           {"WWW-Authenticate": "Bearer"})
+        key = state_of(request).keys.authenticate(creds.credentials)
+        if key is None:
+            raise ApiError(401, "unauthorized", "unknown, wrong or revoked API key", {"WWW-Authenticate": "Bearer"})
+        if not key.allows(scope):
+            raise ApiError(403, "forbidden", f"this key lacks the {scope.value} scope")
+        return key
+
+    return Depends(check)
+
+
+def owned(state: ApiState, key: ApiKey, job_id: str) -> JobRecord:
+    """The job if this key may see it; another key's job reads as not found."""
+    record = state.client.status(job_id)
+    if record.owner != key.id and not key.allows(Scope.admin):
+        raise JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
+    return record
+
+
+JOB_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}}
+
+
+@router.post("/v1/jobs", status_code=201, response_model=JobView, openapi_extra=JOB_BODY, tags=["jobs"],
+             responses={200: {"model": JobView, "description": "An earlier job with the same idempotency key"},
+                        **responses(400, 401, 403, 413, 415, 422, 429, 503)})
+async def submit(
+    request: Request, key: ApiKey = authenticated(Scope.submit),
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
+    """Submit a job: the body is the job request the Python client takes."""
+    state = state_of(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the job as Content-Type: application/json")
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        return invalid([('""', "the body must be a JSON object (the job request)")])
+    if idempotency_key is not None and data.setdefault("idempotency_key", idempotency_key) != idempotency_key:
+        return invalid([("idempotency_key", "differs from the Idempotency-Key header")])
+    data.setdefault("model_name", state.settings.model)
+    job_request: JobRequest = parse_request(data)
+    if wait_s := await run_in_threadpool(state.rate_limited, key):
+        raise RateLimited(f"key {key.name} is over its rate of {key.rate}", wait_s)
+    job = await run_in_threadpool(state.client.submit_request, job_request, owner=key.id,
+                                  max_in_flight=key.max_in_flight)
+    record = await run_in_threadpool(state.client.status, job.id)
+    return JSONResponse(view(state, record).model_dump(mode="json"), status_code=201 if job.created else 200,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs", response_model=JobList, tags=["jobs"], responses=responses(401, 403, 422, 503))
+def list_own_jobs(
+    request: Request, key: ApiKey = authenticated(Scope.read),
+    state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+) -> JobList:
+    """This key's jobs, newest first, a page at a time."""
+    st = state_of(request)
+    try:
+        after = decode_cursor(cursor) if cursor else None
+    except ValueError:
+        raise InvalidRequest([("cursor", "is not a cursor this API gave out")]) from None
+    records, next_cursor = list_jobs(st.client.records, key.id, state=state, limit=limit, after=after)
+    return JobList(jobs=[view(st, r) for r in records], next_cursor=next_cursor)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=responses(401, 403, 404, 503))
+def get_job(job_id: str, request: Request, key: ApiKey = authenticated(Scope.read)) -> JobView:
+    """The job's record."""
+    st = state_of(request)
+    return view(st, owned(st, key, job_id))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"],
+             responses=responses(401, 403, 404, 503))
+def cancel_job(job_id: str, request: Request, key: ApiKey = authenticated(Scope.submit)) -> JobView:
+    """Cancel: a queued job never starts, a running one stops at its next step."""
+    st = state_of(request)
+    owned(st, key, job_id)
+    return view(st, st.client.cancel(job_id))
+
+
+@router.get("/v1/jobs/{job_id}/images/{index}", status_code=302, response_class=RedirectResponse, tags=["jobs"],
+            responses={302: {"description": "To a fresh presigned URL of the image"},
+                       **responses(401, 403, 404, 422, 503)})
+def get_image(job_id: str, index: int, request: Request, key: ApiKey = authenticated(Scope.read)) -> Response:
+    """A redirect to a fresh time-limited URL of the image (links in stored payloads never expire)."""
+    st = state_of(request)
+    record = owned(st, key, job_id)
+    if not 0 <= index < len(record.images):
+        raise JobNotFound(f"job {job_id} has no image {index} ({len(record.images)} image(s), {record.state.value})")
+    return RedirectResponse(st.client.presigned_url(job_id, index, expires_in_s=900), status_code=302)
+
+
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "Server-Sent Events: queued, running (every step), then the end"},
+                       **responses(401, 403, 404, 503)})
+def job_events(job_id: str, request: Request, key: ApiKey = authenticated(Scope.read),
+               last_event_id: Annotated[str | None, Header(max_length=64)] = None) -> StreamingResponse:
+    """Follow the job: ``queued`` (with position), ``running`` (step, total_steps) at every step, then
+    ``succeeded`` / ``failed`` / ``canceled`` with the record; resumable with ``Last-Event-ID``."""
+    st = state_of(request)
+    record = owned(st, key, job_id)
+    stream = events.follow(st, record, last_event_id, lambda r: view(st, r).model_dump(mode="json"))
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/v1/jobs/{job_id}/deliveries", tags=["webhooks"], responses=responses(401, 403, 404, 503))
+def job_deliveries(job_id: str, request: Request, key: ApiKey = authenticated(Scope.read)) -> list[dict[str, Any]]:
+    """The job's webhook deliveries: state (pending, delivered, failed, gone), attempts, last answer."""
+    from pixq.api.deliveries import DeliveryStore
+
+    st = state_of(request)
+    owned(st, key, job_id)
+    return [d.public() for d in DeliveryStore(st.client.conn).for_job(job_id)]
+
+
+@router.post("/v1/jobs/{job_id}/deliveries/{event}/redeliver", tags=["webhooks"],
+             responses=responses(401, 403, 404, 422, 503))
+def redeliver(job_id: str, event: WebhookEvent, request: Request,
+              key: ApiKey = authenticated(Scope.submit)) -> dict[str, Any]:
+    """Send an exhausted (or stopped by 410) delivery again, with a fresh schedule."""
+    from pixq.api.deliveries import DeliveryStore
+
+    st = state_of(request)
+    owned(st, key, job_id)
+    delivery = DeliveryStore(st.client.conn).redeliver(job_id, event.value)
+    if delivery is None:
+        raise JobNotFound(f"job {job_id} has no failed {event.value} delivery to send again")
+    return delivery.public()
+
+
+@router.get("/v1/queues", tags=["queues"], responses=responses(401, 403, 503))
+def queues(request: Request, key: ApiKey = authenticated(Scope.read)) -> list[dict[str, Any]]:
+    """Per model: waiting jobs, the oldest one's age, running jobs, live workers."""
+    return [q.to_json_dict() for q in state_of(request).client.queues()]
+
+
+@router.get("/v1/schema", tags=["jobs"], responses=responses(401, 403))
+def schema(key: ApiKey = authenticated(Scope.read)) -> dict[str, Any]:
+    """The job request's JSON Schema."""
+    return request_schema()
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], responses={503: {"description": "Redis or S3 unreachable"}})
+def readyz(request: Request) -> JSONResponse:
+    """Redis and S3 answer."""
+    st = state_of(request)
+    checks: dict[str, str] = {}
+    try:
+        st.client.conn.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # any failure is "not ready", said in the body
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+    try:
+        st.client.s3().head_bucket(Bucket=st.settings.require_bucket())
+        checks["s3"] = "ok"
+    except Exception as exc:
+        checks["s3"] = f"unreachable: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["health"], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, latency, webhook deliveries, outbox lag."""
+    st = state_of(request)
+    from pixq.api.deliveries import DeliveryStore
+
+    try:
+        entries, due = DeliveryStore(st.client.conn).backlog()
+        st.outbox_entries.set(entries)
+        st.deliveries_due.set(due)
+    except Exception:  # Redis down: the last values stay; /readyz says why
+        pass
+    return Response(generate_latest(st.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,137 @@
+"""Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pixq.worker.ops.stack import Service, free_port, pixq_argv
+
+PEPPER = "test-pepper-0123456789abcdef"
+
+
+def api_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    out = dict(env)
+    out.update({"PIXQ_API_KEY_PEPPER": PEPPER, "PIXQ_WEBHOOK_ALLOW": "127.0.0.1/32",
+                "PIXQ_WEBHOOK_SCHEDULE_S": "0.2,0.2,0.3,0.5", "PIXQ_WEBHOOK_TIMEOUT_S": "1"})
+    out.update(extra)
+    return out
+
+
+def start_api(env: dict[str, str], log_path: Path, *extra: str, port: int | None = None) -> tuple[Service, str]:
+    port = port or free_port()
+    svc = Service("api", pixq_argv("api", "--host", "127.0.0.1", "--port", str(port), *extra), log_path,
+                  env=env).start()
+    base = f"http://127.0.0.1:{port}"
+    svc.wait_until(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 60)
+    return svc, base
+
+
+def start_relay(env: dict[str, str], log_path: Path) -> Service:
+    svc = Service("relay", pixq_argv("webhooks"), log_path, env=env).start()
+    svc.wait_until(lambda: "running" in svc.log_path.read_text(errors="replace"), 60)
+    return svc
+
+
+def make_key(env: dict[str, str], name: str, *args: str) -> dict[str, str]:
+    out = subprocess.run(pixq_argv("keys", "create", name, "--json", *args), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def auth(key: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key['key']}"}
+
+
+@dataclass
+class Hit:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    answered: int
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback. ``plan(n)`` says how to answer the n-th request (0-based):
+    a status code, or (status, seconds to sleep first, extra headers)."""
+
+    plan: Callable[[int], Any] = lambda n: 200
+    hits: list[Hit] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver.lock:
+                    n = len(receiver.hits)
+                    answer = receiver.plan(n)
+                    status, sleep_s, headers = answer if isinstance(answer, tuple) else (answer, 0.0, {})
+                    receiver.hits.append(Hit({k.lower(): v for k, v in self.headers.items()}, body, time.time(),
+                                             status))
+                if sleep_s:
+                    time.sleep(sleep_s)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the relay gave up on us (timeout)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait(self, predicate: Callable[[list[Hit]], bool], timeout_s: float, what: str) -> list[Hit]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                hits = list(self.hits)
+            if predicate(hits):
+                return hits
+            time.sleep(0.05)
+        got = [(h.headers.get("webhook-id"), h.answered) for h in self.hits]
+        raise AssertionError(f"timed out waiting for {what}; got {got}")
+
+
+def sse_events(base: str, job_id: str, headers: dict[str, str], timeout_s: float = 120) -> list[tuple[str, str, Any]]:
+    """(id, event, data) for every event until the stream ends."""
+    events: list[tuple[str, str, Any]] = []
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=headers, timeout=timeout_s) as response:
+        assert response.status_code == 200, response.read()
+        current: dict[str, str] = {}
+        for line in response.iter_lines():
+            if not line:
+                if "event" in current:
+                    events.append((current.get("id", ""), current["event"], json.loads(current["data"])))
+                current = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                current[name] = value
+    return events
