@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,10 @@ import psutil
 import pytest
 from pixq.client import Client
 from pixq.records import JobState
-from pixq.worker.jobs.tasks import progress_reporter
+from pixq.schema import JobRequest
+from pixq.settings import Settings
+from pixq.wire import send_job
+from pixq.worker.jobs.tasks import create_app, progress_reporter
 from pixq.worker.ops.stack import Service, free_port, pixq_argv, start_worker
 
 from tests.conftest import wait_for, write_artifact
@@ -197,6 +200,7 @@ def test_pixq_flower_refuses_to_start_without_credentials(env: dict[str, str]) -
         "error: --no-auth contradicts the credentials in FLOWER_BASIC_AUTH; drop one of them"]
 
 
+@pytest.mark.slow
 def test_without_credentials_pages_and_api_answer_401(flower: Flower) -> None:
     for path in ("/", "/tasks", "/workers", "/api/tasks", "/api/workers"):
         status, _, headers = flower.get(path, auth=None)
@@ -208,6 +212,7 @@ def test_without_credentials_pages_and_api_answer_401(flower: Flower) -> None:
     assert status == 200 and isinstance(json.loads(body), dict)
 
 
+@pytest.mark.slow
 def test_credentials_stay_off_command_lines(flower: Flower) -> None:
     # `pixq flower` became Flower itself (exec): same process, Flower's own command line.
     proc = psutil.Process(flower.svc.pid)
@@ -218,6 +223,7 @@ def test_credentials_stay_off_command_lines(flower: Flower) -> None:
     assert proc.environ()["FLOWER_BASIC_AUTH"] == f"{flower.user}:{flower.password}"
 
 
+@pytest.mark.slow
 def test_flower_shows_jobs_progress_and_each_worker(
     flower: Flower, browser: Any, client: Client, env: dict[str, str], tiny_model: str, slow_model: str,
 ) -> None:
@@ -242,8 +248,9 @@ def test_flower_shows_jobs_progress_and_each_worker(
     # Jobs waiting behind it, on several of the queue's priority lists: the Broker tab counts them all.
     waiting = [client.submit("waits its turn", model_name=slow_model, width=128, height=128,
                              num_inference_steps=2, priority=p) for p in (0, 5, 9, 5)]
-    time.sleep(1.0)  # the worker's second job thread takes one message and waits for the GPU
-    depth = client.queue_depth(slow_model)
+    # The worker's second job thread takes one message and waits for the GPU; the other three wait in Redis.
+    depth = wait_for(lambda: (d := client.queue_depth(slow_model)) <= len(waiting) - 1 and d, 20,
+                     "the worker's second job thread to take a message", poll_s=0.05)
     page.goto(f"{flower.url}/broker")
     queue_row = page.locator("#queue-table tbody tr", has_text=f"pixq.{slow_model}")
     messages = queue_row.locator("td:nth-child(2)").inner_text().strip()
@@ -300,3 +307,85 @@ def test_flower_shows_jobs_progress_and_each_worker(
         for secret in hidden:
             assert secret not in page.content(), path
     page.close()
+
+
+def flower_task(flower: Flower, task_id: str) -> dict[str, Any]:
+    status, body, _ = flower.get(f"/api/task/info/{task_id}")
+    return json.loads(body) if status == 200 else {}
+
+
+def listed(flower: Flower, state: str) -> dict[str, Any]:
+    """Flower's API for its Tasks page filtered by state (what the Failed filter shows)."""
+    status, body, _ = flower.get(f"/api/tasks?state={state}")
+    assert status == 200
+    tasks: dict[str, Any] = json.loads(body)
+    return tasks
+
+
+def unacked(raw_redis: Any) -> str:
+    """Every message Redis has handed out and not had acknowledged (kombu's ``unacked`` hash)."""
+    return " ".join(str(m) for m in raw_redis.hvals("unacked"))
+
+
+@pytest.mark.slow
+def test_failed_and_canceled_jobs_end_in_their_celery_state(
+    flower: Flower, browser: Any, client: Client, settings: Settings, raw_redis: Any, tiny_model: str,
+    slow_model: str,
+) -> None:
+    # Canceled while running: the task leaves PROGRESS for CANCELED, its message acknowledged.
+    long = client.submit("canceled halfway", model_name=slow_model, width=256, height=256, num_inference_steps=200)
+    wait_for(lambda: client.status(long.id).step >= 2, 60, "the long job to render")
+    assert long.id in unacked(raw_redis)  # a running job's message is out, unacknowledged
+    wait_for(lambda: flower_task(flower, long.id).get("state") == "PROGRESS", 20, "Flower to show PROGRESS")
+    client.cancel(long.id)
+    assert client.wait(long.id, timeout_s=30).state is JobState.canceled
+    wait_for(lambda: long.id in listed(flower, "CANCELED"), 20, "Flower to list the canceled job")
+    assert flower_task(flower, long.id)["result"] == "canceled"
+
+    # A failed job: the worker serving the tiny model gets a message whose record names another model,
+    # a real error of the real worker. The record says failed before the task ends FAILURE with its error.
+    app = create_app(settings)
+    request = JobRequest.model_validate({"prompt": "recorded for another model", "model_name": slow_model,
+                                         "width": 128, "height": 128, "num_inference_steps": 2}).with_seed()
+    job = client.records.create(uuid.uuid4().hex, request)
+    send_job(app, job.id, request.model_copy(update={"model_name": tiny_model}))  # to the tiny model's queue
+    record = client.wait(job.id, timeout_s=60)
+    assert record.state is JobState.failed and record.error is not None
+    assert record.error.type == "ValueError" and record.attempts == 1
+    failures = wait_for(lambda: listed(flower, "FAILURE").get(job.id), 20, "Flower's Failed filter to list it")
+    assert failures["exception"] == f"JobFailedError('ValueError: {record.error.message}')"
+    assert failures["worker"] == MAIN_NODE and failures["retries"] == 0
+    assert job.id not in unacked(raw_redis)  # acknowledged on failure: no redelivery
+    assert job.id not in listed(flower, "SUCCESS")
+
+    # What an operator sees: the Tasks page's Failed filter (a search for state:FAILURE) lists the failed job and
+    # only failures; All, searched for the canceled job's id, shows it as CANCELED.
+    page = browser.new_page()
+    page.goto(f"{flower.url}/tasks")
+    page.wait_for_selector("#tasks-table tbody tr td")
+    page.get_by_text("Failed", exact=True).click()
+
+    def filtered() -> list[str] | None:  # once the table has reloaded with the filter
+        rows = page.locator("#tasks-table tbody tr").all_inner_texts()
+        return rows if rows and all("FAILURE" in r for r in rows) else None
+
+    rows = wait_for(filtered, 10, "the Failed filter to apply", poll_s=0.2)
+    assert any(job.id in r for r in rows) and not any(long.id in r for r in rows), rows
+    write_artifact("flower-failed-filter.png", page.screenshot(full_page=True))
+    page.get_by_text("All", exact=True).click()
+    page.locator("#tasks-table_filter input").fill(long.id)
+    canceled_row = page.locator("#tasks-table tbody tr", has_text=long.id)
+    canceled_row.wait_for(timeout=10_000)
+    assert "CANCELED" in canceled_row.inner_text()
+    write_artifact("flower-canceled-job.png", page.screenshot(full_page=True))
+    page.close()
+
+    # Re-queued (pixq retry) it keeps its job id as its task id. The retry goes to the queue of the model its
+    # record names, whose worker renders it: the same Flower task now reads SUCCESS, on that worker.
+    client.retry(job.id)
+    assert client.wait(job.id, timeout_s=60).state is JobState.succeeded
+    retried = wait_for(lambda: listed(flower, "SUCCESS").get(job.id), 20, "Flower to see the retried job succeed")
+    assert retried["worker"] == SLOW_NODE and retried["result"] == "'succeeded: 1 image(s)'"
+    assert job.id not in listed(flower, "FAILURE") and job.id not in unacked(raw_redis)
+    app.close()
+

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -17,6 +18,8 @@ from pixq.records import JobState
 from pixq.schema import parse_request
 from pixq.wire import queue_lists, send_job
 from pixq.worker.ops.stack import Service
+
+from tests.conftest import wait_for
 
 MAIN_NODE = "cpu-main@test"  # conftest's session worker
 
@@ -73,15 +76,12 @@ def test_waiting_jobs_depth_and_the_oldest_ones_age(client: Client, nobody: str)
 def test_running_job_with_its_step_and_the_live_worker(client: Client, worker: Service, tiny_model: str) -> None:
     job = client.submit("a long one", model_name=tiny_model, width=256, height=256, num_inference_steps=200)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def shown_running() -> Any:
             report = by_model(client.queues()).get(tiny_model)
             running = [j for j in report.running if j.id == job.id] if report else []
-            if running and running[0].step >= 2:
-                break
-            assert time.monotonic() < deadline, "the job never showed as running"
-            time.sleep(0.02)
-        (entry,) = running
+            return (report, running) if running and running[0].step >= 2 else None
+
+        report, (entry,) = wait_for(shown_running, 30, "the job to show as running")
         assert entry.worker == MAIN_NODE and entry.total_steps == 200 and entry.started_at is not None
         assert report is not None and report.depth == 0 and report.oldest_age_s is None
         (live,) = [w for w in report.workers if w.name == MAIN_NODE]
@@ -96,10 +96,14 @@ def test_running_job_with_its_step_and_the_live_worker(client: Client, worker: S
 def test_a_resent_message_is_traced_to_its_job(client: Client, raw_redis: redis.Redis, nobody: str) -> None:
     request = parse_request({"prompt": "again", "model_name": nobody, "width": 128, "height": 128,
                              "priority": 9}).with_seed()  # most urgent: the list without a suffix
-    send_job(client._celery, "a" * 32, request)  # a re-sent message: its Celery task id is not the job id
+    send_job(client._celery, "a" * 32, request)  # a re-sent message keeps the job id as its task id
     raw = raw_redis.lrange(queue_lists(nobody)[0], -1, -1)[0]
-    assert json.loads(raw)["headers"]["id"] != "a" * 32
-    assert message_job_id(raw) == "a" * 32
+    assert json.loads(raw)["headers"]["id"] == "a" * 32 and message_job_id(raw) == "a" * 32
+    # One sent before re-sent messages kept it (its task id is not the job id): traced by its kwargs.
+    send_job(client._celery, "b" * 32, request, task_id=uuid.uuid4().hex)
+    raw = raw_redis.lrange(queue_lists(nobody)[0], 0, 0)[0]  # the newest (kombu pushes on the left)
+    assert json.loads(raw)["headers"]["id"] != "b" * 32
+    assert message_job_id(raw) == "b" * 32
     assert message_job_id(b"not json") is None
 
 

@@ -113,7 +113,8 @@ def make_celery(settings: Settings, name: str = "pixq") -> Celery:
 def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None = None) -> None:
     """Put one message for ``job_id`` on its model's queue (the worker reads the record).
 
-    The first message's Celery task id is the job id, so Flower finds a job by its id.
+    The Celery task id is the job id (``task_id`` unless given), also for a job given back or re-queued,
+    so Flower finds a job by its id and follows it as one task.
     """
     prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
     app.send_task(
@@ -121,7 +122,7 @@ def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None 
         kwargs={"job_id": job_id},
         queue=queue_name(request.model_name),
         priority=broker_priority(request.priority),
-        task_id=task_id,
+        task_id=task_id or job_id,
         # The job record is the result: no Celery result to wait for, so no subscription to the result
         # backend per job (send_task by name does not know the task's ignore_result).
         ignore_result=True,

@@ -1,4 +1,23 @@
-"""The Celery side of the worker: the app and the one task, by name."""
+"""The Celery side of the worker: the app and the one task, by name.
+
+The task ends in the Celery state that says what the job is once this delivery is done, so Flower
+and other event consumers see jobs as they are (its Failed filter, its failed count): the job record
+is written first, then
+
+* succeeded: SUCCESS, the result ``"succeeded: 2 image(s)"``;
+* failed or timed out: FAILURE with the job's error (``JobFailedError("TimedOut: timed out after ...")``),
+  an expected exception (``throws``: one log line, no traceback); with late ack the message is
+  acknowledged on failure (``task_acks_on_failure_or_timeout``), never redelivered, and
+  ``task_reject_on_worker_lost`` applies only to a worker process that dies;
+* canceled (running or while queued): CANCELED, a custom state, through a ``task-canceled`` event
+  (Result ``"canceled"``), then ``Ignore`` so that no success follows; acknowledged. Not REVOKED:
+  monitors merge a state of lower precedence into the current one (celery.events.state), and REVOKED
+  ranks below the custom PROGRESS a running job is in, so a job canceled while running would stay
+  PROGRESS; a custom state after a custom state replaces it;
+* back in the queue (given back by a stopping worker, or re-queued): RETRY; the new message has the
+  job id as its task id too (``pixq.wire.send_job``), so Flower follows one task per job;
+* held by another worker: no state of its own (``Ignore``): the holder's events tell.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import Reject
-from pixq.records import JobRecord, RecordStore
+from celery.exceptions import Ignore, Reject, Retry
+from pixq.records import JobRecord, JobState, RecordStore
 from pixq.settings import Settings
 from pixq.wire import RENDER_TASK, make_celery
 from pixq.worker.jobs.broker import TRANSPORT
@@ -19,6 +38,7 @@ from pixq.worker.jobs.runner import GiveBack, JobRunner
 log = logging.getLogger(__name__)
 
 PROGRESS_EVENT = "task-progress"  # Flower: the task's state reads PROGRESS, its Result "step 7/20"
+CANCELED_EVENT = "task-canceled"  # Flower: the task's state reads CANCELED
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress messages a second, plus the first and last step
 
 
@@ -61,12 +81,17 @@ def progress_reporter(
     return report
 
 
-def outcome(record: JobRecord) -> str:
-    """What Flower shows as the task's result: the job's own outcome.
+class JobFailedError(Exception):
+    """A failed (or timed-out) job's task ends with this, after its record is written; the message is
+    the job's error, ``TYPE: message``."""
 
-    The Celery task succeeds whenever the message was handled, also for a job that failed
-    or was canceled; this line tells them apart.
-    """
+
+class JobRequeued(Exception):
+    """Why a task ended in RETRY: its job waits in the queue for another delivery (same task id)."""
+
+
+def outcome(record: JobRecord) -> str:
+    """What Flower shows as a succeeded task's result (and the text of a failed one's error)."""
     if record.error is not None:
         return f"{record.state.value}: {record.error.type}: {record.error.message}"
     if record.images:
@@ -74,13 +99,37 @@ def outcome(record: JobRecord) -> str:
     return record.state.value
 
 
-def not_run(records: RecordStore, job_id: str) -> str:
-    """The result of a message whose job this worker did not run to its end: what the job is now
-    (canceled while queued, ended by another delivery, or held by another worker)."""
+def current(records: RecordStore, job_id: str) -> JobRecord | None:
+    """The job's record now (``None``: expired, or Redis away: the message is handled either way)."""
     try:
-        return f"{records.get(job_id).state.value} (not run here)"
-    except Exception:  # expired, or Redis away: the message is handled either way
+        return records.get(job_id)
+    except Exception:
+        return None
+
+
+def announce_canceled(task: Any, job_id: str, result: str) -> None:
+    """A ``task-canceled`` event: Flower shows the task in state CANCELED with ``result`` as its Result."""
+    try:
+        task.send_event(CANCELED_EVENT, result=result, job_id=job_id, retry=False)
+    except Exception as exc:  # the broker is away: the job record says canceled all the same
+        log.warning("job %s: could not report the cancel to monitors: %s", job_id, exc)
+
+
+def finish(task: Any, job_id: str, record: JobRecord | None, ran_here: bool) -> str:
+    """End the task in the state of ``record`` (the job after this delivery): return its result or raise."""
+    if record is None:
         return "not run here"
+    if record.state is JobState.failed:
+        error = record.error
+        raise JobFailedError(f"{error.type}: {error.message}" if error is not None else "failed")
+    if record.state is JobState.canceled:
+        announce_canceled(task, job_id, "canceled" if ran_here else "canceled (not run here)")
+        raise Ignore()
+    if record.state is JobState.queued and not ran_here:
+        raise Retry("job back in the queue", JobRequeued("the job waits in the queue for another delivery"))
+    if record.state is JobState.running and not ran_here:
+        raise Ignore()  # another worker holds it: its events tell
+    return outcome(record) + ("" if ran_here else " (not run here)")
 
 
 def register_render_task(app: Celery, runner: JobRunner, reservations: Reservations | None = None) -> None:
@@ -90,7 +139,7 @@ def register_render_task(app: Celery, runner: JobRunner, reservations: Reservati
     there until its task returns (``reservations.py``).
     """
 
-    @app.task(name=RENDER_TASK, bind=True, typing=True)
+    @app.task(name=RENDER_TASK, bind=True, typing=True, throws=(JobFailedError,))
     def render_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
         try:
             if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 64:
@@ -99,7 +148,8 @@ def register_render_task(app: Celery, runner: JobRunner, reservations: Reservati
                 record = runner.run(job_id, on_progress=progress_reporter(self, job_id))
             except GiveBack:
                 raise Reject("worker stopping before the job started", requeue=True) from None
-            return outcome(record) if record is not None else not_run(runner.records, job_id)
+            ran_here = record is not None
+            return finish(self, job_id, record if ran_here else current(runner.records, job_id), ran_here)
         finally:
             if reservations is not None and isinstance(job_id, str):
                 reservations.remove(job_id)
