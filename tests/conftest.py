@@ -1,6 +1,11 @@
 """Shared fixtures: real redis-server, SeaweedFS and worker processes on loopback.
 
 Expensive services are per session; tests that kill or restart a service start their own.
+
+Tiers (markers, pyproject.toml): ``integration`` is added here to every test that uses a real service
+(one of ``SERVICE_FIXTURES``); ``slow`` (load, faults, browser, image builds, whole stacks, anything
+over ~5 s) and ``gpu`` are marked in the test files. ``pytest -m "not slow"`` is the developer loop,
+``pytest -m "not slow and not integration"`` the unit tests alone; CI runs everything.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ import redis
 from pixq.client import Client
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
+
+# Fixtures that start (or need) real Redis, SeaweedFS or worker processes.
+SERVICE_FIXTURES = frozenset({"redis_url", "s3", "env", "settings", "worker", "client", "s3_client", "raw_redis"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

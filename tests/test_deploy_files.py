@@ -353,8 +353,13 @@ def test_k8s_worker_gets_every_setting_the_program_reads() -> None:
 def test_k8s_config_and_secret_yield_valid_settings() -> None:
     config = manifest("ConfigMap", "pixq-config")["data"]
     settings = Settings.from_env({**config, "PIXQ_REDIS_URL": secret_data()["PIXQ_REDIS_URL"]})
-    settings.require_redis()
-    settings.require_bucket()
+    assert settings.require_redis() == secret_data()["PIXQ_REDIS_URL"]
+    assert settings.require_bucket() == config["PIXQ_S3_BUCKET"]
+    assert settings.model == config["PIXQ_MODEL"] and settings.aws_region == config["AWS_DEFAULT_REGION"]
+    assert settings.job_timeout_s == int(config["PIXQ_JOB_TIMEOUT_S"])
+    defaults = Settings()  # an empty value in the ConfigMap means the program's default
+    assert settings.s3_endpoint_url is None and settings.s3_prefix == defaults.s3_prefix
+    assert settings.retention_s == defaults.retention_s and settings.max_attempts == defaults.max_attempts
 
 
 def test_keda_scales_on_the_queue_the_producer_fills() -> None:

@@ -7,12 +7,15 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, start_redis, start_worker
 
 from tests.conftest import stack_env
+
+pytestmark = pytest.mark.slow  # a 500-job load over three workers
 
 JOBS = 500
 WORKERS = 3

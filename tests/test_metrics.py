@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import signal
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pixq.client import Client
@@ -17,7 +15,7 @@ from pixq.worker.jobs.metrics import OUTCOMES, WindowedRate, WorkerMetrics
 from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_redis, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import stack_env
+from tests.conftest import stack_env, wait_for
 
 
 class Clock:
@@ -164,15 +162,7 @@ def metered(tmp_path: Path, s3: S3Endpoint, tiny_model: str) -> Iterator[tuple[C
         redis_svc.stop()
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.slow
 def test_a_real_worker_counts_its_jobs(metered: tuple[Client, Service, int], tiny_model: str) -> None:
     client, svc, port = metered
     model = tiny_model

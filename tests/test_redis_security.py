@@ -6,6 +6,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 from pixq.client import Client
 from pixq.records import JobState
@@ -13,6 +14,8 @@ from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_worker
 
 from tests.conftest import stack_env
+
+pytestmark = pytest.mark.slow  # its own TLS Redis with an ACL user and a worker
 
 
 def make_certs(d: Path) -> None:

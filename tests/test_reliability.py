@@ -29,6 +29,8 @@ from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_worker
 
 from tests.conftest import stack_env, wait_for
 
+pytestmark = pytest.mark.slow  # fault scenarios: each starts its own Redis and workers, kills and restarts them
+
 LEASE_TTL_S = 3
 
 
@@ -281,7 +283,7 @@ def test_second_sigterm_gives_the_running_job_back(cluster: Cluster) -> None:
     job = client.submit("give me back", **LONG)
     running_on(client, job.id)
     svc.signal(signal.SIGTERM)
-    time.sleep(0.2)
+    wait_for(lambda: "Warm shutdown" in cluster.log(name), 10, "the worker to start its warm shutdown")
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None and svc.proc.wait(30) == 0
     record = client.status(job.id)
@@ -368,13 +370,11 @@ def test_bad_messages_are_refused_and_the_worker_keeps_serving(cluster: Cluster)
     record = client.wait(client.submit("still serving", width=128, height=128, num_inference_steps=2).id,
                          timeout_s=60)
     cluster.assert_delivered_once(record)
-    time.sleep(0.5)
+    refusals = ("Refusing to deserialize untrusted content of type pickle", "Can't decode message body",
+                "Received unregistered task of type 'os.system'", "unexpected keyword argument 'shell'")
+    wait_for(lambda: all(r in cluster.log(name) for r in refusals), 10, "the worker to log every refusal")
     log = cluster.log(name)
     assert not marker.exists()
-    assert "Refusing to deserialize untrusted content of type pickle" in log
-    assert "Can't decode message body" in log
-    assert "Received unregistered task of type 'os.system'" in log
-    assert "unexpected keyword argument 'shell'" in log
     assert "malformed job id '../../etc'" in log
     assert cluster.workers[name].alive()
     assert client.queue_depth(cluster.model) == 0

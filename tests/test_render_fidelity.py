@@ -134,6 +134,7 @@ def test_a_bare_pipeline_renders_too(fidelity_model: str) -> None:
     assert np.array_equal(np.asarray(render(pipe, request)[0]), image)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fidelity_model: str, scope: str) -> None:
     """torch.compile (inductor, on the CPU here) of the blocks or of the whole forward: the image stays
@@ -193,6 +194,7 @@ def test_only_decodes_above_the_threshold_are_tiled(fidelity_model: str) -> None
     assert not np.array_equal(tiled_small, plain_small)  # tiling does change pixels: the test can tell
 
 
+@pytest.mark.slow
 def test_compiled_vae_decoder_matches_eager_with_one_graph_for_any_image_count(fidelity_model: str) -> None:
     """The worker's compiled VAE decode: close to eager, one graph per image size (images go through one by
     one), and tiled decodes bypass it."""

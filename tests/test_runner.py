@@ -18,6 +18,8 @@ from pixq.worker.jobs.runner import JobRunner, RunnerConfig
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.tasks import create_app
 
+from tests.conftest import wait_for
+
 
 @pytest.fixture()
 def broken(
@@ -69,7 +71,6 @@ def test_a_second_delivery_of_a_finished_job_does_nothing(broken) -> None:  # ty
 
 
 def test_a_job_without_progress_past_the_hard_limit_is_caught(client, tiny_model: str) -> None:  # type: ignore[no-untyped-def]
-    import time
 
     from pixq.worker.jobs.lease import exit_hung_process
 
@@ -81,10 +82,8 @@ def test_a_job_without_progress_past_the_hard_limit_is_caught(client, tiny_model
     leases.start()
     try:
         with leases.hold(job.id) as held:
-            deadline = time.monotonic() + 5
-            while not hung and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert hung and hung[0] == job.id
+            wait_for(lambda: hung, 5, "the hung job to be reported", poll_s=0.05)
+            assert hung[0] == job.id
             assert not held.lost.is_set()  # the lease itself was kept renewed meanwhile
     finally:
         leases.stop()

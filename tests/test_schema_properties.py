@@ -90,4 +90,5 @@ def test_sizes_off_the_grid_of_8_are_refused(side: int) -> None:
 
 
 def test_schema_is_json_serialisable() -> None:
-    json.dumps(JobRequest.model_json_schema())
+    schema = JobRequest.model_json_schema()
+    assert json.loads(json.dumps(schema)) == schema and set(schema["properties"]) == set(JobRequest.model_fields)

@@ -16,6 +16,10 @@ import psutil
 import pytest
 from PIL import Image
 
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow  # whole stacks (pixq demo, pixq up) started and stopped
+
 
 def children_of(pid: int) -> set[int]:
     try:
@@ -87,8 +91,11 @@ def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         assert "stopped." in proc.stderr.read()
-        time.sleep(0.5)
-        assert [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"] == []
+
+        def alive() -> list[int]:
+            return [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+        wait_for(lambda: not alive(), 10, "every process pixq up started to exit")
     finally:
         if proc.poll() is None:
             proc.kill()

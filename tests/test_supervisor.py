@@ -19,6 +19,8 @@ import typer
 from pixq.errors import ConfigError
 from pixq.worker.ops.supervisor import Backoff, Slot, parse_gpus, plan_slots, visible_gpus, worker_argv
 
+from tests.conftest import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A stand-in for `pixq worker`: logs what it was given and every signal to an events file,
@@ -112,11 +114,10 @@ class Running:
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, what: Callable[[], bool], timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; supervisor log:\n{self.log()}")
-            time.sleep(0.02)
+        try:
+            wait_for(what, timeout_s, "the supervisor")
+        except AssertionError:
+            raise AssertionError(f"timed out; supervisor log:\n{self.log()}") from None
 
     def finish(self, timeout_s: float = 5.0) -> int:
         try:
@@ -261,6 +262,7 @@ def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Pa
 # -- real processes -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_gpu_gets_its_own_pinned_worker_with_a_distinct_name(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 2, 3])
     names = ["gpu0@testhost", "gpu2@testhost", "gpu3@testhost"]
@@ -275,6 +277,7 @@ def test_each_gpu_gets_its_own_pinned_worker_with_a_distinct_name(supervise: Cal
     assert run.finish() == 0
 
 
+@pytest.mark.slow
 def test_crashed_worker_is_restarted_with_growing_backoff(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 1], {"gpu0@testhost": "crash_twice"}, backoff=Backoff(initial_s=0.3, max_s=0.5))
     run.wait_for(lambda: run.count("gpu0@testhost", "start") == 3)
@@ -284,13 +287,14 @@ def test_crashed_worker_is_restarted_with_growing_backoff(supervise: Callable[..
     log = run.log()
     assert "gpu0@testhost crashed (exit code 3)" in log
     assert "restart 1 in 0.3 s" in log and "restart 2 in 0.5 s" in log
-    time.sleep(0.3)
+    time.sleep(0.3)  # a check that nothing happens (no fourth start): no condition to wait for
     assert run.count("gpu0@testhost", "start") == 3  # up for good now
     assert run.count("gpu1@testhost", "start") == 1  # its neighbour was never touched
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_every_worker_before_the_supervisor_exits(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 1])
     names = ["gpu0@testhost", "gpu1@testhost"]
@@ -306,6 +310,7 @@ def test_sigterm_drains_every_worker_before_the_supervisor_exits(supervise: Call
     assert "draining" in run.log()
 
 
+@pytest.mark.slow
 def test_second_sigterm_is_forwarded_so_workers_give_jobs_back(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 1], {"gpu0@testhost": "stubborn", "gpu1@testhost": "stubborn"})
     names = ["gpu0@testhost", "gpu1@testhost"]
@@ -321,6 +326,7 @@ def test_second_sigterm_is_forwarded_so_workers_give_jobs_back(supervise: Callab
     assert "gives its running job back" in run.log()
 
 
+@pytest.mark.slow
 def test_sigquit_is_a_cold_shutdown_of_every_worker(supervise: Callable[..., Running]) -> None:
     run = supervise([0, 1], {"gpu0@testhost": "stubborn", "gpu1@testhost": "stubborn"})
     names = ["gpu0@testhost", "gpu1@testhost"]
@@ -332,6 +338,7 @@ def test_sigquit_is_a_cold_shutdown_of_every_worker(supervise: Callable[..., Run
     assert "cold shutdown" in run.log()
 
 
+@pytest.mark.slow
 def test_stop_during_backoff_cancels_the_restart(supervise: Callable[..., Running]) -> None:
     run = supervise([0], {"gpu0@testhost": "crash"}, backoff=Backoff(initial_s=30, max_s=30))
     run.wait_for(lambda: "restart 1 in 30.0 s" in run.log())
@@ -342,6 +349,7 @@ def test_stop_during_backoff_cancels_the_restart(supervise: Callable[..., Runnin
     assert run.count("gpu0@testhost", "start") == 1
 
 
+@pytest.mark.slow
 def test_ready_file_only_while_every_worker_is_ready(supervise: Callable[..., Running]) -> None:
     run = supervise(
         [0, 1],
@@ -364,6 +372,7 @@ def test_ready_file_only_while_every_worker_is_ready(supervise: Callable[..., Ru
     assert not list(run.ready.parent.glob("ready.gpu*"))
 
 
+@pytest.mark.slow
 def test_supervisor_killed_outright_still_drains_its_workers(supervise: Callable[..., Running]) -> None:
     run = supervise([0])
     run.wait_for(lambda: run.count("gpu0@testhost", "start") == 1)
