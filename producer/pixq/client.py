@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +18,12 @@ import redis
 from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
 from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
+from pixq.listing import decode_cursor, list_jobs
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.s3 import make_s3_client
 from pixq.schema import JobRequest, parse_request
 from pixq.settings import Settings
-from pixq.wire import WORKER_KEY_TTL_S, make_celery, send_job
+from pixq.wire import WORKER_KEY_TTL_S, job_messages, make_celery, send_job
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -120,6 +121,60 @@ class Client:
             check_webhook(request.webhook.url, self.settings.webhook_allow_networks())
         with service_errors("job not submitted"):
             return self._enqueue(request, owner, max_in_flight)
+
+    def submit_many(self, requests: list[JobRequest | dict[str, Any]]) -> list[Job]:
+        """Validate, record and enqueue many jobs in one round trip (one MULTI/EXEC pipeline: all or
+        none). Each message is built by Celery's protocol-v2 builder and pushed with its record; no
+        ``task-sent`` event is sent for them. Errors name the request's index (``3.prompt``). A batch
+        may not use idempotency keys (use ``submit``)."""
+        parsed: list[JobRequest] = []
+        errors: list[tuple[str, str]] = []
+        for i, item in enumerate(requests):
+            try:
+                if isinstance(item, JobRequest):
+                    req = item
+                else:
+                    data = dict(item)
+                    data.setdefault("model_name", self.settings.model)
+                    req = parse_request(data)
+                if req.idempotency_key is not None:
+                    raise InvalidRequest([("idempotency_key", "not allowed in submit_many (use submit)")])
+                if req.webhook is not None:
+                    check_webhook(req.webhook.url, self.settings.webhook_allow_networks())
+                parsed.append(req.with_seed())
+            except InvalidRequest as exc:
+                errors += [(f"{i}.{field}", message) for field, message in exc.errors]
+        if errors:
+            raise InvalidRequest(errors)
+        jobs = [(uuid.uuid4().hex, req) for req in parsed]
+        with service_errors("jobs not submitted"):
+            for model in {req.model_name for req in parsed}:
+                limit = self.settings.max_queue_depth
+                count = sum(1 for req in parsed if req.model_name == model)
+                if limit and self.queue_depth(model) + count > limit:
+                    raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
+            pushes = job_messages(self._celery, jobs)
+            pipe = self.conn.pipeline(transaction=True)
+            for (job_id, req), (queue_list, message) in zip(jobs, pushes, strict=True):
+                self.records.create(job_id, req, pipe=pipe)
+                pipe.lpush(queue_list, message)
+            replies = pipe.execute()
+        if any(created != 1 for created in replies[::2]):  # a uuid4 collision: never in practice
+            raise RuntimeError("submit_many: a job id existed already")
+        return [Job(self, job_id) for job_id, _ in jobs]
+
+    def jobs(self, state: JobState | None = None, page_size: int = 100,
+             owner: str | None = None) -> Iterator[JobRecord]:
+        """Jobs newest first (those submitted by ``owner``, an API key's id; by default the ones
+        submitted without a key), read a page at a time as the iterator advances."""
+        after = None
+        while True:
+            with service_errors("jobs not listed"):
+                page, cursor = list_jobs(self.records, owner, state=state, limit=page_size, after=after)
+            yield from page
+            if cursor is None:
+                return
+            after = decode_cursor(cursor)
 
     def _served(self, model_name: str) -> bool:
         """Whether a live worker serves ``model_name``; a yes is kept for a presence key's lifetime,

@@ -375,9 +375,11 @@ class RecordStore:
 
     # -- producer side ----------------------------------------------------------------------
 
-    def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0) -> JobRecord:
+    def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
+               pipe: Any = None) -> JobRecord:
         """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
-        ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written)."""
+        ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written).
+        With ``pipe`` (a Redis pipeline) the write is only queued on it: its reply says 1 if created."""
         record = JobRecord(
             id=job_id,
             state=JobState.queued,
@@ -392,7 +394,10 @@ class RecordStore:
         created = self._create(
             keys=[self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant],
             args=[self.retention_s, job_id, repr(record.created_at), max_in_flight, *_encode(fields)],
+            client=pipe,
         )
+        if pipe is not None:
+            return record
         if created == -1:
             raise QueueFull(f"key already has {max_in_flight} unfinished jobs (its max-in-flight quota)")
         if not created:

@@ -130,3 +130,37 @@ def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None 
         kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
                          "model": request.model_name, "job_id": job_id}),
     )
+
+
+class _Batch:
+    """Collects what kombu's Redis channel would LPUSH (its ``_publish_batch`` hook)."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, Any]] = []
+
+    def add(self, command: str, *args: Any) -> None:
+        if command == "lpush":
+            self.pushes.append((args[0], args[1]))
+
+
+def job_messages(app: Celery, jobs: list[tuple[str, JobRequest]]) -> list[tuple[str, Any]]:
+    """The (Redis list, message) pairs ``send_job`` would push for each ``(job_id, request)``, built by
+    Celery's own protocol-v2 builder and kombu's Redis channel, for the caller to LPUSH in its own
+    pipeline (``Client.submit_many``: one round trip for a batch). No ``task-sent`` event is sent."""
+    from kombu.serialization import dumps
+
+    batch = _Batch()
+    with app.producer_or_acquire() as producer:  # a pooled connection: no connect per call
+        channel = producer.channel
+        for job_id, request in jobs:
+            prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+            msg = app.amqp.as_task_v2(
+                job_id, RENDER_TASK, kwargs={"job_id": job_id}, ignore_result=True,
+                kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
+                                 "model": request.model_name, "job_id": job_id}),
+            )
+            content_type, encoding, body = dumps(msg.body, serializer="json")
+            message = channel.prepare_message(body, broker_priority(request.priority), content_type, encoding,
+                                              msg.headers, dict(msg.properties))
+            channel.basic_publish(message, "", queue_name(request.model_name), _publish_batch=batch)
+    return batch.pushes
