@@ -73,6 +73,9 @@ def owned(state: ApiState, key: ApiKey, job_id: str) -> JobRecord:
     return record
 
 
+# One Server-Sent Event as schemathesis and other readers parse it: its id, its event name, its data (JSON).
+SSE_EVENT = {"type": "object", "properties": {"id": {"type": "string"}, "event": {
+    "type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}, "data": {"type": "string"}}}
 JOB_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}}
 
@@ -154,7 +157,7 @@ def get_image(job_id: str, index: int, request: Request, key: ApiKey = authentic
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+            responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                              "description": "Server-Sent Events: queued, running (every step), then the end"},
                        **responses(401, 403, 404, 503)})
 def job_events(job_id: str, request: Request, key: ApiKey = authenticated(Scope.read),

@@ -1,0 +1,179 @@
+"""Speed of the submit paths and the HTTP API on loopback (issue 12's speed section).
+
+    python -m benchmarks.api_load --out benchmarks/results/api-2026-12-01-A.json
+
+Starts its own redis-server and one `pixq api` process (no worker: jobs only queue), then measures
+from this process: `Client.submit` and `Client.submit_many` jobs/s, `Client.status` latency; and,
+from a second process (an asyncio + httpx load generator, `--load` below), `POST /v1/jobs` and
+`GET /v1/jobs/{id}` requests/s with p50/p99; and how long after a job's record says it ended its
+webhook reaches a receiver (the API's relay). Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _load(base: str, key: str, path: str, body: dict[str, Any] | None, ids: list[str], concurrency: int,
+                duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    deadline = time.perf_counter() + duration_s
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as client:
+        async def one_worker(n: int) -> None:
+            i = n
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                if body is None:
+                    r = await client.get(path.format(id=ids[i % len(ids)]))
+                else:
+                    r = await client.post(path, json=body)
+                latencies.append(time.perf_counter() - started)
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                i += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_worker(n) for n in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"path": path, "requests": len(latencies), "per_s": len(latencies) / elapsed, "codes": codes,
+            "p50_ms": 1000 * pct(latencies, 0.5), "p99_ms": 1000 * pct(latencies, 0.99), "concurrency": concurrency}
+
+
+def load_main(args: argparse.Namespace) -> None:
+    """The second process: one load phase, its result as JSON on stdout."""
+    ids = json.loads(args.ids) if args.ids else []
+    body = json.loads(args.body) if args.body else None
+    print(json.dumps(asyncio.run(_load(args.base, args.key, args.path, body, ids, args.concurrency, args.seconds))))
+
+
+def run_load(base: str, key: str, path: str, body: dict[str, Any] | None, ids: list[str], seconds: float,
+             concurrency: int) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.api_load", "--load", "--base", base, "--key", key, "--path", path,
+            "--seconds", str(seconds), "--concurrency", str(concurrency)]
+    if body is not None:
+        argv += ["--body", json.dumps(body)]
+    if ids:
+        argv += ["--ids", json.dumps(ids)]
+    out = subprocess.run(argv, cwd=HERE.parent, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per client phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per HTTP phase")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--webhooks", type=int, default=50)
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--base", "--key", "--path", "--body", "--ids"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        load_main(args)
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from pixq.client import Client
+    from pixq.settings import Settings
+    from pixq.worker.ops.stack import start_redis
+
+    from tests.apitools import Receiver, api_env, make_key, start_api
+
+    tmp = Path(tempfile.mkdtemp(prefix="pixq-api-bench-"))
+    redis_svc, url = start_redis(tmp / "redis", password="bench-password-0123")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
+    env.update({"PIXQ_REDIS_URL": url, "PIXQ_S3_BUCKET": "bench", "PIXQ_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    env = api_env(env)
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, loopback, one API process (uvicorn, 1 worker)",
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    api_svc = None
+    try:
+        settings = Settings.from_env(env)
+        client = Client(settings)
+        body = {"prompt": "a benchmark cactus", "width": 512, "height": 512}
+        client.submit_request(client_request(body))  # warm: scripts loaded, Celery app built
+        started = time.perf_counter()
+        for _ in range(args.jobs):
+            client.submit_request(client_request(body))
+        results["client_submit_per_s"] = args.jobs / (time.perf_counter() - started)
+        started = time.perf_counter()
+        batch = 500
+        for _ in range(args.jobs // batch):
+            client.submit_many([body] * batch)
+        results["client_submit_many_per_s"] = (args.jobs // batch * batch) / (time.perf_counter() - started)
+        job_id = client.submit_request(client_request(body)).id
+        lat = []
+        for _ in range(args.jobs):
+            t = time.perf_counter()
+            client.status(job_id)
+            lat.append(time.perf_counter() - t)
+        results["client_status_ms"] = {"p50": 1000 * pct(lat, 0.5), "p99": 1000 * pct(lat, 0.99)}
+        client.conn.delete(*[k for k in client.conn.scan_iter("pixq.*")])  # drop the queued messages
+
+        key = make_key(env, "bench", "--scope", "submit,read")
+        api_svc, base = start_api(env, tmp / "api.log")
+        ids = [httpx.post(f"{base}/v1/jobs", json=body, headers={"Authorization": f"Bearer {key['key']}"}).json()["id"]
+               for _ in range(50)]
+        results["api_post_jobs"] = run_load(base, key["key"], "/v1/jobs", body, [], args.seconds, args.concurrency)
+        results["api_get_job"] = run_load(base, key["key"], "/v1/jobs/{id}", None, ids, args.seconds,
+                                          args.concurrency)
+        results["webhook_after_end_ms"] = webhook_latency(base, key, body, args.webhooks, Receiver, client)
+    finally:
+        if api_svc is not None:
+            api_svc.stop()
+        redis_svc.stop()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def client_request(body: dict[str, Any]) -> Any:
+    from pixq.schema import parse_request
+
+    return parse_request({"model_name": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", **body})
+
+
+def webhook_latency(base: str, key: dict[str, str], body: dict[str, Any], n: int, receiver_cls: Any,
+                    client: Any) -> dict[str, float]:
+    """Cancel queued jobs one at a time; time from the record's finished_at to the webhook's arrival."""
+    receiver = receiver_cls()
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    delays = []
+    try:
+        for i in range(n):
+            hooked = {**body, "webhook": {"url": receiver.url, "events": ["canceled"]}}
+            job_id = httpx.post(f"{base}/v1/jobs", json=hooked, headers=headers).json()["id"]
+            ended = httpx.post(f"{base}/v1/jobs/{job_id}/cancel", headers=headers).json()["finished_at"]
+            hits = receiver.wait(lambda h, i=i: len(h) > i, 30, "the webhook")
+            delays.append(hits[i].at - ended)
+    finally:
+        receiver.close()
+    return {"n": n, "p50": 1000 * statistics.median(delays), "p99": 1000 * pct(delays, 0.99),
+            "max": 1000 * max(delays)}
+
+
+if __name__ == "__main__":
+    main()
