@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -266,3 +267,63 @@ def test_gpus_children_get_every_option_the_parent_parsed(tmp_path: Path) -> Non
     defaults = {p.name: p.default for p in command.params}
     unchanged = {k for k in parsed if k not in SLOT_OPTIONS and parsed[k] == defaults[k]}
     assert unchanged == set(), unchanged  # the test really moved every option off its default
+
+
+# -- the local stack's children, a second `pixq up`, what status shows --------------------------------
+
+
+def test_children_start_with_the_cwd_off_their_import_path(tmp_path: Path) -> None:
+    """A user's folder with its own pixq.py, worker.py or celery.py must not replace ours in a child."""
+    from pixq.worker.ops.flower import flower_argv
+    from pixq.worker.ops.stack import pixq_argv, python_module_argv
+    from pixq.worker.ops.supervisor import Slot, worker_argv
+
+    for name in ("pixq.py", "worker.py", "celery.py", "typer.py"):
+        (tmp_path / name).write_text("raise SystemExit('the folder\'s own module ran')\n")
+    schema = subprocess.run(pixq_argv("schema"), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "JobRequest", schema.stderr
+    child = worker_argv(["--help"])(Slot(gpu=0, device="0", name="gpu0@h", ready_file=None))
+    helped = subprocess.run(child, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "--compile" in helped.stdout, helped.stderr
+    assert flower_argv()[:len(python_module_argv("celery"))] == python_module_argv("celery")
+    celery = subprocess.run(python_module_argv("celery", "--version"), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert celery.returncode == 0 and celery.stdout.strip()[0].isdigit(), celery.stderr
+
+
+def test_a_second_up_on_a_running_stacks_dir_is_refused(tmp_path: Path) -> None:
+    from pixq.worker.ops.stack import stack_dir_lock
+
+    state = tmp_path / "state"
+    with stack_dir_lock(state):  # as the first `pixq up` holds it
+        second = subprocess.run([sys.executable, "-m", "pixq", "up", "--dir", str(state)], capture_output=True,
+                                text=True, timeout=60)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: --dir {state}: a stack is already running there (pid {os.getpid()}); use it, stop it (Ctrl-C in "
+        "its shell) or give another --dir"]
+    assert sorted(p.name for p in state.iterdir()) == ["up.lock"]  # no credentials or model written over
+    with stack_dir_lock(state):
+        pass  # free again once the first one ended
+
+
+def test_status_says_when_a_job_waits_for_the_gpu_and_never_wraps_when_piped(env: dict[str, str],
+                                                                             raw_redis: object) -> None:
+    import uuid
+
+    from pixq.records import JobState, RecordStore
+    from pixq.schema import parse_request
+
+    records = RecordStore(raw_redis, 600)  # type: ignore[arg-type]
+    job_id = uuid.uuid4().hex
+    prompt = "a very long prompt " * 12
+    records.create(job_id, parse_request({"prompt": prompt, "model_name": env["PIXQ_MODEL"], "seed": 3}))
+    try:
+        records.transition(job_id, None, state=JobState.running, worker="gpu0@h", step=0)
+        waiting = pixq("status", job_id, env=env)
+        assert "progress  claimed, waiting for the GPU or its first step (0/20) on gpu0@h" in waiting.stdout
+        assert f"  prompt    {prompt!r}" in waiting.stdout.splitlines()  # one line however long, piped
+        records.transition(job_id, None, step=7)
+        assert "progress  step 7/20 on gpu0@h" in pixq("status", job_id, env=env).stdout
+    finally:
+        records.delete(job_id)

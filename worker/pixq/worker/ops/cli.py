@@ -143,31 +143,32 @@ def up(
     device: Annotated[Optional[str], typer.Option(help="[default: cuda:0 if there is a GPU, else cpu]")] = None,
 ) -> None:
     """Start Redis, SeaweedFS (S3), one worker and Flower on loopback; Ctrl-C stops them all."""
-    from pixq.worker.ops.stack import local_stack
+    from pixq.worker.ops.stack import local_stack, stack_dir_lock
 
     root = state_dir.resolve()
-    model, device = _pick_model(root, model, device)
-    stopping = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
-    with local_stack(root, model, device, say=err.print) as stack:
-        env = stack.env
-        typer.echo("\npixart-queue is up. In another shell:\n")
-        for var in ("PIXQ_REDIS_URL", "PIXQ_S3_ENDPOINT_URL", "PIXQ_S3_BUCKET", "PIXQ_MODEL",
-                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-            typer.echo(f"  export {var}='{env[var]}'")
-        typer.echo("\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
-        typer.echo(f"Flower: {stack.flower_url}  (user {stack.flower_user}, password {stack.flower_password})")
-        typer.echo(f"Logs:   {root}/*.log\nCtrl-C stops everything.")
-        try:
-            while not stopping["now"] and all(s.alive() for s in stack.services):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        dead = [s.name for s in stack.services if not s.alive()]
-        if dead:
-            err.print(f"[red]{', '.join(dead)} stopped unexpectedly; stopping the rest[/red]")
-        err.print("stopping ...")
-    err.print("stopped.")
+    with stack_dir_lock(root):  # refused while another stack runs there: its credentials and model stay
+        model, device = _pick_model(root, model, device)
+        stopping = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+        with local_stack(root, model, device, say=err.print) as stack:
+            env = stack.env
+            typer.echo("\npixart-queue is up. In another shell:\n")
+            for var in ("PIXQ_REDIS_URL", "PIXQ_S3_ENDPOINT_URL", "PIXQ_S3_BUCKET", "PIXQ_MODEL",
+                        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+                typer.echo(f"  export {var}='{env[var]}'")
+            typer.echo("\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
+            typer.echo(f"Flower: {stack.flower_url}  (user {stack.flower_user}, password {stack.flower_password})")
+            typer.echo(f"Logs:   {root}/*.log\nCtrl-C stops everything.")
+            try:
+                while not stopping["now"] and all(s.alive() for s in stack.services):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+            dead = [s.name for s in stack.services if not s.alive()]
+            if dead:
+                err.print(f"[red]{', '.join(dead)} stopped unexpectedly; stopping the rest[/red]")
+            err.print("stopping ...")
+        err.print("stopped.")
 
 
 DEMO_PROMPT = "A small cactus with a happy face in the Sahara desert."
@@ -183,20 +184,21 @@ def demo(
 ) -> None:
     """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
     from pixq.commands import download, finish
-    from pixq.worker.ops.stack import local_stack
+    from pixq.worker.ops.stack import local_stack, stack_dir_lock
 
     root = state_dir.resolve()
-    model, device = _pick_model(root, None, None)
-    with local_stack(root, model, device, with_flower=False, say=err.print) as stack:
-        os.environ.update(stack.env)
-        client = client_from_env()
-        job = client.submit(prompt, seed=seed, width=size, height=size)
-        typer.echo(f"job        {job.id}")
-        record = wait_with_progress(client, job.id, timeout_s=600)
-        finish(record, as_json=False)
-        typer.echo(f"s3 key     {record.images[0].key}")
-        typer.echo(f"url        {client.presigned_url(job.id, expires_in_s=3600)}")
-        download(job.id, output)
+    with stack_dir_lock(root):  # refused while another stack runs there
+        model, device = _pick_model(root, None, None)
+        with local_stack(root, model, device, with_flower=False, say=err.print) as stack:
+            os.environ.update(stack.env)
+            client = client_from_env()
+            job = client.submit(prompt, seed=seed, width=size, height=size)
+            typer.echo(f"job        {job.id}")
+            record = wait_with_progress(client, job.id, timeout_s=600)
+            finish(record, as_json=False)
+            typer.echo(f"s3 key     {record.images[0].key}")
+            typer.echo(f"url        {client.presigned_url(job.id, expires_in_s=3600)}")
+            download(job.id, output)
 
 
 app.command("flower")(flower_command)

@@ -89,8 +89,11 @@ def flower_env(settings: Settings, base_env: Mapping[str, str], options: FlowerO
 
 
 def flower_argv() -> list[str]:
-    """Flower through this interpreter's Celery, with the workers' configuration; nothing secret on it."""
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower"]
+    """Flower through this interpreter's Celery, with the workers' configuration; nothing secret on it.
+    The working directory stays off its import path (a ``celery.py`` there would be run instead)."""
+    from pixq.worker.ops.stack import python_module_argv
+
+    return python_module_argv("celery", "-A", CELERY_APP, "flower")
 
 
 def flower_celery(env: Mapping[str, str]) -> Celery:

@@ -24,11 +24,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from pixq.errors import ConfigError, ServiceUnavailable
 from pixq.wire import WORKER_KEY_PREFIX
 
 
-class StackError(RuntimeError):
-    """A service did not start; the message names it and points at its log."""
+class StackError(ServiceUnavailable):
+    """A service did not start; the message (one line) names it, points at its log and quotes its last line."""
+
+
+class StackBusy(ConfigError):
+    """Another ``pixq up`` (or ``demo``) runs in this ``--dir``."""
+
+
+@contextlib.contextmanager
+def stack_dir_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/up.lock`` (an flock: the kernel drops it when the process ends, however it ends)
+    while a stack runs in ``root``; a second one is refused before it writes anything, since it would
+    overwrite the first one's Redis password, S3 credentials and test model."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "unknown"
+            raise StackBusy(f"--dir {root}: a stack is already running there (pid {holder}); use it, stop it "
+                            "(Ctrl-C in its shell) or give another --dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def free_port() -> int:
@@ -87,12 +116,14 @@ class Service:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
-                raise StackError(f"{self.name} exited during start-up; see {self.log_path}:\n{self.log_tail()}")
+                raise StackError(f"{self.name} exited during start-up; see {self.log_path} "
+                                 f"(last line: {self.log_tail(1)!r})")
             with contextlib.suppress(Exception):
                 if ready():
                     return
             time.sleep(0.1)
-        raise StackError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}:\n{self.log_tail()}")
+        raise StackError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path} "
+                         f"(last line: {self.log_tail(1)!r})")
 
     def signal(self, sig: int) -> None:
         if self.alive():
