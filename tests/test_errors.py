@@ -181,3 +181,32 @@ def test_cli_submit_warns_on_stderr_and_still_queues(env: dict[str, str]) -> Non
     job_id = result["stdout"].strip()
     (canceled,) = run_all([["cancel", job_id]], env)
     assert canceled["code"] == 0
+
+
+def test_presigned_urls_are_sigv4_in_us_east_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore presigns SigV2 for us-east-1 unless told otherwise; S3 refuses that for SSE-KMS objects."""
+    from pixq.s3 import make_s3_client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    s3 = make_s3_client(Settings(aws_region="us-east-1"))  # AWS itself: no endpoint URL
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k.png"}, ExpiresIn=60)
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "us-east-1" in url
+    assert "Signature=" not in url.replace("X-Amz-Signature=", "")  # no SigV2 query signature
+
+
+def test_readme_lists_each_errors_exit_code() -> None:
+    """The README's exit-code table and the classes say the same."""
+    import re
+
+    import pixq.errors
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| [^|]+ \| ([^|]*) \|$", readme, re.M)
+    named = {name: int(code) for code, cell in rows for name in re.findall(r"`(\w+)`", cell)}
+    classes = {name: cls for name, cls in vars(pixq.errors).items()
+               if isinstance(cls, type) and issubclass(cls, pixq.errors.PixqError)}
+    assert set(classes) - {"PixqError"} <= set(named), set(classes) - set(named)
+    for name, code in named.items():
+        if name in classes:
+            assert classes[name].exit_code == code, name
