@@ -27,6 +27,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pixq.api.config import API_ENV_VARS, ApiSettings
 from pixq.settings import ENV_VARS, Settings
 from pixq.wire import queue_name
 from yamllint import linter
@@ -39,6 +40,7 @@ KEDA_SCHEMA = Path(__file__).parent / "schemas" / "keda-v1alpha1.schema.json"
 
 AWS_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 PIXQ_VARS = {v for v in ENV_VARS if v.startswith("PIXQ_")}
+API_VARS = set(API_ENV_VARS)  # read by `pixq api` / `pixq keys` only (producer/pixq/api/config.py)
 # The oldest Kubernetes still commonly run, and the newest the package knows.
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 READY_FILE = "/tmp/pixq-ready"
@@ -124,6 +126,7 @@ def example_env(**secrets: str) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": "PIXQTESTKEY",
         "AWS_SECRET_ACCESS_KEY": "test-secret",
         "FLOWER_BASIC_AUTH": "admin:test",
+        "PIXQ_API_KEY_PEPPER": "test-pepper-0123456789abcdef",
         **secrets,
     }
     for line in (DOCKER / ".env.example").read_text().splitlines():
@@ -201,14 +204,16 @@ def test_compose_schema_check_catches_a_misspelt_field() -> None:
 def test_compose_services_get_every_setting_the_program_reads(service: str) -> None:
     env = compose_config()["services"][service]["environment"]
     assert isinstance(env, dict), "use the mapping form for environment"
-    assert {v for v in env if v.startswith("PIXQ_")} == PIXQ_VARS  # all wired, nothing unknown
+    # All wired, nothing unknown (the cli service also runs `pixq keys`, which reads the API's pepper).
+    assert {v for v in env if v.startswith("PIXQ_")} - (API_VARS if service == "cli" else set()) == PIXQ_VARS
     assert set(ENV_VARS) | AWS_KEYS <= set(env)
 
 
 def minimal_env() -> dict[str, str]:
     """A docker/.env with the secrets alone: every other setting from compose.yaml's defaults."""
     env = example_env()
-    return {k: env[k] for k in ("REDIS_PASSWORD", "PIXQ_REDIS_URL", "FLOWER_BASIC_AUTH", *sorted(AWS_KEYS))}
+    return {k: env[k] for k in ("REDIS_PASSWORD", "PIXQ_REDIS_URL", "FLOWER_BASIC_AUTH", "PIXQ_API_KEY_PEPPER",
+                                *sorted(AWS_KEYS))}
 
 
 @pytest.mark.parametrize("make_env", [example_env, minimal_env], ids=["env-example", "secrets-only"])
@@ -236,7 +241,8 @@ def test_compose_yields_valid_connected_settings(make_env: Any) -> None:
 
 
 def test_compose_refuses_to_start_without_secrets() -> None:
-    for secret in ("REDIS_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH"):
+    for secret in ("REDIS_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH",
+                   "PIXQ_API_KEY_PEPPER"):
         with pytest.raises(MissingVariable, match=secret):
             compose_config(example_env(**{secret: ""}))
 
@@ -245,7 +251,20 @@ def test_env_example_documents_every_variable_compose_reads() -> None:
     used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", (DOCKER / "compose.yaml").read_text()))
     documented = set(read_dotenv((DOCKER / ".env.example").read_text()))
     assert used <= documented, f"add to docker/.env.example: {sorted(used - documented)}"
-    assert {v for v in documented if v.startswith("PIXQ_")} <= PIXQ_VARS
+    assert {v for v in documented if v.startswith("PIXQ_")} <= PIXQ_VARS | API_VARS
+
+
+@pytest.mark.parametrize("make_env", [example_env, minimal_env], ids=["env-example", "secrets-only"])
+def test_compose_api_gets_the_settings_a_pepper_and_a_readiness_check(make_env: Any) -> None:
+    api = compose_config(make_env())["services"]["api"]
+    env = api["environment"]
+    assert {v for v in env if v.startswith("PIXQ_")} == PIXQ_VARS | {
+        "PIXQ_API_KEY_PEPPER", "PIXQ_API_PUBLIC_URL", "PIXQ_WEBHOOK_SECRET"}
+    Settings.from_env(env).require_redis()
+    ApiSettings.from_env(env).require_pepper()  # raises ConfigError when missing or short
+    assert api["command"][:1] == ["api"] and flag_value(api["command"], "--port") == "8000"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_compose_worker_reserves_the_gpus_and_drains_longer_than_a_job() -> None:
@@ -397,6 +416,26 @@ def test_k8s_worker_is_one_gpu_ready_only_when_loaded_and_drains_longer_than_a_j
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_k8s_api_gets_settings_and_secrets_probes_and_a_cpu_autoscaler() -> None:
+    deployment = manifest("Deployment", "pixq-api")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    for source in container["envFrom"]:
+        names |= set(manifest("ConfigMap", source["configMapRef"]["name"])["data"])
+    assert PIXQ_VARS | AWS_KEYS | {"PIXQ_API_KEY_PEPPER", "PIXQ_WEBHOOK_SECRET"} <= names
+    for entry in container["env"]:
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "pixq-secrets" and ref["key"] in secret_data()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["args"][:1] == ["api"] and "cpu" in container["resources"]["requests"]
+    service = manifest("Service", "pixq-api")["spec"]
+    assert service["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    hpa = manifest("HorizontalPodAutoscaler", "pixq-api")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "pixq-api"
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+
+
 def test_pdb_and_service_select_the_pods_they_mean() -> None:
     worker_labels = manifest("Deployment", "pixq-worker")["spec"]["template"]["metadata"]["labels"]
     flower_labels = manifest("Deployment", "pixq-flower")["spec"]["template"]["metadata"]["labels"]
@@ -413,7 +452,7 @@ def test_flower_has_basic_auth_from_the_secret() -> None:
     assert env["CELERY_BROKER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "PIXQ_REDIS_URL"
 
 
-SECRET_NAMES = re.compile(r"PASSWORD|SECRET|PIXQ_REDIS_URL|BASIC_AUTH|CELERY_BROKER_URL|TOKEN")
+SECRET_NAMES = re.compile(r"PASSWORD|SECRET|PIXQ_REDIS_URL|BASIC_AUTH|CELERY_BROKER_URL|TOKEN|PEPPER")
 
 
 def test_secrets_never_sit_in_arguments_or_plain_manifest_values() -> None:
