@@ -28,5 +28,9 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==${PIXQ_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
 fi
 echo "==> installing pixart-queue[dev,api] + pixart-queue-worker[stack] (editable)"
-python -m pip install -q -e ".[dev,api]" -e "./worker[stack]" 2>&1 | grep -vE "is ignored|^\s*$" || true
+# setuptools warns that the worker's editable install uses a meta path finder ("careful with folders ... with the
+# same name as your package"): none here is named pixq (the code lives in producer/ and worker/), so that block is
+# dropped; any other warning still shows. (project.license is an SPDX string: no license deprecation any more.)
+python -m pip install -q -e ".[dev,api]" -e "./worker[stack]" 2>&1 \
+  | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' | grep -vE "is ignored|^\s*$" || true
 python -c "import torch, diffusers, celery, redis, boto3; print('==> ready: torch', torch.__version__, '| diffusers', diffusers.__version__)"
