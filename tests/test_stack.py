@@ -86,8 +86,17 @@ def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> Non
                              env=env, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0 and '"state": "succeeded"' in sub.stdout, sub.stderr
 
+        # The HTTP API, with a ready-to-paste curl line and a key that works.
+        api = re.search(r"Bearer (pixq_\S+)' .* -d '(\{.*\})' (http://127\.0\.0\.1:\d+)/v1/jobs", text)
+        assert api, text
+        req = urllib.request.Request(api.group(3) + "/v1/jobs", data=api.group(2).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {api.group(1)}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as created:
+            assert created.status == 201
+
         started = children_of(proc.pid)
-        assert len(started) >= 4  # redis, weed, worker, flower
+        assert len(started) >= 5  # redis, weed, worker, flower, api
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         assert "stopped." in proc.stderr.read()

@@ -157,6 +157,11 @@ def up(
                         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
                 typer.echo(f"  export {var}='{env[var]}'")
             typer.echo("\n  pixq submit 'A small cactus with a happy face' --width 512 --height 512 --wait\n")
+            if stack.api_url:
+                typer.echo(f"HTTP API: {stack.api_url}/docs  (key {stack.api_key}, docs/api.md)\n")
+                body = '{"prompt": "A small cactus with a happy face", "width": 512, "height": 512}'
+                typer.echo(f"  curl -sS -H 'Authorization: Bearer {stack.api_key}' -H 'Content-Type: application/json' "
+                           f"-d '{body}' {stack.api_url}/v1/jobs\n")
             typer.echo(f"Flower: {stack.flower_url}  (user {stack.flower_user}, password {stack.flower_password})")
             typer.echo(f"Logs:   {root}/*.log\nCtrl-C stops everything.")
             try:

@@ -8,6 +8,7 @@ what the tests run. Every service is a real process in its own process group, st
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -388,6 +389,8 @@ class Stack:
     flower_url: str = ""
     flower_user: str = "admin"
     flower_password: str = ""
+    api_url: str = ""  # the HTTP API, when the api extra is installed
+    api_key: str = ""
     services: list[Service] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -396,9 +399,39 @@ class Stack:
         self.services.clear()
 
 
+def start_api(env: dict[str, str], root: Path) -> tuple[Service, str, str]:
+    """``pixq api`` on loopback with a pepper kept in ``root`` (keys outlive a restart of the stack)
+    and one fresh key with every scope; returns the service, its URL and the key."""
+    from pixq.api.keys import KeyStore, Scope
+
+    pepper_file = root / "api-pepper"
+    if not pepper_file.exists():
+        pepper_file.touch(mode=0o600)
+        pepper_file.write_text(secrets.token_hex(24))
+    pepper = pepper_file.read_text().strip()
+    env.update({"PIXQ_API_KEY_PEPPER": pepper})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    svc = Service("api", pixq_argv("api", "--host", "127.0.0.1", "--port", str(port)), root / "api.log",
+                  env=env).start()
+
+    def answers() -> bool:
+        with urllib.request.urlopen(url + "/healthz", timeout=1) as response:
+            return bool(response.status == 200)
+
+    svc.wait_until(answers, 60)
+    conn = redis.Redis.from_url(env["PIXQ_REDIS_URL"], socket_connect_timeout=2)
+    try:
+        _, key = KeyStore(conn, pepper).create(f"up-{secrets.token_hex(3)}", frozenset(Scope))
+    finally:
+        conn.close()
+    return svc, url, key
+
+
 @contextlib.contextmanager
 def local_stack(
-    root: Path, model: str, device: str = "cpu", with_flower: bool = True, say: Callable[[str], None] = print
+    root: Path, model: str, device: str = "cpu", with_flower: bool = True, say: Callable[[str], None] = print,
+    with_api: bool = True,
 ) -> Iterator[Stack]:
     root.mkdir(parents=True, exist_ok=True)
     stack = Stack(root=root, env={}, model=model, device=device)
@@ -421,6 +454,9 @@ def local_stack(
                 start_flower(env, port, stack.flower_user, stack.flower_password, root / "flower.log")
             )
             stack.flower_url = f"http://127.0.0.1:{port}/"
+        if with_api and importlib.util.find_spec("fastapi") is not None:
+            svc, stack.api_url, stack.api_key = start_api(env, root)
+            stack.services.append(svc)
         yield stack
     finally:
         stack.stop()
