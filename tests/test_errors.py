@@ -99,10 +99,16 @@ def test_storage_failures_of_download_and_url(env: dict[str, str], s3: S3Endpoin
                                               tmp_path: Path) -> None:
     closed = {**env, "PIXQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     download = ["download", finished_job, "-o", str(tmp_path / "got")]
-    unreachable, url = run_all([download, ["url", finished_job]], closed)
-    assert_one_line(unreachable, StorageUnavailable.exit_code, "S3 unreachable")
+    results = {r["argv"][0]: r for r in run_all(every_command(finished_job, tmp_path / "got"), closed)}
+    assert_one_line(results["download"], StorageUnavailable.exit_code, "S3 unreachable")
+    url = results["url"]
     assert url["code"] == 0 and url["stdout"].startswith("http://127.0.0.1:")  # presigning needs no round trip
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url["stdout"]
+    # The commands that do not touch S3 work as ever (retry: a succeeded job is not retried, one line).
+    assert {name: r["code"] for name, r in results.items()} == {
+        "submit": 0, "status": 0, "wait": 0, "cancel": 0, "dead": 0, "retry": 3, "queue": 0, "download": 8, "url": 0}
+    assert all("Traceback" not in r["stderr"] for r in results.values())
+    run_all([["cancel", results["submit"]["stdout"].strip()]], env)
 
     (wrong_secret,) = run_all([download], {**env, "AWS_SECRET_ACCESS_KEY": "wrong"})
     assert_one_line(wrong_secret, StorageUnavailable.exit_code, "S3 refused the credentials")
