@@ -96,13 +96,25 @@ net_args=()
 [ -s "$ca_bundle" ] && net_args+=(--volume "$ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
 
 # -- the images ----------------------------------------------------------------------------------
+# The build context: the files git sees (tracked or not ignored), all with one mtime, so that the
+# layer cache follows their content only (a fresh clone would miss it on every file's new mtime).
+# .dockerignore then applies to it as to any context.
+context=.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  context=$CACHE/context
+  rm -rf "$context" && mkdir -p "$context"
+  git ls-files -z --cached --others --exclude-standard \
+    | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -C "$context" -xf -
+  find "$context" -exec touch -h -d @0 {} +
+fi
 image_id() { buildah images --noheading --no-trunc --format '{{.ID}}' "$1" 2>/dev/null || true; }
 build() {  # NAME DOCKERFILE BUILD-ARGS...
   local name=$1 file=$2 old
   shift 2
   old=$(image_id "localhost/$name:$TAG")
   say "building localhost/$name:$TAG from $file"
-  buildah build --layers --format docker --network host -f "$file" -t "localhost/$name:$TAG" "${net_args[@]}" "$@" . \
+  buildah build --layers --format docker --network host -f "$context/$file" -t "localhost/$name:$TAG" \
+    "${net_args[@]}" "$@" "$context" \
     >"$CACHE/$name.log" 2>&1 \
     || { tail -30 "$CACHE/$name.log" >&2; echo "error: building $file failed (log: $CACHE/$name.log)" >&2; exit 1; }
   echo "    $(grep -c 'Using cache' "$CACHE/$name.log" || true) steps from the layer cache"

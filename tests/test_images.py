@@ -260,10 +260,15 @@ def test_light_image_creates_the_bucket_as_compose_s3_init_does(light_box: Conta
         assert f"{env['PIXQ_S3_BUCKET']} {expected}" in done.stdout
 
 
-def get(url: str, auth: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
-    if auth:
+def http(url: str, auth: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    """GET (or POST a JSON body); `auth` is "user:password" (basic) or an API key (bearer)."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    if auth and ":" in auth:
         request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
+    elif auth:
+        request.add_header("Authorization", f"Bearer {auth}")
     try:
         with urllib.request.urlopen(request, timeout=5) as answer:
             return answer.status, answer.read()
@@ -284,17 +289,53 @@ def test_light_image_flower_answers_behind_basic_auth_and_sees_the_image_worker(
     running = light_box.start("image flower", flower["entrypoint"], tmp_path / "flower.log", env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        running.svc.wait_until(lambda: get(f"{base}/")[0] == 401, 90)
+        running.svc.wait_until(lambda: http(f"{base}/")[0] == 401, 90)
         # compose's health check, run inside the image as compose runs it (on this test's port).
         check = [part.replace("5555", str(port)) for part in flower["healthcheck"]["test"][1:]]
         assert light_box.run(check, timeout=60).returncode == 0
 
         def sees_worker() -> bool:
-            status, body = get(f"{base}/workers?json=1", auth)
+            status, body = http(f"{base}/workers?json=1", auth)
             return status == 200 and WORKER_NODE in {w.get("hostname") for w in json.loads(body)["data"]}
 
         wait_for(sees_worker, 60, "Flower in the light image to list the worker image's node")
-        assert get(f"{base}/workers?json=1", "operator:wrong")[0] == 401
+        assert http(f"{base}/workers?json=1", "operator:wrong")[0] == 401
+    finally:
+        running.stop()
+
+
+def test_light_image_serves_the_http_api_and_the_worker_image_renders_its_job(
+    light_box: Container, image_worker: Running, redis_url: str, s3: S3Endpoint, tmp_path: Path
+) -> None:
+    """`pixq api` from the light image (the api extra installed), with a key made by its `pixq keys`."""
+    entry = light_box.image.entrypoint
+    env = {**container_env(redis_url, s3), "PIXQ_API_KEY_PEPPER": secrets.token_hex(16)}
+    made = light_box.run([*entry, "keys", "create", f"image-{secrets.token_hex(3)}", "--scope", "submit,read",
+                          "--json"], env=env)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    port = free_port()
+    running = light_box.start("image api", [*entry, "api", "--host", "127.0.0.1", "--port", str(port)],
+                              tmp_path / "api.log", env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        running.svc.wait_until(lambda: http(f"{base}/readyz")[0] == 200, 90)
+        assert http(f"{base}/v1/jobs")[0] == 401
+        request = {"prompt": "a lighthouse at dusk", "model_name": MODEL_IN_IMAGE, "width": 128, "height": 128,
+                   "num_inference_steps": 2, "seed": 5}
+        status, body = http(f"{base}/v1/jobs", key, request)
+        assert status == 201, body[-500:]
+        job_id = json.loads(body)["id"]
+
+        def finished() -> dict[str, Any] | None:
+            answer, record = http(f"{base}/v1/jobs/{job_id}", key)
+            assert answer == 200, record[-500:]
+            parsed: dict[str, Any] = json.loads(record)
+            return parsed if JobState(parsed["state"]).is_terminal else None
+
+        record = wait_for(finished, 120, "the API's job to finish on the worker image")
+        assert record["state"] == JobState.succeeded.value, record
+        assert record["worker"].startswith(WORKER_NODE) and len(record["image_urls"]) == 1
     finally:
         running.stop()
 
