@@ -1,4 +1,19 @@
-"""The settings every entry point builds once, from the environment, and passes down."""
+"""The settings every entry point builds once, from the environment, and passes down.
+
+Read by hand from a mapping rather than through pydantic-settings (or pydantic validation aliases),
+because that would not be shorter once it keeps what callers rely on:
+
+* ``from_env`` takes an explicit mapping (tests and ``pixq up`` pass environments of
+  their own; nothing reads ``os.environ`` at import). pydantic-settings' sources read ``os.environ`` or
+  dotenv files; an explicit mapping needs a custom source or plain ``model_validate`` with aliases.
+* Every bad value is one line that starts with the variable's name and never repeats a secret
+  (``PIXQ_REDIS_URL: ...`` with the password masked). pydantic's ``ValidationError`` is several lines,
+  names the field (or alias) and echoes ``input_value``, so each rule would still need its own check and
+  a translation of the error; a blank value means "unset" (the default), which needs a before-validator
+  on every field.
+* ``ENV_VARS`` is the deployment contract the deploy-file tests compare compose and Kubernetes against;
+  with aliases it would be derived from them, but the per-variable checks below would all remain.
+"""
 
 from __future__ import annotations
 
