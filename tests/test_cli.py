@@ -103,6 +103,7 @@ def test_help_shows_defaults(env: dict[str, str]) -> None:
     assert "--steps" in out.stdout and "default: 20" in out.stdout
 
 
+@pytest.mark.slow  # builds and loads a pipeline in a subprocess
 def test_make_test_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pixq", "make-test-model", str(tmp_path / "m")],
                          capture_output=True, text=True, timeout=120)

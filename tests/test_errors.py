@@ -95,6 +95,7 @@ def test_redis_database_past_the_servers_last_is_a_config_error(env: dict[str, s
         assert_one_line(result, ConfigError.exit_code, "PIXQ_REDIS_URL")
 
 
+@pytest.mark.slow  # a dozen CLI runs against broken S3 endpoints
 def test_storage_failures_of_download_and_url(env: dict[str, str], s3: S3Endpoint, finished_job: str,
                                               tmp_path: Path) -> None:
     closed = {**env, "PIXQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}

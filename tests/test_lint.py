@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,6 +20,7 @@ def test_ruff_is_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # mypy over the whole code: minutes without its cache
 def test_mypy_is_clean() -> None:
     out = run("mypy", "producer/pixq", "worker/pixq")
     assert out.returncode == 0, out.stdout + out.stderr
