@@ -75,7 +75,9 @@ def describe(record: JobRecord) -> None:
         info = record.render
         out.print(f"  rendered  {info.width}x{info.height}{' then resized' if info.resized else ''}   "
                   f"{info.render_s:.2f} s   {info.transformer_rows_per_image} transformer rows/image"
-                  + ("   VAE tiled" if info.vae_tiled else ""))
+                  + ("   VAE tiled" if info.vae_tiled else "")
+                  + (f"   in a batch of {info.batch_images} images ({info.batch_jobs} jobs)"
+                     if info.batch_jobs > 1 or info.batch_images > 1 else ""))
         if info.difference_from_exact:
             out.print(f"  fast mode {info.difference_from_exact}")
     for image in record.images:
@@ -344,9 +346,12 @@ def queue_cmd(
     jobs.add_column("job", no_wrap=True)
     jobs.add_column("model", overflow="fold")
     jobs.add_column("step", justify="right", no_wrap=True)
+    jobs.add_column("batch", justify="right")
     jobs.add_column("worker", overflow="fold")
     jobs.add_column("running for", justify="right")
     for name, j in running:
         step = (f"{j.step}/{j.total_steps}" if j.step else "waiting") + (" (canceling)" if j.cancel_requested else "")
-        jobs.add_row(j.id, name, step, j.worker or "-", _duration(now - j.started_at if j.started_at else None))
+        batch = str(j.batch) if j.batch else "-"  # images in the pipeline call it renders in
+        jobs.add_row(j.id, name, step, batch, j.worker or "-",
+                     _duration(now - j.started_at if j.started_at else None))
     out.print(jobs)

@@ -47,6 +47,7 @@ class RunningJob:
     total_steps: int
     started_at: float | None
     cancel_requested: bool
+    batch: int = 0  # images in the pipeline call it renders in; 0: claimed, waiting for the GPU
 
 
 @dataclass
@@ -126,7 +127,7 @@ def running_jobs(records: RecordStore) -> dict[str, list[RunningJob]]:
             continue  # ended between the two reads
         by_model.setdefault(r.request.model_name, []).append(
             RunningJob(id=r.id, worker=r.worker, step=r.step, total_steps=r.total_steps, started_at=r.started_at,
-                       cancel_requested=r.cancel_requested))
+                       cancel_requested=r.cancel_requested, batch=r.batch))
     return by_model
 
 

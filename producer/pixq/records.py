@@ -58,6 +58,9 @@ class RenderInfo(BaseModel):
     transformer_rows_per_image: int  # 2 per step with guidance in exact mode; fewer in fast mode
     render_s: float
     difference_from_exact: str | None = None  # fast mode: its measured difference (docs/performance.md)
+    batch_images: int = 1  # images in the pipeline call that rendered this job (its own and its partners')
+    batch_jobs: int = 1  # jobs that shared that call
+    batch_id: str | None = None  # the id of the call's first job: the jobs that rendered together share it
 
 
 class JobError(BaseModel):
@@ -81,6 +84,7 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     cancel_requested: bool = False
     owner: str | None = None  # the API key (its id) that submitted the job; None for direct Python clients
+    batch: int = 0  # while running: images in the pipeline call it renders in (0: not rendering yet)
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -211,7 +215,7 @@ end
 """ + _DEAD_IF_SPENT + """
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0',
-  'claim', ARGV[7])
+  'batch', '0', 'claim', ARGV[7])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
@@ -228,7 +232,7 @@ if not state then redis.call('ZREM', KEYS[3], ARGV[1]) return {'gone', ''} end
 if state ~= 'running' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'settled', state} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', ''} end
 """ + _DEAD_IF_SPENT + """
-redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0', 'batch', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 pixq_emit(KEYS[1], 'queued')
@@ -244,7 +248,7 @@ end
 return 0
 """
 
-# KEYS: job, lease. ARGV: worker, step. Record progress if we still hold the job; answer
+# KEYS: job, lease. ARGV: worker, step[, batch]. Record progress if we still hold the job; answer
 # 'cancel' when a cancel was asked for, 'lost' when the job is no longer ours.
 _PROGRESS = _EMIT + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
@@ -252,6 +256,7 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[
   return 'lost'
 end
 redis.call('HSET', KEYS[1], 'step', ARGV[2])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'batch', ARGV[3]) end
 pixq_event(KEYS[1], 'running')
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
 return 'ok'
@@ -291,7 +296,7 @@ _RETRY = _EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' and redis.call('HGET', KEYS[1], 'attempts') == '0' then return {1, state} end
 if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'worker', '',
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'batch', '0', 'worker', '',
   'error', '', 'images', '[]', 'render', '', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -340,6 +345,7 @@ def _decode(raw: dict[bytes, bytes]) -> JobRecord:
         error=JobError.model_validate_json(f["error"]) if f.get("error") else None,
         cancel_requested=f.get("cancel_requested") == "1",
         owner=f.get("owner") or None,
+        batch=int(f.get("batch") or 0),
     )
 
 
@@ -474,9 +480,11 @@ class RecordStore:
     def renew_lease(self, job_id: str, worker: str, lease_ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[worker, int(lease_ttl_s * 1000)]))
 
-    def progress(self, job_id: str, worker: str, step: int) -> str:
-        """Record a finished step: ``ok``, ``cancel`` (asked to stop) or ``lost`` (not ours)."""
-        answer = self._progress(keys=[self.key(job_id), self.lease_key(job_id)], args=[worker, step])
+    def progress(self, job_id: str, worker: str, step: int, batch: int | None = None) -> str:
+        """Record a finished step (and the images of the batch it renders in): ``ok``, ``cancel``
+        (asked to stop) or ``lost`` (not ours)."""
+        args: list[Any] = [worker, step] + ([batch] if batch is not None else [])
+        answer = self._progress(keys=[self.key(job_id), self.lease_key(job_id)], args=args)
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def release(self, job_id: str, holder: str, attempts_delta: int = 0, **fields: Any) -> bool:

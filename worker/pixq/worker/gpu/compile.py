@@ -56,7 +56,8 @@ def compile_fn(fn: Any, mode: str) -> Any:
 
 
 def compile_forward(forward: Any, mode: str = "default") -> Any:
-    """``torch.compile`` one transformer forward: one full graph per batch size and image size."""
+    """``torch.compile`` one transformer forward: one full graph per image size for one image, one with a
+    symbolic batch size for batches (``mark_batch_dynamic``)."""
     import torch
 
     compiled = compile_fn(forward, mode)
@@ -67,9 +68,24 @@ def compile_forward(forward: Any, mode: str = "default") -> Any:
             value = kw.get(name)
             if value is not None and value.ndim >= 2 and value.shape[1] > 1:
                 torch._dynamo.mark_dynamic(value, 1)
+        mark_batch_dynamic(hidden_states, args, kw)
         return compiled(hidden_states, *args, **kw)
 
     return call
+
+
+def mark_batch_dynamic(hidden_states: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+    """Batches of several jobs (more than the 2 rows of one guided image) share one graph whose batch
+    dimension is symbolic, instead of one compile per batch size (pixq.worker.gpu.batch). One image
+    (1 or 2 rows) keeps its static graph, as before batching."""
+    rows = int(hidden_states.shape[0])
+    if rows <= 2:
+        return
+    import torch
+
+    for value in (hidden_states, *args, *kw.values()):
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
 class CompiledBlocks:
@@ -103,7 +119,9 @@ class CompiledBlocks:
             if mask is not None and mask.ndim >= 2:
                 # Same length as the text: may be tied to its symbol rather than get its own.
                 torch._dynamo.maybe_mark_dynamic(mask, mask.ndim - 1)
-            return compiled(hidden_states.contiguous(), *args, **kw)
+            hidden_states = hidden_states.contiguous()
+            mark_batch_dynamic(hidden_states, args, kw)
+            return compiled(hidden_states, *args, **kw)
 
         return call
 

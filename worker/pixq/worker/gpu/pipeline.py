@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,6 +65,7 @@ def load_pipeline(
     compile_cache: str | None = None,
     warmup: Sequence[tuple[int, int]] = (),
     warmup_modes: Sequence[str] = ("exact", "fast"),
+    batch_for: Callable[[int, int], int] | None = None,
 ) -> LoadedPipeline:
     """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
 
@@ -108,13 +109,17 @@ def load_pipeline(
     loaded.load_s = time.perf_counter() - started
     log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, loaded.load_s)
     if warmup:
-        warm_up(loaded, warmup, warmup_modes)
+        warm_up(loaded, warmup, warmup_modes, batch_for)
     return loaded
 
 
-def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str]) -> None:
-    """Render one job per size and mode (compiles the graphs those shapes need, selects kernels)."""
+def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str],
+            batch_for: Callable[[int, int], int] | None = None) -> None:
+    """Render one job per size and mode (compiles the graphs those shapes need, selects kernels);
+    with a compiled transformer and ``batch_for(width, height)`` > 1, a batch of jobs too (their one
+    graph with a symbolic batch size serves every batch, pixq.worker.gpu.batch)."""
     from pixq.schema import JobRequest, RenderMode
+    from pixq.worker.gpu.batch import render_batch
     from pixq.worker.gpu.render import render
 
     started = time.perf_counter()
@@ -126,6 +131,9 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
                 "model_name": loaded.model_name, "mode": RenderMode(mode),
             })
             render(loaded, request)
+            batch = min(batch_for(width, height), 4) if batch_for is not None else 1
+            if batch > 1 and loaded.accel is not None and loaded.accel.options.compile:
+                render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(batch)])
             loaded.warmed.append(f"{width}x{height}/{mode}")
             log.info("warm-up %dx%d %s: %.1f s", width, height, mode, time.perf_counter() - t0)
     loaded.warmup_s += time.perf_counter() - started

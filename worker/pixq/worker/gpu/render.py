@@ -1,4 +1,5 @@
-"""Rendering one request with diffusers' ``PixArtSigmaPipeline``, and encoding the images."""
+"""Rendering one request with diffusers' ``PixArtSigmaPipeline`` (one batch of one: pixq.worker.gpu.batch),
+and encoding the images."""
 
 from __future__ import annotations
 
@@ -48,41 +49,24 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
     (``fast``, worker/pixq/worker/gpu/fastmode.py) on the same pipeline. An exception raised by ``on_step``
     (cancel, deadline) stops the render at that step.
     """
-    import torch
+    from pixq.worker.gpu.batch import render_batch
 
-    pipe, accel = _pipe_and_accel(target)
-    guided = request.guidance_scale > 1.0
-    gens = generators(request)
-    with torch.inference_mode():
-        # 1. Prompt embeddings: T5 once per distinct prompt (LRU), the negative once per process.
-        prompts = accel.prompt_kwargs(request.prompt, request.negative_prompt, guided)
-        # 2-4. Latents, denoising loop and VAE decode: diffusers' pipeline, under this mode's step plan.
-        plan = accel.plan(RenderMode(request.mode) is RenderMode.fast, request.num_inference_steps, guided)
-        with accel.controller.planned(plan, order=accel.options.fast_plan.order):
-            out = pipe(
-                **prompts,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
-                num_images_per_prompt=request.num_images_per_prompt,
-                generator=gens if len(gens) > 1 else gens[0],
-                use_resolution_binning=request.use_resolution_binning,
-                output_type="pt",
-                **_step_callback(pipe, on_step),
-            )
-        return to_pil(out.images)
+    return render_batch(target, [request], on_step)[0]
 
 
-def render_info(target: Any, request: JobRequest, render_s: float) -> RenderInfo:
-    """How the last ``render`` on ``target`` went, for the job record (read it before the next render)."""
+def render_info(target: Any, request: JobRequest, render_s: float, batch_images: int | None = None,
+                batch_jobs: int = 1) -> RenderInfo:
+    """How the last ``render`` (or ``render_batch`` of ``batch_jobs`` jobs, ``batch_images`` images)
+    on ``target`` went, for the job record (read it before the next render)."""
     _, accel = _pipe_and_accel(target)
+    images = batch_images or request.num_images_per_prompt
     width, height, tiled = accel.vae_decode.last or (request.width, request.height, False)
     fast = RenderMode(request.mode) is RenderMode.fast
     return RenderInfo(
         mode=request.mode, width=width, height=height, resized=(width, height) != (request.width, request.height),
-        vae_tiled=tiled, transformer_rows_per_image=accel.controller.stats.rows // request.num_images_per_prompt,
+        vae_tiled=tiled, transformer_rows_per_image=accel.controller.stats.rows // images,
         render_s=round(render_s, 3), difference_from_exact=MEASURED_DIFFERENCE if fast else None,
+        batch_images=images, batch_jobs=batch_jobs,
     )
 
 

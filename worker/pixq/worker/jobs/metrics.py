@@ -8,7 +8,8 @@ The runner tells it what happens, in this order for a job it claimed::
     metrics.start_server(port)                  # serves /metrics; port 0 picks a free one
     metrics.job_claimed(time.time() - record.created_at)
     metrics.set_current(job_id)                 # the render starts (it holds the GPU)
-    metrics.step()                              # after every denoising step
+    metrics.step(n)                             # after every denoising step (n: jobs in the call)
+    metrics.batch_rendered(jobs, images)        # one pipeline call rendered this many jobs and images
     metrics.set_current(None)                   # the render ended, however it ended
     metrics.job_finished("succeeded", render_s=..., width=..., height=..., images=...)
 
@@ -57,6 +58,8 @@ RENDER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 2
 QUEUE_WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                         3600.0)
 DEFAULT_WINDOW_S = 60.0
+# Images (and jobs) in one pipeline call: 1 .. a few dozen.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class WindowedRate:
@@ -170,12 +173,18 @@ class WorkerMetrics:
               registry=r).labels(model=model).set_function(self._images_rate.rate)
         Gauge("pixq_denoising_steps_per_second", f"Denoising steps per second over the last {window_s:g} s.",
               ["model"], registry=r).labels(model=model).set_function(self._steps_rate.rate)
+        self.batch_images = Histogram(
+            "pixq_batch_images", "Images per pipeline call (jobs rendered together share one call).",
+            ["model"], buckets=BATCH_BUCKETS, registry=r).labels(model=model)
+        self.batch_jobs = Histogram(
+            "pixq_batch_jobs", "Jobs per pipeline call.", ["model"], buckets=BATCH_BUCKETS,
+            registry=r).labels(model=model)
         self.load_seconds = Gauge("pixq_pipeline_load_seconds", "Time to load the pipeline (and warm it up).",
                                   ["model"], registry=r).labels(model=model)
         self.current_jobs = Gauge("pixq_current_jobs", "Jobs this worker holds now (rendering or storing).",
                                   ["model"], registry=r).labels(model=model)
-        self.current_job = Info("pixq_current_job", "The job on the GPU now; job_id is empty when idle.",
-                                registry=r)
+        self.current_job = Info("pixq_current_job",
+                                "The jobs on the GPU now (comma-separated); job_id is empty when idle.", registry=r)
         self.current_job.info({"job_id": ""})
         r.register(GpuMemoryCollector(device))
         ProcessCollector(registry=r)  # process_* (CPU seconds, resident memory, open files)
@@ -200,6 +209,11 @@ class WorkerMetrics:
         """``n`` denoising steps finished."""
         self.steps.inc(n)
         self._steps_rate.add(n)
+
+    def batch_rendered(self, jobs: int, images: int) -> None:
+        """One pipeline call rendered ``jobs`` jobs, ``images`` images in all."""
+        self.batch_jobs.observe(jobs)
+        self.batch_images.observe(images)
 
     def job_finished(self, outcome: str, render_s: float | None = None, width: int | None = None,
                      height: int | None = None, images: int = 0) -> None:

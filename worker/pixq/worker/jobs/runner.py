@@ -3,9 +3,12 @@
 Kept apart from Celery (``tasks.py``) so the in-process path and the queue path are the same
 code, and so a benchmark can time it without a broker.
 
-Two job threads share one pipeline: the render runs under ``gpu_lock``, and encoding and
-upload happen outside it, so the GPU starts the next job while the last one is stored. A job
-is acknowledged only after its images are stored and its record says so.
+Job threads (Celery's, one per message) share one pipeline: each claims its job and hands it to
+the ``Batcher`` (``batcher.py``), whose one GPU thread renders the waiting compatible jobs in one
+pipeline call under ``gpu_lock``; encoding and upload happen in the job's own thread, so the GPU
+starts the next batch while the last one is stored. While a job waits for its images its thread
+writes its progress, reads its cancel flag and checks its deadline (no Redis round trip on the
+GPU's path). A job is acknowledged only after its images are stored and its record says so.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 from celery import Celery
 from pixq.records import ImageRecord, JobError, JobRecord, JobState, RecordStore, RenderInfo
 from pixq.wire import send_job
+from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.png import threads_for
-from pixq.worker.gpu.render import encode, render, render_info
+from pixq.worker.gpu.render import encode
+from pixq.worker.jobs.batcher import Batcher, Pending
 from pixq.worker.jobs.lease import HeldJob, Leases
 from pixq.worker.jobs.metrics import WorkerMetrics
 from pixq.worker.jobs.storage import Storage
@@ -74,6 +79,8 @@ class RunnerConfig:
     max_attempts: int = 3
     # PNG encoding threads while the GPU is idle (0: min(8, cores)); one while another job renders.
     encode_threads: int = 0
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    progress_every_s: float = 0.05  # how often a job's thread writes its step and reads its cancel flag
 
 
 class JobRunner:
@@ -103,6 +110,9 @@ class JobRunner:
         self._last_active = time.monotonic()
         # Unserved unless the worker starts its server: the runner reports either way.
         self.metrics = metrics or WorkerMetrics(config.model_name, config.worker_name)
+        self.batcher = Batcher(pipe, self.gpu_lock, config.batch, before_batch=self._before_batch,
+                               stop_now=self._stop_now, on_step=self.metrics.step, on_batch=self._on_batch,
+                               after_batch=lambda: self.metrics.set_current(None))
 
     @property
     def worker_name(self) -> str:
@@ -187,38 +197,60 @@ class JobRunner:
     def _render(
         self, record: JobRecord, held: HeldJob, on_progress: ProgressFn | None
     ) -> tuple[list[Any], RenderInfo]:
-        request = record.request
-        total = request.num_inference_steps
-        started = time.monotonic()
-
-        def on_step(step: int) -> None:
-            self.metrics.step()
-            held.beat()
-            answer = self.records.progress(record.id, self.worker_name, step)
-            if answer == "lost" or held.lost.is_set():
-                raise LeaseLost()
-            if answer == "cancel":
-                raise JobCanceled()
-            if time.monotonic() - started > self.config.job_timeout_s:
-                raise DeadlineExceeded(f"timed out after {self.config.job_timeout_s:.0f} s (at step {step}/{total})")
-            if self.shutdown.now.is_set():
-                raise GiveBack()
-            if on_progress is not None:
-                on_progress(step, total)
-
-        with self.gpu_lock:
-            # Waiting for the GPU counts as life; the deadline counts from the render's start.
-            held.beat()
-            started = time.monotonic()
-            if self.shutdown.draining.is_set():
-                raise GiveBack()  # it waited behind the job being finished: not started, so back it goes
-            self.metrics.set_current(record.id)
+        """Queue the job for the GPU and wait for its images, minding its progress, cancel and deadline."""
+        total = record.request.num_inference_steps
+        timeout = self.config.job_timeout_s
+        pending = Pending(record, held)
+        self.batcher.submit(pending)
+        reported = 0
+        next_check = 0.0
+        while not pending.done.wait(self.config.progress_every_s):
+            now = time.monotonic()
+            started, step = pending.started, pending.step
+            if started is None:
+                held.beat()  # waiting for the GPU counts as life
+            moved = started is not None and step != reported
             try:
-                images = render(self.pipe, request, on_step)
-                info = render_info(self.pipe, request, time.monotonic() - started)
-            finally:
-                self.metrics.set_current(None)
-            return images, info
+                if moved or now >= next_check:  # a moved step at once, else twice a second (a cancel)
+                    next_check = now + 0.5
+                    answer = self.records.progress(record.id, self.worker_name, step,
+                                                   batch=pending.batch_images or None)
+                    if answer == "lost":
+                        raise LeaseLost()
+                    if answer == "cancel":
+                        raise JobCanceled()
+                    if moved:
+                        reported = step
+                        if on_progress is not None:
+                            on_progress(step, total)
+                if held.lost.is_set():
+                    raise LeaseLost()
+                if started is not None and now - started > timeout:
+                    raise DeadlineExceeded(f"timed out after {timeout:.0f} s (at step {step}/{total})")
+            except JobStopped as exc:
+                # Out of the queue if it has not started; else its rows ride along and are dropped.
+                self.batcher.withdraw(pending)
+                pending.stop(exc)
+                raise
+        if pending.error is not None:
+            raise pending.error
+        if pending.images is None or pending.info is None:
+            raise RuntimeError("the render ended without images")  # pragma: no cover - a batcher bug
+        if on_progress is not None:
+            on_progress(total, total)
+        return pending.images, pending.info
+
+    def _before_batch(self, batch: list[Pending]) -> BaseException | None:
+        if self.shutdown.draining.is_set():
+            return GiveBack()  # they waited behind the job being finished: not started, so back they go
+        self.metrics.set_current(",".join(p.record.id for p in batch))
+        return None
+
+    def _stop_now(self) -> BaseException | None:
+        return GiveBack() if self.shutdown.now.is_set() else None
+
+    def _on_batch(self, batch: list[Pending], seconds: float) -> None:
+        self.metrics.batch_rendered(len(batch), sum(p.images_wanted for p in batch))
 
     def _store(self, record: JobRecord, images: list[Any], held: HeldJob) -> list[ImageRecord]:
         request = record.request

@@ -62,8 +62,14 @@ def worker(
                                                 "(0: every decode)")] = VAE_TILE_ABOVE,
     compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
                                               help="With --compile: the VAE decoder too")] = True,
+    max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
+                                           "(same size, steps, guidance, mode, format) [default 0: by size, "
+                                           "8 up to 512x512, 4 up to 768x768, else 1]")] = 0,
+    gather_window: Annotated[float, typer.Option(help="Seconds the first job of a batch may wait for "
+                                                 "partners [default 0: batch only what already waits]")] = 0.0,
 ) -> None:
-    """Start one worker process: load the pipeline once on DEVICE, then render jobs one by one."""
+    """Start one worker process: load the pipeline once on DEVICE, then render its jobs, waiting
+    compatible ones together in one pipeline call."""
     from pixq.worker.ops.serve import WorkerOptions, serve
 
     if dtype not in DTYPES:
@@ -81,6 +87,10 @@ def worker(
         raise ConfigError("--encode-threads: must be 0 (automatic) or more")
     if vae_tile_above < 0:
         raise ConfigError("--vae-tile-above: must be 0 (always tile) or more")
+    if max_batch < 0:
+        raise ConfigError("--max-batch: must be 0 (by size) or more")
+    if not 0 <= gather_window <= 10:
+        raise ConfigError("--gather-window: must be 0 to 10 seconds")
     if any(m not in ("exact", "fast") for m in warmup_mode or []):
         raise ConfigError("--warmup-mode: must be exact or fast")
     settings = Settings.from_env(os.environ)
@@ -104,7 +114,8 @@ def worker(
                                   defer_warmup=defer_warmup,
                                   prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
                                   vae_tile_above=vae_tile_above, compile_vae=compile_vae,
-                                  metrics_port=metrics_port))
+                                  metrics_port=metrics_port, max_batch=max_batch,
+                                  gather_window_s=gather_window))
 
 
 @app.command("make-test-model")

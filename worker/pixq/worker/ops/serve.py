@@ -17,9 +17,11 @@ from pathlib import Path
 from types import FrameType
 
 import redis
+from pixq.models import LOCAL_MAX_SIDE, model_spec
 from pixq.records import RecordStore
 from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
+from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
 from pixq.worker.gpu.speedups import SpeedupOptions
 from pixq.worker.gpu.vae import VAE_TILE_ABOVE
@@ -48,7 +50,11 @@ class WorkerOptions:
     offload: bool = False
     loglevel: str = "INFO"
     ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
-    concurrency: int = 2  # job threads: one renders while the other encodes and uploads
+    concurrency: int = 2  # job threads at least: one renders while the other encodes and uploads
+    # Images per pipeline call for jobs that can share one (0: per size, pixq.worker.gpu.batch); jobs
+    # only batch with what already waits, unless a gather window lets the first one wait that long.
+    max_batch: int = 0
+    gather_window_s: float = 0.0
     # Speed-ups (pixq.worker.gpu.speedups, docs/performance.md)
     compile: bool = False
     compile_mode: str = "default"
@@ -70,6 +76,16 @@ class WorkerOptions:
         return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
                             prompt_cache=self.prompt_cache, trim_text=self.trim_text,
                             vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae)
+
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(max_batch=self.max_batch, gather_window_s=self.gather_window_s)
+
+    def job_threads(self) -> int:
+        """Enough Celery threads (each holds one message) for a batch rendering while the next one
+        gathers: twice the largest batch this model's sizes get, at least ``concurrency``."""
+        spec = model_spec(self.model)
+        largest = self.batch_policy().largest(spec.max_side if spec else LOCAL_MAX_SIDE)
+        return max(self.concurrency, 2 * largest)
 
     def node_name(self) -> str:
         """``--name``, else the device, this process's id and the host (``cpu-4711@host``)."""
@@ -179,7 +195,7 @@ def warm_up_while_serving(
                         if runner.idle_for() < IDLE_BEFORE_WARMUP_S:
                             continue  # a job came in meanwhile: it goes first
                         try:
-                            warm_up(loaded, [size], [mode])
+                            warm_up(loaded, [size], [mode], runner.config.batch.limit)
                         except Exception:
                             log.exception("warm-up %dx%d %s failed; its first job compiles instead", *size, mode)
                         break
@@ -209,7 +225,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
-        warmup=sizes, warmup_modes=now_modes,
+        warmup=sizes, warmup_modes=now_modes, batch_for=options.batch_policy().limit,
     )
     records = RecordStore(conn, settings.retention_s)
     app = create_app(settings)
@@ -222,7 +238,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         records, loaded, storage,
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
                      lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
-                     encode_threads=options.encode_threads),
+                     encode_threads=options.encode_threads, batch=options.batch_policy()),
         leases, app, shutdown, metrics=metrics,
     )
     reservations = Reservations(conn, name)
@@ -274,7 +290,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={options.concurrency}",
+            f"--concurrency={options.job_threads()}",
             f"--queues={queue_name(options.model)}",
             f"--hostname={name}",
             f"--loglevel={options.loglevel}",

@@ -1,0 +1,161 @@
+"""Several compatible jobs in one pipeline call: which jobs can share one, how many, and the call.
+
+At 512² one job cannot fill a large GPU: the transformer's time per image at 20 steps halves
+from 1 to 4 images per call on an H200 (docs/performance.md), while at 1024² the GPU is already
+full. ``render_batch`` runs the jobs of a batch as one call of diffusers' pipeline:
+
+* every image keeps its own CPU generator (job seed + i), so the initial noise of an image is
+  the same as when its job runs alone; the pipeline draws each image's latents from its own
+  generator, whatever the batch;
+* the prompts that are not cached go through T5 in one call; each row of the batch gets its own
+  prompt's embeddings (and its job's negative prompt); the text is trimmed to the bucket of the
+  batch's longest prompt (padding is masked out exactly, so this changes summation order only);
+* guidance scale, steps, size, mode (fast mode's per-step plan applies to all rows alike) and
+  the VAE decode are shared: ``batch_key`` says what must be equal.
+
+An image rendered in a batch equals the same job alone up to the arithmetic's batch invariance
+(measured: tests/test_batching.py on the CPU; docs/performance.md on an H200).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pixq.schema import JobRequest, RenderMode
+
+# Default images per pipeline call, by pixels of the requested size (measured on an H200,
+# docs/performance.md): small images batch well, at 1024² the GPU is full with one.
+DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ((512 * 512, 8), (768 * 768, 4))
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How many images one pipeline call may hold; ``max_batch`` 0 means the per-size default."""
+
+    max_batch: int = 0
+    gather_window_s: float = 0.0  # how long the first job of a batch may wait for partners
+
+    def limit(self, width: int, height: int) -> int:
+        if self.max_batch > 0:
+            return self.max_batch
+        pixels = width * height
+        return next((n for most, n in DEFAULT_MAX_BATCH if pixels <= most), 1)
+
+    def largest(self, max_side: int) -> int:
+        """The largest batch this policy gives any size up to ``max_side`` × ``max_side``."""
+        if self.max_batch > 0:
+            return self.max_batch
+        return max(self.limit(side, side) for side in (256, min(max_side, 512), max_side))
+
+
+BatchKey = tuple[Any, ...]
+
+
+def batch_key(request: JobRequest) -> BatchKey:
+    """Jobs with equal keys can share a pipeline call (and nothing else can)."""
+    return (request.model_name, request.width, request.height, request.use_resolution_binning,
+            request.num_inference_steps, request.guidance_scale, RenderMode(request.mode).value,
+            request.output_format.value)
+
+
+def render_batch(
+    target: Any, requests: Sequence[JobRequest], on_step: Callable[[int], None] | None = None
+) -> list[list[Any]]:
+    """Render ``requests`` (equal ``batch_key``) in one pipeline call; a list of PIL images per request.
+
+    ``on_step(steps_done)`` runs after every denoising step of the call; an exception it raises
+    stops the whole call.
+    """
+    import torch
+    from pixq.worker.gpu.render import _pipe_and_accel, _step_callback, generators, to_pil
+
+    if not requests:
+        return []
+    keys = {batch_key(r) for r in requests}
+    if len(keys) > 1:
+        raise ValueError(f"jobs of one batch must agree on model, size, steps, guidance, mode and format: {keys}")
+    pipe, accel = _pipe_and_accel(target)
+    first = requests[0]
+    guided = first.guidance_scale > 1.0
+    gens = [g for r in requests for g in generators(r)]
+    with torch.inference_mode():
+        prompts = batch_prompt_kwargs(accel, requests, guided)
+        plan = accel.plan(RenderMode(first.mode) is RenderMode.fast, first.num_inference_steps, guided)
+        with accel.controller.planned(plan, order=accel.options.fast_plan.order):
+            out = pipe(
+                **prompts,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                num_images_per_prompt=1,  # the rows are already one per image
+                generator=gens if len(gens) > 1 else gens[0],
+                use_resolution_binning=first.use_resolution_binning,
+                output_type="pt",
+                **_step_callback(pipe, on_step),
+            )
+        images = to_pil(out.images)
+    split: list[list[Any]] = []
+    for r in requests:
+        split.append(images[: r.num_images_per_prompt])
+        images = images[r.num_images_per_prompt:]
+    return split
+
+
+def encode_prompts(accel: Any, texts: Sequence[str]) -> list[Any]:
+    """The ``Encoded`` T5 output of each text; the ones not cached in one T5 call."""
+    from pixq.worker.gpu.textcache import MAX_SEQUENCE_LENGTH, Encoded
+
+    found: dict[str, Any] = {}
+    missing: list[str] = []
+    for text in dict.fromkeys(texts):
+        item = accel.cache.get((text, MAX_SEQUENCE_LENGTH, True))
+        if item is None:
+            missing.append(text)
+        else:
+            found[text] = item
+    if len(missing) == 1:
+        found[missing[0]] = accel.encode(missing[0])  # counted once more as a miss: same as alone
+    elif missing:
+        embeds, mask, _, _ = accel.pipe.encode_prompt(
+            missing, do_classifier_free_guidance=False, num_images_per_prompt=1,
+            device=accel.pipe._execution_device, clean_caption=True, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        for i, text in enumerate(missing):
+            item = Encoded(embeds[i : i + 1].clone(), mask[i : i + 1].clone(), int(mask[i].sum().item()))
+            accel.cache.put((text, MAX_SEQUENCE_LENGTH, True), item)
+            found[text] = item
+    return [found[t] for t in texts]
+
+
+def batch_prompt_kwargs(accel: Any, requests: Sequence[JobRequest], guided: bool) -> dict[str, Any]:
+    """``prompt_embeds`` & co. with one row per image of ``requests``, trimmed to the longest prompt's bucket."""
+    import math
+
+    import torch
+
+    counts = [r.num_images_per_prompt for r in requests]
+    texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if guided else [])
+    encoded = encode_prompts(accel, texts)
+    pos, neg = encoded[: len(requests)], encoded[len(requests):]
+    length = pos[0].embeds.shape[1]
+    if accel.options.trim_text:
+        tokens = max([e.tokens for e in encoded] + [1])
+        bucket = max(1, accel.options.text_bucket)
+        length = min(length, math.ceil(tokens / bucket) * bucket)
+
+    def rows(items: Sequence[Any], name: str) -> Any:
+        parts = [getattr(e, name)[:, :length] for e, n in zip(items, counts, strict=True) for _ in range(n)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": rows(pos, "embeds"),
+        "prompt_attention_mask": rows(pos, "mask"),
+        "negative_prompt": None,  # the pipeline refuses a negative prompt beside its embeddings
+    }
+    if guided:
+        kwargs["negative_prompt_embeds"] = rows(neg, "embeds")
+        kwargs["negative_prompt_attention_mask"] = rows(neg, "mask")
+    return kwargs
