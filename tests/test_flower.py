@@ -73,7 +73,9 @@ def pixq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def slow_worker(env: dict[str, str], slow_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_worker(env, slow_model, tmp_path_factory.mktemp("slow-worker") / "worker.log", name=SLOW_NODE)
+    # --max-batch 1: two job threads, so jobs behind a running one stay on the broker (the Broker tab's count).
+    svc = start_worker(env, slow_model, tmp_path_factory.mktemp("slow-worker") / "worker.log", name=SLOW_NODE,
+                       extra=("--max-batch", "1"))
     yield svc
     svc.signal(signal.SIGKILL)  # nothing of its own to finish; a warm shutdown takes seconds
     svc.stop()

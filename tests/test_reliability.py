@@ -332,9 +332,13 @@ def test_cancel_of_a_running_job_frees_the_worker(cluster: Cluster) -> None:
     client = cluster.client()
     job = client.submit("stop me", **LONG)
     running_on(client, job.id)
-    step_at_cancel = client.cancel(job.id).step
+    canceled_at = time.time()
+    client.cancel(job.id)
     record = client.wait(job.id, timeout_s=30)
-    assert record.state is JobState.canceled and record.step <= step_at_cancel + 2
+    # The job's thread reads the cancel flag every 50 ms beside the render (not at every step): it ends
+    # within a fraction of a second, at whatever step the render has reached by then.
+    assert record.state is JobState.canceled and record.step < LONG["num_inference_steps"]
+    assert record.finished_at is not None and record.finished_at - canceled_at < 3.0
     assert cluster.objects(job.id) == []
     cluster.assert_delivered_once(client.wait(client.submit("next", width=128, height=128,
                                                             num_inference_steps=2).id, timeout_s=60))

@@ -1,0 +1,405 @@
+"""Micro-batching benchmark (issue 13): the 512² model card vs the queue with batching on and off.
+
+One run, one device, the full-size random-weight architecture (``benchmarks.fullsize``):
+
+card      the model card's plain pipeline (fp16, eager, batch 1) at the small size and at 1024²
+queue     one ``pixq worker --compile`` (real Redis, SeaweedFS, Celery) serving: a burst of unique-prompt
+          jobs at the small size, exact then fast, with batching on (the default policy) and off (the same
+          jobs made incompatible: each its own guidance scale, 4.5 + i·1e-6, so every job renders alone with
+          the same graphs); batch invariance (4 jobs alone, then the same 4 in one batch, pixels compared);
+          a mixed stream (small exact, small fast, 1024² exact, random order); 1024² exact burst and idle
+          single jobs (no regression)
+profile   in process: torch profiler of one small render (alone and in a batch of 8), seconds per image
+          by batch size, VAE decode per image vs batched
+
+    python3 -m benchmarks.batching --out OUT [--tiny] [--phases build,card,queue,profile]
+
+``--tiny`` runs it on the CPU with the tiny model at 128²/256² and a few jobs (checks the harness only).
+Results: OUT/results.json after each phase; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import free_cuda, image_diff, summary, sync
+
+WORDS = ("red", "blue", "quiet", "stormy", "ancient", "glass", "forest", "harbor", "neon", "marble", "desert",
+         "violin", "lantern", "orchid", "comet", "bridge", "tiger", "paper", "copper", "island")
+
+
+def prompt(i: int) -> str:
+    """A unique prompt per index (a repeated prompt would hit the worker's embedding cache)."""
+    rng = random.Random(i)
+    return f"job {i}: a " + " ".join(rng.choice(WORDS) for _ in range(12)) + ", detailed illustration"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tiny = bool(args.tiny)
+        self.device = "cpu" if self.tiny else "cuda"
+        self.small = 128 if self.tiny else 512
+        self.large = 256 if self.tiny else 1024
+        self.model_dir = Path(args.model_dir).resolve()
+        self.results: dict[str, Any] = {}
+        self.services: list[Any] = []
+        self.env: dict[str, str] = {}
+        self.started = time.perf_counter()
+        self.next_index = 0
+
+    def index(self) -> int:
+        self.next_index += 1
+        return self.next_index
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+    def left_s(self) -> float:
+        return self.args.deadline_s - (time.perf_counter() - self.started)
+
+
+# -- card ---------------------------------------------------------------------------------------------
+
+
+def phase_card(b: Bench) -> None:
+    import torch
+    from diffusers import PixArtSigmaPipeline
+
+    dtype = torch.float16 if b.device == "cuda" else torch.float32
+    pipe = PixArtSigmaPipeline.from_pretrained(b.model_dir, torch_dtype=dtype).to(b.device)
+    pipe.set_progress_bar_config(disable=True)
+    res: dict[str, Any] = {"dtype": str(dtype)}
+    for size, n in ((b.small, b.args.card_images), (b.large, max(3, b.args.card_images // 2))):
+        pipe(prompt(-1), width=size, height=size, generator=torch.Generator("cpu").manual_seed(0))  # warm
+        times = []
+        for i in range(n):
+            sync(b.device)
+            t0 = time.perf_counter()
+            pipe(prompt(10_000 + i), width=size, height=size, generator=torch.Generator("cpu").manual_seed(i))
+            sync(b.device)
+            times.append(time.perf_counter() - t0)
+        res[str(size)] = summary(times)
+    b.results["card"] = res
+    del pipe
+    free_cuda()
+
+
+# -- queue --------------------------------------------------------------------------------------------
+
+
+def _services(b: Bench) -> dict[str, str]:
+    from pixq.worker.ops.stack import start_redis, start_seaweedfs
+
+    if b.env:
+        return b.env
+    root = Path("/tmp/pixq-batching") / f"services-{os.getpid()}"
+    svc, redis_url = start_redis(root / "redis")
+    b.services.append(svc)
+    svc, endpoint = start_seaweedfs(root / "s3", bucket="pixq-bench")
+    b.services.append(svc)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
+    env.update(endpoint.env())
+    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": str(b.model_dir), "PIXQ_S3_PREFIX": "bench",
+                "PYTHONUNBUFFERED": "1"})
+    b.env = env
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # boto3 here (image checks)
+    return env
+
+
+@contextlib.contextmanager
+def _worker(b: Bench, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[Any, float]]:
+    from pixq.client import Client
+    from pixq.settings import Settings
+    from pixq.worker.ops.stack import start_worker
+
+    env = _services(b)
+    log_path = Path("/tmp/pixq-batching") / f"{log_name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    args = ("--warmup", f"{b.small}x{b.small}", "--no-defer-warmup",
+            "--compile-cache", str(b.args.compile_cache)) + (() if b.tiny else ("--compile",)) + extra
+    t0 = time.perf_counter()
+    svc = start_worker(env, str(b.model_dir), log_path, device=b.device, extra=args, timeout_s=b.args.worker_timeout_s)
+    start_s = time.perf_counter() - t0
+    client = Client(Settings.from_env(env))
+    try:
+        yield client, start_s
+    except Exception:
+        print(f"--- {log_path} (tail)\n{svc.log_tail(60)}", file=sys.stderr)
+        raise
+    finally:
+        client.close()
+        svc.stop()
+        with contextlib.suppress(OSError):
+            (b.out / f"{log_name}.log").write_text("\n".join(log_path.read_text(errors="replace").splitlines()[-300:]))
+
+
+def _submit(client: Any, b: Bench, size: tuple[int, int], mode: str = "exact", **extra: Any) -> Any:
+    i = extra.pop("index", None)
+    i = b.index() if i is None else i
+    return client.submit(extra.pop("prompt", prompt(i)), seed=extra.pop("seed", 1000 + i), width=size[0],
+                         height=size[1], mode=mode, model_name=str(b.model_dir), **extra)
+
+
+def _burst(client: Any, b: Bench, kinds: list[tuple[tuple[int, int], str, dict[str, Any]]]) -> dict[str, Any]:
+    """Submit every job at once, wait for all; throughput, waits, batch sizes."""
+    jobs = [_submit(client, b, size, mode, **dict(extra)) for size, mode, extra in kinds]
+    records = [client.wait(j.id, timeout_s=600, poll_s=0.02) for j in jobs]
+    created = min(r.created_at for r in records)
+    finished = sorted(r.finished_at for r in records)
+    n = len(records)
+    latency = [r.finished_at - r.created_at for r in records]
+    # When its render began: the end of the render is the record's finish less the store; approximate the
+    # render's start as finished - store - render; store is small against a render, so report both bounds.
+    render_started = [r.finished_at - r.render.render_s - r.created_at for r in records if r.render]
+    batch_jobs = [r.render.batch_jobs for r in records if r.render]
+    return {
+        "n": n, "states": sorted({r.state.value for r in records}),
+        "images_per_s": n / (finished[-1] - created),
+        "s_per_image": (finished[-1] - created) / n,
+        "latency_max_s": max(latency), "latency_p50_s": summary(latency)["p50_s"],
+        "render_start_wait_max_s": max(render_started) if render_started else None,
+        "batch_jobs_mean": sum(batch_jobs) / len(batch_jobs) if batch_jobs else None,
+        "batch_jobs_hist": {str(k): batch_jobs.count(k) for k in sorted(set(batch_jobs))},
+        "render_s_p50": summary([r.render.render_s for r in records if r.render]).get("p50_s"),
+    }
+
+
+def _images(client: Any, record: Any) -> list[Any]:
+    from PIL import Image
+
+    s3 = client.s3()
+    return [Image.open(io.BytesIO(s3.get_object(Bucket=im.bucket, Key=im.key)["Body"].read())).convert("RGB")
+            for im in record.images]
+
+
+def _invariance(client: Any, b: Bench, n: int = 4) -> dict[str, Any]:
+    """The same n jobs alone (idle worker, one at a time), then together behind a blocker."""
+    base = [b.index() for _ in range(n)]
+    alone = []
+    for i in base:
+        r = _submit(client, b, (b.small, b.small), index=i).wait(timeout_s=600, poll_s=0.01)
+        alone.append(r)
+    blocker = _submit(client, b, (b.large, b.large))
+    together = [_submit(client, b, (b.small, b.small), index=i) for i in base]
+    blocker.wait(timeout_s=600)
+    batched = [j.wait(timeout_s=600, poll_s=0.01) for j in together]
+    diffs = [image_diff(_images(client, a)[0], _images(client, t)[0]) for a, t in zip(alone, batched, strict=True)]
+    return {"alone_batch_jobs": [r.render.batch_jobs for r in alone if r.render],
+            "together_batch_jobs": [r.render.batch_jobs for r in batched if r.render],
+            "max_abs": max(d["max_abs"] for d in diffs), "min_psnr_db": min(d["psnr_db"] for d in diffs),
+            "diffs": diffs}
+
+
+def _idle(client: Any, b: Bench, size: tuple[int, int], rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for _ in range(rounds):
+        time.sleep(1.0)
+        r = _submit(client, b, size).wait(timeout_s=600, poll_s=0.005)
+        rows.append({"latency_s": r.finished_at - r.created_at, "render_s": r.render.render_s if r.render else None,
+                     "overhead_s": r.finished_at - r.created_at - (r.render.render_s if r.render else 0)})
+    return rows
+
+
+def phase_queue(b: Bench) -> None:
+    res: dict[str, Any] = {}
+    b.results["queue"] = res
+    n = b.args.jobs
+    small, large = (b.small, b.small), (b.large, b.large)
+    with _worker(b, (), "worker-batching") as (client, start_s):
+        res["worker_start_s"] = start_s
+        t0 = time.perf_counter()
+        _submit(client, b, large).wait(timeout_s=900)  # untimed: compiles the 1024² graph
+        _burst(client, b, [(small, "fast", {}) for _ in range(4)])  # untimed: first fast batch
+        res["untimed_warm_s"] = time.perf_counter() - t0
+        b.save()
+        for mode in ("exact", "fast"):
+            res[f"{mode}_on"] = _burst(client, b, [(small, mode, {}) for _ in range(n)])
+            # Off: every job its own guidance scale, so no two share a call (same graphs, same work).
+            res[f"{mode}_off"] = _burst(client, b, [(small, mode, {"guidance_scale": 4.5 + k * 1e-6})
+                                                    for k in range(n)])
+            b.save()
+        res["invariance"] = _invariance(client, b)
+        b.save()
+        rng = random.Random(7)
+        choices: list[tuple[tuple[int, int], str, dict[str, Any]]] = [
+            (small, "exact", {}), (small, "fast", {}), (large, "exact", {})]
+        kinds = [rng.choice(choices)
+                 for _ in range(b.args.mixed)]
+        res["mixed"] = {**_burst(client, b, kinds),
+                        "kinds": {k: sum(1 for s, m, _ in kinds if f"{s[0]}x{s[1]}/{m}" == k)
+                                  for k in sorted({f"{s[0]}x{s[1]}/{m}" for s, m, _ in kinds})}}
+        b.save()
+        res["large_exact"] = _burst(client, b, [(large, "exact", {}) for _ in range(b.args.large_jobs)])
+        res["idle_large"] = _idle(client, b, large, 3)
+        res["idle_small"] = _idle(client, b, small, 3)
+    b.save()
+
+
+# -- profile ------------------------------------------------------------------------------------------
+
+
+def phase_profile(b: Bench) -> None:
+    import torch
+    from pixq.schema import JobRequest
+    from pixq.worker.gpu.batch import render_batch
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
+    from torch.profiler import ProfilerActivity, profile
+
+    res: dict[str, Any] = {}
+    b.results["profile"] = res
+    loaded = load_pipeline(str(b.model_dir), b.device, "auto", accel=SpeedupOptions(compile=not b.tiny),
+                           compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)],
+                           warmup_modes=("exact",), batch_for=lambda w, h: 4)
+
+    def requests(k: int) -> list[Any]:
+        return [JobRequest.model_validate({"prompt": prompt(b.index()), "seed": i, "width": b.small,
+                                           "height": b.small, "model_name": str(b.model_dir)}) for i in range(k)]
+
+    sizes = (1, 2, 4, 8, 16) if not b.tiny else (1, 2, 4)
+    per_image = {}
+    for k in sizes:
+        render_batch(loaded, requests(k))  # a new batch size: its first call (allocations)
+        times = []
+        for _ in range(2):
+            sync(b.device)
+            t0 = time.perf_counter()
+            render_batch(loaded, requests(k))
+            sync(b.device)
+            times.append(time.perf_counter() - t0)
+        per_image[str(k)] = min(times) / k
+        if b.left_s() < 60:
+            break
+    res["render_s_per_image_by_batch"] = per_image
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device == "cuda" else [])
+    for k in (1, 8):
+        reqs = requests(k)
+        sync(b.device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            render_batch(loaded, reqs)
+            sync(b.device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        key = "device_time_total" if b.device == "cuda" else "cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
+        gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        res[f"batch{k}"] = {
+            "wall_s": wall, "gpu_busy_s": gpu_total if b.device == "cuda" else None,
+            "top": [{"name": e.key[:80], "count": e.count, "cpu_total_ms": e.cpu_time_total / 1e3,
+                     "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "device_total_ms": getattr(e, "device_time_total", 0) / 1e3,
+                     "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in top],
+        }
+        (b.out / f"profile-batch{k}.txt").write_text(
+            events.table(sort_by="self_device_time_total" if b.device == "cuda" else "self_cpu_time_total",
+                         row_limit=40))
+    # VAE: one decode per image (the compiled decoder's way) vs one batched eager decode.
+    vae = loaded.pipe.vae
+    latents = torch.randn(4, 4, b.small // 8, b.small // 8, device=b.device, dtype=vae.dtype)
+    vae_res = {}
+    with torch.inference_mode():
+        for name, run in (("per_image", lambda: vae.decode(latents / vae.config.scaling_factor)),):
+            run()
+            sync(b.device)
+            t0 = time.perf_counter()
+            run()
+            sync(b.device)
+            vae_res[name] = (time.perf_counter() - t0) / 4
+        accel = loaded.accel
+        if accel is not None:
+            with accel.eager():
+                vae.decode(latents / vae.config.scaling_factor)
+                sync(b.device)
+                t0 = time.perf_counter()
+                vae.decode(latents / vae.config.scaling_factor)
+                sync(b.device)
+                vae_res["batched_eager"] = (time.perf_counter() - t0) / 4
+    res["vae_s_per_image_batch4"] = vae_res
+    b.save()
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    card = results.get("card", {})
+    q = results.get("queue", {})
+    for size in ("512", "1024", "128", "256"):
+        if size in card:
+            lines.append(f"card {size}: p50 {card[size]['p50_s']:.3f} s/image")
+    small_card = next((card[s]["p50_s"] for s in ("512", "128") if s in card), None)
+    large_card = next((card[s]["p50_s"] for s in ("1024", "256") if s in card), None)
+    for key in ("exact_on", "exact_off", "fast_on", "fast_off", "mixed", "large_exact"):
+        if key in q:
+            r = q[key]
+            ref = large_card if key == "large_exact" else small_card
+            ratio = f" = {1 / r['s_per_image'] / (1 / ref):.2f}x card" if ref and key != "mixed" else ""
+            lines.append(f"queue {key}: {r['images_per_s']:.2f} img/s ({r['s_per_image']:.3f} s/img){ratio}; "
+                         f"batch mean {r['batch_jobs_mean']}, max latency {r['latency_max_s']:.2f} s")
+    if "invariance" in q:
+        lines.append(f"invariance: max |d| {q['invariance']['max_abs']}, min PSNR {q['invariance']['min_psnr_db']:.1f}")
+    for key in ("idle_large", "idle_small"):
+        if key in q:
+            lines.append(f"{key}: overhead " + ", ".join(f"{r['overhead_s'] * 1000:.0f} ms" for r in q[key]))
+    p = results.get("profile", {})
+    if "render_s_per_image_by_batch" in p:
+        lines.append("render s/image by batch: " + ", ".join(f"{k}: {v:.3f}"
+                                                             for k, v in p["render_s_per_image_by_batch"].items()))
+    for k in ("batch1", "batch8"):
+        if k in p:
+            lines.append(f"profile {k}: wall {p[k]['wall_s']:.3f} s, GPU busy {p[k]['gpu_busy_s']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model-dir", default="/tmp/pixq-batching/model")
+    parser.add_argument("--compile-cache", default="/tmp/pixq-batching/inductor")
+    parser.add_argument("--phases", default="build,card,queue,profile")
+    parser.add_argument("--jobs", type=int, default=32)
+    parser.add_argument("--mixed", type=int, default=48)
+    parser.add_argument("--large-jobs", type=int, default=12)
+    parser.add_argument("--card-images", type=int, default=8)
+    parser.add_argument("--deadline-s", type=float, default=560)
+    parser.add_argument("--worker-timeout-s", type=float, default=420)
+    args = parser.parse_args(argv)
+    b = Bench(args)
+    try:
+        for phase in args.phases.split(","):
+            t0 = time.perf_counter()
+            if phase == "build":
+                from benchmarks.fullsize import ensure_model
+
+                b.results["build"] = ensure_model(b.model_dir, b.device, tiny=b.tiny)[1]
+            else:
+                {"card": phase_card, "queue": phase_queue, "profile": phase_profile}[phase](b)
+            b.results.setdefault("phase_s", {})[phase] = time.perf_counter() - t0
+            b.save()
+            print(f"phase {phase}: {time.perf_counter() - t0:.1f} s", flush=True)
+    finally:
+        for svc in b.services:
+            svc.stop()
+        b.save()
+        print(table(b.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
