@@ -50,7 +50,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tiny = bool(args.tiny)
-        self.device = "cpu" if self.tiny else "cuda"
+        self.device = "cpu" if self.tiny else "cuda:0"
         self.small = 128 if self.tiny else 512
         self.large = 256 if self.tiny else 1024
         self.model_dir = Path(args.model_dir).resolve()
@@ -78,7 +78,7 @@ def phase_card(b: Bench) -> None:
     import torch
     from diffusers import PixArtSigmaPipeline
 
-    dtype = torch.float16 if b.device == "cuda" else torch.float32
+    dtype = torch.float16 if b.device.startswith("cuda") else torch.float32
     pipe = PixArtSigmaPipeline.from_pretrained(b.model_dir, torch_dtype=dtype).to(b.device)
     pipe.set_progress_bar_config(disable=True)
     res: dict[str, Any] = {"dtype": str(dtype)}
@@ -218,7 +218,7 @@ def phase_queue(b: Bench) -> None:
     b.results["queue"] = res
     n = b.args.jobs
     small, large = (b.small, b.small), (b.large, b.large)
-    with _worker(b, (), "worker-batching") as (client, start_s):
+    with _worker(b, ("--max-batch", str(b.args.max_batch)), "worker-batching") as (client, start_s):
         res["worker_start_s"] = start_s
         t0 = time.perf_counter()
         _submit(client, b, large).wait(timeout_s=900)  # untimed: compiles the 1024² graph
@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-cache", default="/tmp/pixq-batching/inductor")
     parser.add_argument("--phases", default="build,card,queue,profile")
     parser.add_argument("--jobs", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=8, help="the worker's --max-batch for the 'on' runs")
     parser.add_argument("--mixed", type=int, default=48)
     parser.add_argument("--large-jobs", type=int, default=12)
     parser.add_argument("--card-images", type=int, default=8)

@@ -69,11 +69,16 @@ def test_incompatible_jobs_are_refused_one_call(tiny_model: str) -> None:
     assert batch_key(same) == batch_key(one)
 
 
-def test_default_batch_sizes_by_size() -> None:
+def test_batch_sizes_by_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pixq.worker.gpu.batch as batch
+
     policy = BatchPolicy()
-    assert policy.limit(512, 512) == 8 and policy.limit(768, 512) == 4 and policy.limit(1024, 1024) == 1
+    assert policy.limit(512, 512) == 1 and policy.limit(1024, 1024) == 1  # measured default: one per call
     assert BatchPolicy(max_batch=3).limit(1024, 1024) == 3
-    assert policy.largest(1024) == 8 and BatchPolicy(max_batch=2).largest(4096) == 2
+    assert BatchPolicy(max_batch=2).largest(4096) == 2
+    monkeypatch.setattr(batch, "DEFAULT_MAX_BATCH", ((512 * 512, 8), (768 * 768, 4)))  # a per-size table
+    assert policy.limit(512, 512) == 8 and policy.limit(768, 512) == 4 and policy.limit(1024, 1024) == 1
+    assert policy.largest(1024) == 8
 
 
 # -- real worker processes --------------------------------------------------------------------
@@ -199,6 +204,7 @@ def test_a_lone_job_starts_at_once(cluster: Cluster) -> None:  # noqa: F811
 def test_worker_threads_follow_the_batch_size(tmp_path: Path) -> None:
     from pixq.worker.ops.serve import WorkerOptions
 
-    assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS").job_threads() == 16
+    assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS").job_threads() == 2  # one per call
+    assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS", max_batch=8).job_threads() == 16
     assert WorkerOptions(model="/x", max_batch=1).job_threads() == 2
     assert WorkerOptions(model="/x", max_batch=4).job_threads() == 8

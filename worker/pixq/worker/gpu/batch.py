@@ -25,9 +25,12 @@ from typing import Any
 
 from pixq.schema import JobRequest, RenderMode
 
-# Default images per pipeline call, by pixels of the requested size (measured on an H200,
-# docs/performance.md): small images batch well, at 1024² the GPU is full with one.
-DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ((512 * 512, 8), (768 * 768, 4))
+# Default images per pipeline call, by pixels of the requested size: (most pixels, images). Empty: one
+# image per call at every size. Measured on an H200 (2026-12-01, docs/performance.md): with the compiled
+# transformer a batch of 8 at 512² took longer per image than 8 jobs alone (its symbolic-batch graph
+# recompiled at the first batch of a new size, 77 s, and later batches ran 5.3 s per 8 images against
+# ≈0.45 s per job alone), so batching stays opt-in (``--max-batch``) until a measured run shows it pays.
+DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class BatchPolicy:
         """The largest batch this policy gives any size up to ``max_side`` × ``max_side``."""
         if self.max_batch > 0:
             return self.max_batch
-        return max(self.limit(side, side) for side in (256, min(max_side, 512), max_side))
+        return max([self.limit(side, side) for side in (256, min(max_side, 512), max_side)]
+                   + [n for _, n in DEFAULT_MAX_BATCH])
 
 
 BatchKey = tuple[Any, ...]

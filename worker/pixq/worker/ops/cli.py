@@ -63,8 +63,8 @@ def worker(
     compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
                                               help="With --compile: the VAE decoder too")] = True,
     max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
-                                           "(same size, steps, guidance, mode, format) [default 0: by size, "
-                                           "8 up to 512x512, 4 up to 768x768, else 1]")] = 0,
+                                           "(same size, steps, guidance, mode, format) [default 0: the measured "
+                                           "default, one per call for now: docs/performance.md]")] = 0,
     gather_window: Annotated[float, typer.Option(help="Seconds the first job of a batch may wait for "
                                                  "partners [default 0: batch only what already waits]")] = 0.0,
 ) -> None:
