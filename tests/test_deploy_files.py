@@ -675,3 +675,41 @@ def test_shipped_workers_run_compiled_with_a_persistent_cache_and_warm_up() -> N
         assert any(cache.startswith(mount.rstrip("/") + "/") for mount in persistent), (cache, persistent)
         parse_size(flag_value(argv, "--warmup"))
         _worker_command_parses(argv)
+
+
+def test_shipped_workers_use_artefacts_from_a_compile_step_read_only() -> None:
+    """k8s: a Job runs `pixq compile` onto the models volume; workers mount that folder read-only and
+    point --artefacts at it. Compose: a one-shot `compile` service the worker waits for, same volume."""
+    job = manifest("Job", "pixq-compile")
+    (compile_container,) = job["spec"]["template"]["spec"]["containers"]
+    assert compile_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    _worker_command_parses(compile_container["args"])
+    out = flag_value(compile_container["args"], "--out")
+    job_mounts = {m["name"]: m for m in compile_container["volumeMounts"]}
+    models_root = job_mounts["models"]["mountPath"].rstrip("/")
+    assert out.startswith(models_root + "/")
+    job_claim = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+                 for v in job["spec"]["template"]["spec"]["volumes"]}["models"]
+    pod = manifest("Deployment", "pixq-worker")["spec"]["template"]["spec"]
+    k8s = worker_container()
+    artefacts = flag_value(k8s["args"], "--artefacts")
+    (mount,) = [m for m in k8s["volumeMounts"] if m["mountPath"] == artefacts]
+    assert mount["readOnly"] is True
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert claims[mount["name"]] == job_claim  # the same volume the Job wrote
+    assert "/" + mount["subPath"].strip("/") == out[len(models_root):]  # ... and the folder it wrote
+    for size in (flag_value(compile_container["args"], "--size"),):
+        assert size == flag_value(k8s["args"], "--warmup")  # the sizes the worker serves are compiled
+    config = compose_config(example_env())
+    services = config["services"]
+    compose_compile, compose_worker = services["compile"], services["worker"]
+    _worker_command_parses(compose_compile["command"])
+    assert compose_worker["depends_on"]["compile"]["condition"] == "service_completed_successfully"
+    compose_out = flag_value(compose_compile["command"], "--out")
+    compile_binds = dict(reversed(v.split(":")[:2]) for v in compose_compile["volumes"])  # path -> volume
+    worker_binds = {v.split(":")[1]: (v.split(":")[0], v.split(":")[2:] == ["ro"]) for v in compose_worker["volumes"]}
+    compose_artefacts = flag_value(compose_worker["command"], "--artefacts")
+    (written,) = [(p, vol) for p, vol in compile_binds.items() if compose_out.startswith(p.rstrip("/") + "/")]
+    (read,) = [(p, vol, ro) for p, (vol, ro) in worker_binds.items() if compose_artefacts.startswith(p + "/")]
+    assert written[1] == read[1] and read[2] is True  # same named volume, mounted read-only
+    assert compose_out[len(written[0]):] == compose_artefacts[len(read[0]):]

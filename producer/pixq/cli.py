@@ -76,6 +76,8 @@ COMPONENT_COMMANDS: tuple[ComponentCommand, ...] = (
                      "loopback; Ctrl-C stops them all.", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("demo", "pixq.worker.ops.cli", "The main job end to end: start the stack, submit, wait, "
                      "print the S3 key and URL, save, stop.", _WORKER, "pixq.worker", _WORKER_PANEL),
+    ComponentCommand("compile", "pixq.worker.ops.cli", "Build the worker's compiled artefacts once per (model, "
+                     "GPU kind, torch version): one AOT graph per size.", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("make-test-model", "pixq.worker.ops.cli", "Write a tiny random PixArt-Σ pipeline (for "
                      "tests and demos: it draws noise).", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("flower", "pixq.worker.ops.cli", "Start Flower (Celery's dashboard) on the queue's Redis, "

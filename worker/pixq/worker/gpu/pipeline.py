@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pixq.models import BASE_COMPONENTS, is_local
 from pixq.worker.gpu.compile import configure_compile_cache
 from pixq.worker.gpu.speedups import RenderSpeedups, SpeedupOptions
+
+if TYPE_CHECKING:
+    from pixq.worker.gpu.artefacts import LoadedArtefacts
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,8 @@ class LoadedPipeline:
     accel: RenderSpeedups | None = None
     warmup_s: float = 0.0
     warmed: list[str] = field(default_factory=list)  # "1024x1024/exact", ...
+    artefacts: LoadedArtefacts | None = None  # the AOT graphs it runs (pixq compile), when a set matched
+    phases: dict[str, float] = field(default_factory=dict)  # start-up phase -> seconds (logged, published)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -66,6 +73,7 @@ def load_pipeline(
     warmup: Sequence[tuple[int, int]] = (),
     warmup_modes: Sequence[str] = ("exact", "fast"),
     batch_for: Callable[[int, int], int] | None = None,
+    artefacts: str | None = None,
 ) -> LoadedPipeline:
     """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
 
@@ -78,46 +86,113 @@ def load_pipeline(
     inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
     ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
     compilation and kernel selection happen before the first real job.
-    """
-    import torch
-    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
+    ``artefacts``: the root of compiled artefact sets (``pixq compile``). When one matches this
+    pipeline its AOT graphs replace ``torch.compile`` (no dynamo, no inductor at start) and every
+    size in it is warmed up in every mode (a short render each: nothing compiles); when none
+    matches, one log line says why and ``accel.compile`` is honoured as without artefacts.
+    """
     started = time.perf_counter()
-    if compile_cache:
-        configure_compile_cache(compile_cache)
+    phases: dict[str, float] = {}
+    import torch
+
+    # CUDA's context comes up on a thread while diffusers and transformers import.
+    cuda_init = start_cuda_init(device) if device.startswith("cuda") else None
+    from diffusers import PixArtSigmaPipeline
+
+    phases["import_s"] = time.perf_counter() - started
+    if cuda_init is not None:
+        cuda_init.join()
+        torch.cuda.set_device(torch.device(device))  # per thread: this one renders
+    phases["cuda_init_wait_s"] = time.perf_counter() - started - phases["import_s"]
+    t0 = time.perf_counter()
     torch_dtype = resolve_dtype(device, dtype)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    if is_local(model_name):
-        pipe = PixArtSigmaPipeline.from_pretrained(model_name, torch_dtype=torch_dtype)
-    else:
-        transformer = PixArtTransformer2DModel.from_pretrained(
-            model_name, subfolder="transformer", torch_dtype=torch_dtype
-        )
-        pipe = PixArtSigmaPipeline.from_pretrained(BASE_COMPONENTS, transformer=transformer, torch_dtype=torch_dtype)
+    pipe = _from_pretrained(PixArtSigmaPipeline, model_name, device, torch_dtype, direct=not offload)
     if offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
-    else:
+    elif getattr(pipe, "hf_device_map", None) is None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    phases["weights_s"] = time.perf_counter() - t0
     options = accel or SpeedupOptions()
     if options.compile and offload:
         log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
         options = replace(options, compile=False)
-    loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0)
+    loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0, phases=phases)
+    if artefacts and not offload:
+        t0 = time.perf_counter()
+        from pixq.worker.gpu.artefacts import load_artefacts
+
+        loaded.artefacts, why = load_artefacts(pipe, model_name, device, Path(artefacts))
+        phases["graphs_s"] = time.perf_counter() - t0
+        if loaded.artefacts is None:
+            log.warning("compiled artefacts not used: %s; %s", why,
+                        "compiling at start instead" if options.compile else "running eager (no --compile)")
+        else:
+            options = replace(options, compile=False)  # the AOT graphs replace torch.compile
+            log.info("compiled artefacts: %d graphs from %s in %.1f s (sizes %s)", len(loaded.artefacts.graphs()),
+                     loaded.artefacts.folder, phases["graphs_s"],
+                     ", ".join(f"{w}x{h}" for w, h in loaded.artefacts.sizes))
+    if options.compile and compile_cache:
+        configure_compile_cache(compile_cache)
     loaded.accel = RenderSpeedups(pipe, options)
+    if loaded.artefacts is not None:
+        loaded.accel.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
     loaded.load_s = time.perf_counter() - started
-    log.info("loaded %s on %s as %s in %.1f s", model_name, device, torch_dtype, loaded.load_s)
+    log.info("loaded %s on %s as %s in %.1f s (imports %.1f s, CUDA wait %.1f s, weights %.1f s)", model_name,
+             device, torch_dtype, loaded.load_s, phases["import_s"], phases["cuda_init_wait_s"], phases["weights_s"])
+    if loaded.artefacts is not None:
+        # Nothing compiles: touch every graph in every mode so the first job finds kernels loaded.
+        warm_up(loaded, loaded.artefacts.sizes, ("exact", "fast"), None, steps=2, native=True)
+    if warmup and loaded.artefacts is not None:  # sizes whose rendered size the set covers are warm already
+        from pixq.worker.gpu.artefacts import rendered_sizes
+
+        warmup = [s for s in warmup if not set(rendered_sizes(pipe, [s])) <= set(loaded.artefacts.sizes)]
     if warmup:
         warm_up(loaded, warmup, warmup_modes, batch_for)
+    phases["warmup_s"] = loaded.warmup_s
     return loaded
 
 
+def start_cuda_init(device: str) -> threading.Thread:
+    """Create ``device``'s CUDA context on a thread (it overlaps the imports that follow)."""
+    import torch
+
+    def init() -> None:
+        try:
+            torch.cuda.set_device(torch.device(device))
+            torch.empty(1, device=device)
+        except Exception as exc:  # reported by the load that follows, which needs the device anyway
+            log.warning("CUDA init on %s: %s", device, exc)
+
+    thread = threading.Thread(target=init, name="pixq-cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
+def _from_pretrained(cls: Any, model_name: str, device: str, torch_dtype: Any, direct: bool, **extra: Any) -> Any:
+    """The pipeline, its safetensors read straight onto a CUDA device when ``direct`` (no host copy)."""
+    from diffusers import PixArtTransformer2DModel
+
+    if direct and device.startswith("cuda"):
+        try:  # device_map: the current device (set by the caller)
+            return _from_pretrained(cls, model_name, device, torch_dtype, direct=False, device_map="cuda")
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
+            log.warning("loading straight onto %s failed (%s); loading on the host, then moving", device, exc)
+    if is_local(model_name):
+        return cls.from_pretrained(model_name, torch_dtype=torch_dtype, **extra)
+    transformer = PixArtTransformer2DModel.from_pretrained(model_name, subfolder="transformer",
+                                                           torch_dtype=torch_dtype, **extra)
+    return cls.from_pretrained(BASE_COMPONENTS, transformer=transformer, torch_dtype=torch_dtype, **extra)
+
+
 def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str],
-            batch_for: Callable[[int, int], int] | None = None) -> None:
+            batch_for: Callable[[int, int], int] | None = None, steps: int = 20, native: bool = False) -> None:
     """Render one job per size and mode (compiles the graphs those shapes need, selects kernels);
     with a compiled transformer and ``batch_for(width, height)`` > 1, a batch of jobs too (their one
-    graph with a symbolic batch size serves every batch, pixq.worker.gpu.batch)."""
+    graph with a symbolic batch size serves every batch, pixq.worker.gpu.batch).
+
+    ``native``: render at exactly these sizes (the sizes AOT graphs were built for), not their bins."""
     from pixq.schema import JobRequest, RenderMode
     from pixq.worker.gpu.batch import render_batch
     from pixq.worker.gpu.render import render
@@ -128,7 +203,8 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
             t0 = time.perf_counter()
             request = JobRequest.model_validate({
                 "prompt": "warm-up: a red cube on a blue sphere", "width": width, "height": height, "seed": 0,
-                "model_name": loaded.model_name, "mode": RenderMode(mode),
+                "model_name": loaded.model_name, "mode": RenderMode(mode), "num_inference_steps": steps,
+                "use_resolution_binning": not native,
             })
             render(loaded, request)
             batch = min(batch_for(width, height), 4) if batch_for is not None else 1

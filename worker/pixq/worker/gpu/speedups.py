@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pixq.worker.gpu.aot import Graph
 from pixq.worker.gpu.compile import (
     COMPILE_SCOPES,
     CUDAGRAPH_MODES,
@@ -33,6 +34,7 @@ from pixq.worker.gpu.compile import (
     cudagraph_step_begin,
 )
 from pixq.worker.gpu.fastmode import Action, FastPlan, StepController
+from pixq.worker.gpu.routing import CompileGate, ShapeRouter
 from pixq.worker.gpu.textcache import MAX_SEQUENCE_LENGTH, Encoded, PromptCache
 from pixq.worker.gpu.vae import VAE_TILE_ABOVE, VaeDecode
 
@@ -72,22 +74,31 @@ class RenderSpeedups:
         if self.options.compile and self.options.compile_vae:
             # No CUDA graphs for the VAE: its per-image outputs must outlive the next replay.
             vae_mode = "max-autotune-no-cudagraphs" if "max-autotune" in self.options.compile_mode else "default"
-        self.vae_decode: VaeDecode = VaeDecode(pipe.vae, self.options.vae_tile_above, vae_mode)
+        self.gate = CompileGate()
+        self.vae_decode: VaeDecode = VaeDecode(pipe.vae, self.options.vae_tile_above, vae_mode, gate=self.gate)
         self.eager_forward: Any = forward
         self.blocks: CompiledBlocks | None = None
         before_call = None
         if self.options.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)} "
                              f"(got {self.options.compile_scope!r})")
+        compiled = None
         if self.options.compile:
             if self.options.compile_scope == "blocks":
                 self.blocks = CompiledBlocks(pipe.transformer, self.options.compile_mode)
             else:
-                forward = compile_forward(forward, self.options.compile_mode)
+                compiled = compile_forward(forward, self.options.compile_mode)
             if self.options.compile_mode in CUDAGRAPH_MODES:
                 before_call = cudagraph_step_begin
-        self.controller = StepController.install(pipe.transformer, forward, before_call=before_call)
+        # Per call: an AOT graph for its shape (``use_graphs``), else the compiled forward, else eager.
+        self.router = ShapeRouter(forward, compiled, self.gate)
+        self.controller = StepController.install(pipe.transformer, self.router, before_call=before_call)
         setattr(pipe, self.ATTRIBUTE, self)
+
+    def use_graphs(self, transformer: dict[tuple[int, int], Graph], vae: dict[tuple[int, int], Graph]) -> None:
+        """Run these AOT graphs (``pixq compile``, by latent height and width) for the shapes they cover."""
+        self.router.graphs.update(transformer)
+        self.vae_decode.use_graphs(vae)
 
     @classmethod
     def of(cls, pipe: Any) -> RenderSpeedups:

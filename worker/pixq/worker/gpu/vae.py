@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pixq.worker.gpu.aot import Graph
 from pixq.worker.gpu.compile import compile_fn
+from pixq.worker.gpu.routing import CompileGate
 
 # Decodes above this many pixels run tiled: a 2048² decode in one piece peaks at 8.7 GiB (fits a 24 GB
 # card), a native 4096² one would need ~35 GiB.
@@ -19,9 +21,12 @@ class VaeDecode:
     With ``compile_mode``, one-piece decodes run a compiled ``vae.decoder`` (2.3× faster on an
     H200: its GroupNorm/SiLU chains fuse), one image at a time so that one graph per image size
     serves every ``num_images_per_prompt``; tiled decodes (odd tile shapes) stay eager.
+    ``graphs`` (image size in latent cells -> an AOT graph of the decoder, ``pixq compile``) go first;
+    ``gate`` decides whether a size without one may be compiled (``pixq.worker.gpu.routing``).
     """
 
-    def __init__(self, vae: Any, tile_above: int, compile_mode: str | None = None):
+    def __init__(self, vae: Any, tile_above: int, compile_mode: str | None = None,
+                 gate: CompileGate | None = None):
         self.vae = vae
         self.tile_above = tile_above
         self.scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent -> pixels (8 for SDXL's VAE)
@@ -31,6 +36,9 @@ class VaeDecode:
         self._decoder_forward = vae.decoder.forward
         self._compiled = compile_fn(self._decoder_forward, compile_mode) if compile_mode else None
         self._use_compiled = False
+        self._one_piece = False
+        self.gate = gate or CompileGate()
+        self.graphs: dict[tuple[int, int], Graph] = {}
         self._forward = self._decoder  # the one bound method installed, so remove() can recognise it
         self.install()
 
@@ -39,24 +47,43 @@ class VaeDecode:
         self.vae.use_tiling = tile
         self.tiled += tile
         self.last = (int(z.shape[-1]) * self.scale, int(z.shape[-2]) * self.scale, tile)
-        self._use_compiled = self._compiled is not None and not tile and not self.eager
+        self._one_piece = not tile and not self.eager
+        self._use_compiled = self._compiled is not None and self._one_piece
         try:
             return type(self.vae).decode(self.vae, z, *args, **kw)
         finally:
-            self._use_compiled = False
+            self._use_compiled = self._one_piece = False
 
     def _decoder(self, sample: Any, *args: Any, **kw: Any) -> Any:
+        size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        graph = self.graphs.get(size) if self._one_piece and not args and not kw else None
+        if graph is not None and graph.accepts([sample[:1]]):
+            return self._per_image(graph, sample)
         if not self._use_compiled or self._compiled is None:
+            if self.graphs and self._one_piece:
+                self.gate.ran_eager(("vae", *size))
             return self._decoder_forward(sample, *args, **kw)
+        if not self.gate.may_compile(("vae", *size)):
+            self.gate.ran_eager(("vae", *size))
+            return self._decoder_forward(sample, *args, **kw)
+        return self._per_image(self._compiled, sample, *args, **kw)
+
+    @staticmethod
+    def _per_image(fn: Any, sample: Any, *args: Any, **kw: Any) -> Any:
         if sample.shape[0] == 1:
-            return self._compiled(sample, *args, **kw)
+            return fn(sample, *args, **kw)
         import torch
 
-        return torch.cat([self._compiled(sample[i : i + 1], *args, **kw) for i in range(sample.shape[0])])
+        return torch.cat([fn(sample[i : i + 1], *args, **kw) for i in range(sample.shape[0])])
+
+    def use_graphs(self, graphs: dict[tuple[int, int], Graph]) -> None:
+        """Decode one-piece images of these latent sizes with these AOT graphs."""
+        self.graphs.update(graphs)
+        self.install()
 
     def install(self) -> None:
         self.vae.decode = self
-        if self._compiled is not None:
+        if self._compiled is not None or self.graphs:
             self.vae.decoder.forward = self._forward
 
     def remove(self) -> None:

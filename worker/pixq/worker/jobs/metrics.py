@@ -181,6 +181,15 @@ class WorkerMetrics:
             registry=r).labels(model=model)
         self.load_seconds = Gauge("pixq_pipeline_load_seconds", "Time to load the pipeline (and warm it up).",
                                   ["model"], registry=r).labels(model=model)
+        self.start_seconds = Gauge(
+            "pixq_worker_start_seconds", "Seconds each start-up phase took (phase=ready: process start to serving).",
+            ["model", "phase"], registry=r)
+        self.aot_graphs = Gauge("pixq_worker_aot_graphs", "AOT graphs loaded from a pixq compile artefact set "
+                                "(0: none matched, the worker compiled or runs eager).", ["model"],
+                                registry=r).labels(model=model)
+        self.eager_calls = Gauge("pixq_worker_uncompiled_calls", "Transformer and VAE calls that ran eager because "
+                                 "their shape had no compiled graph (never compiled while a job waits).", ["model"],
+                                 registry=r).labels(model=model)
         self.current_jobs = Gauge("pixq_current_jobs", "Jobs this worker holds now (rendering or storing).",
                                   ["model"], registry=r).labels(model=model)
         self.current_job = Info("pixq_current_job",
@@ -193,6 +202,13 @@ class WorkerMetrics:
 
     def pipeline_loaded(self, seconds: float) -> None:
         self.load_seconds.set(seconds)
+
+    def started(self, phases: dict[str, float], aot_graphs: int, eager_calls: Callable[[], float]) -> None:
+        """The start-up's phases (seconds), how many AOT graphs were loaded, and the eager-call count's source."""
+        for phase, seconds in phases.items():
+            self.start_seconds.labels(model=self.model, phase=phase.removesuffix("_s")).set(seconds)
+        self.aot_graphs.set(aot_graphs)
+        self.eager_calls.set_function(eager_calls)
 
     def job_claimed(self, queue_wait_s: float) -> None:
         """This worker claimed a job that waited ``queue_wait_s`` since its submission."""

@@ -1,4 +1,4 @@
-"""The worker's ``pixq`` commands: worker, up, demo, make-test-model, flower.
+"""The worker's ``pixq`` commands: worker, compile, up, demo, make-test-model, flower.
 
 ``pixq.cli`` (the light package's one CLI) registers each by name and imports this module only
 when one of them runs; ``app`` here is a plain Typer app holding them (nothing is added to the
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from pixq.commands import client_from_env, err, wait_with_progress
-from pixq.errors import ConfigError
+from pixq.errors import ConfigError, PixqError
 from pixq.settings import Settings
 from pixq.worker.gpu.compile import COMPILE_MODES, COMPILE_SCOPES
 from pixq.worker.gpu.pipeline import DTYPES, parse_size
@@ -44,6 +44,9 @@ def worker(
                                                "slower through the queue)")] = "model",
     compile_cache: Annotated[Optional[Path], typer.Option(help="Inductor cache directory kept across "
                                                           "restarts [default: torch's, under /tmp]")] = None,
+    artefacts: Annotated[Optional[Path], typer.Option(help="Root of `pixq compile` artefact sets (read-only is "
+                                                      "fine): AOT graphs instead of compiling at start; no "
+                                                      "matching set: one log line, then --compile as asked")] = None,
     warmup: Annotated[Optional[list[str]], typer.Option(help="Render one job at this WIDTHxHEIGHT per mode "
                                                         "before serving; repeatable")] = None,
     warmup_mode: Annotated[Optional[list[str]], typer.Option(help="Modes to warm up: exact, fast; "
@@ -110,12 +113,61 @@ def worker(
                                   ready_file=str(ready_file) if ready_file else None,
                                   compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
                                   compile_cache=str(compile_cache) if compile_cache else None,
+                                  artefacts=str(artefacts) if artefacts else None,
                                   warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
                                   defer_warmup=defer_warmup,
                                   prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
                                   vae_tile_above=vae_tile_above, compile_vae=compile_vae,
                                   metrics_port=metrics_port, max_batch=max_batch,
                                   gather_window_s=gather_window))
+
+
+@app.command("compile")
+def compile_command(
+    out: Annotated[Path, typer.Option("--out", help="Root of the artefact sets (a volume beside the weights); the "
+                                      "set goes into a folder named by what it depends on")],
+    model: Annotated[Optional[str], typer.Option(help="Model [default: PIXQ_MODEL]")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N: the GPU kind the workers run on")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}: as the workers' --dtype")] = "auto",
+    size: Annotated[Optional[list[str]], typer.Option(help="WIDTHxHEIGHT served; repeatable [default: 1024x1024]. "
+                                                      "Requests are rendered at the model's trained bin for "
+                                                      "their size: that bin is compiled (see --native)")] = None,
+    native: Annotated[bool, typer.Option("--native/--binned", help="Compile each --size as given too "
+                                         "(jobs with use_resolution_binning=false)")] = False,
+    max_rows: Annotated[int, typer.Option(help="Transformer rows per call the graphs cover: 2 per image with "
+                                          "guidance, times images per prompt (and per batch)")] = 8,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a matching set covers these sizes")] = False,
+) -> None:
+    """Build the worker's compiled artefacts once per (model, GPU kind, torch version): one AOT graph per size."""
+    from pixq.worker.gpu.artefacts import artefact_key, build_artefacts, covered, find_artefacts, rendered_sizes
+    from pixq.worker.gpu.pipeline import load_pipeline
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
+    if max_rows < 1:
+        raise ConfigError("--max-rows: must be 1 or more")
+    try:
+        sizes = [parse_size(s) for s in size or ["1024x1024"]]
+    except ValueError as exc:
+        raise ConfigError(f"--size: {exc}") from None
+    if native and any(w % 16 or h % 16 for w, h in sizes):
+        raise ConfigError("--size: native sizes must be multiples of 16")
+    name = model or Settings.from_env(os.environ).model
+    loaded = load_pipeline(name, device, dtype)
+    targets = rendered_sizes(loaded.pipe, sizes, native)
+    key = artefact_key(loaded.pipe, name, device)
+    found, _ = find_artefacts(out, key)
+    if found is not None and not force and covered(found, targets, max_rows):
+        err.print(f"up to date: {out / key.folder()} covers {', '.join(f'{w}x{h}' for w, h in targets)}")
+        typer.echo(str(out / key.folder()))
+        return
+    err.print(f"compiling {', '.join(f'{w}x{h}' for w, h in targets)} for {name} on {device} ...")
+    try:
+        folder = build_artefacts(loaded.pipe, name, device, out, targets, max_rows=max_rows, say=err.print)
+    except Exception as exc:  # an export or inductor failure: one line, nothing half-written in place
+        raise PixqError(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+            from None
+    typer.echo(str(folder))
 
 
 @app.command("make-test-model")

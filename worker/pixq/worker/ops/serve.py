@@ -23,6 +23,7 @@ from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
 from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
+from pixq.worker.gpu.routing import CompileGate
 from pixq.worker.gpu.speedups import SpeedupOptions
 from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 from pixq.worker.jobs.lease import Leases
@@ -60,6 +61,7 @@ class WorkerOptions:
     compile_mode: str = "default"
     compile_scope: str = "model"
     compile_cache: str | None = None
+    artefacts: str | None = None  # root of pixq compile's artefact sets: AOT graphs instead of compiling
     warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
     warmup_modes: tuple[str, ...] = ("exact", "fast")
     # Warm up only the first mode before serving; the others once serving, one render at a time
@@ -175,8 +177,8 @@ def warm_up_while_serving(
     Each warm-up render waits until no job has been in the worker for ``IDLE_BEFORE_WARMUP_S``,
     then runs under the runner's GPU lock: renders never overlap (dynamo traces one thing at a
     time in a process: a compile beside a render fails it). A job arriving during a warm-up
-    render waits for that one render at most; a job needing a graph not yet warm compiles it
-    itself, as without warm-up.
+    render waits for that one render at most; a job needing a graph not yet warm runs eager
+    (``pixq.worker.gpu.routing``): it never waits for its own compile.
     """
 
     def idle() -> bool:
@@ -185,6 +187,8 @@ def warm_up_while_serving(
                 return True
             time.sleep(0.05)
         return False
+
+    gate = loaded.accel.gate if loaded.accel is not None else CompileGate()
 
     def run() -> None:
         runner.touch()
@@ -195,7 +199,8 @@ def warm_up_while_serving(
                         if runner.idle_for() < IDLE_BEFORE_WARMUP_S:
                             continue  # a job came in meanwhile: it goes first
                         try:
-                            warm_up(loaded, [size], [mode], runner.config.batch.limit)
+                            with gate.warming():  # this render may compile; jobs' renders may not
+                                warm_up(loaded, [size], [mode], runner.config.batch.limit)
                         except Exception:
                             log.exception("warm-up %dx%d %s failed; its first job compiles instead", *size, mode)
                         break
@@ -206,6 +211,17 @@ def warm_up_while_serving(
     thread = threading.Thread(target=run, name="pixq-warmup", daemon=True)
     thread.start()
     return thread
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or ``None`` where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        started = float(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), after pid and comm
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(uptime - started, 0.0)
 
 
 def serve(settings: Settings, options: WorkerOptions) -> None:
@@ -225,8 +241,12 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
-        warmup=sizes, warmup_modes=now_modes, batch_for=options.batch_policy().limit,
+        warmup=sizes, warmup_modes=now_modes, batch_for=options.batch_policy().limit, artefacts=options.artefacts,
     )
+    if loaded.artefacts is not None:
+        later_modes = ()  # every size of the set is warm in every mode; nothing compiles
+    if loaded.accel is not None and (sizes or loaded.artefacts is not None):
+        loaded.accel.gate.serving = True  # from here, a shape with no graph runs eager (routing.py)
     records = RecordStore(conn, settings.retention_s)
     app = create_app(settings)
     leases = Leases(records, name, ttl_s=settings.lease_ttl_s,
@@ -234,6 +254,9 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     shutdown = Shutdown()
     metrics = WorkerMetrics(model=options.model, worker=name, device=options.device)
     metrics.pipeline_loaded(loaded.load_s)
+    gate = loaded.accel.gate if loaded.accel is not None else CompileGate()
+    metrics.started(loaded.phases, len(loaded.artefacts.graphs()) if loaded.artefacts else 0,
+                    lambda: float(gate.eager_calls))
     runner = JobRunner(
         records, loaded, storage,
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
@@ -252,6 +275,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "load_s": round(loaded.load_s, 3),
+        "artefacts": loaded.artefacts.folder.name if loaded.artefacts else None,
+        "start_phases_s": {k: round(v, 3) for k, v in loaded.phases.items()},
         "started_at": time.time(),
     }
     claim_name(conn, name, info)  # kept by the presence beat from the worker's start on
@@ -266,6 +291,11 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         presence.start()
         if sizes and later_modes:
             warm_up_while_serving(loaded, runner, sizes, later_modes, shutdown)
+        ready_s = process_age_s()
+        if ready_s is not None:
+            metrics.start_seconds.labels(model=options.model, phase="ready").set(ready_s)
+            log.info("ready %.1f s after the process started (%s)", ready_s,
+                     ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in loaded.phases.items()))
         if options.ready_file:
             Path(options.ready_file).write_text(f"{name}\n")
 

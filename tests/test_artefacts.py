@@ -1,0 +1,235 @@
+"""`pixq compile` artefact sets (pixq.worker.gpu.artefacts, aot, routing) on the tiny model, CPU.
+
+Building a set runs AOTInductor's C++ compiler on the CPU: minutes on a small machine, so the set is
+built once per session (``artefact_set``) and every test that needs one is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pixq.schema import JobRequest
+from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, find_artefacts
+from pixq.worker.ops.stack import pixq_argv, start_worker
+
+from tests.conftest import stack_env, wait_for
+
+SIZE = 256  # the tiny model's trained bin
+
+
+def key(**changes: Any) -> ArtefactKey:
+    fields: dict[str, Any] = dict(model="/models/tiny", architecture="a" * 64, device_kind="NVIDIA H200",
+                                  dtype="bfloat16", torch="2.11.0+cu130", diffusers="0.42.1")
+    fields.update(changes)
+    return ArtefactKey(**fields)
+
+
+def test_set_folder_names_what_the_graphs_depend_on() -> None:
+    folder = key().folder()
+    assert folder.startswith("pixart-nvidia-h200-bfloat16-torch2.11.0-")
+    assert key(torch="2.12.0").folder() != folder
+    assert key(architecture="b" * 64).folder() != folder
+    assert key(device_kind="NVIDIA H100").folder() != folder
+    assert key(model="/elsewhere/fine-tune").folder() == folder  # same architecture: the same graphs
+
+
+def test_find_says_why_no_set_is_used(tmp_path: Path) -> None:
+    manifest, why = find_artefacts(tmp_path, key())
+    assert manifest is None and why.startswith("no compiled artefacts under")
+    stale = key(torch="2.10.0+cu128")
+    (tmp_path / stale.folder()).mkdir()
+    (tmp_path / stale.folder() / MANIFEST).write_text(json.dumps({"key": stale.__dict__}))
+    manifest, why = find_artefacts(tmp_path, key())
+    assert manifest is None
+    assert "stale" in why and "torch: '2.10.0+cu128' -> '2.11.0+cu130'" in why
+    # A set copied into the right folder but built for something else is refused too.
+    (tmp_path / key().folder()).mkdir()
+    (tmp_path / key().folder() / MANIFEST).write_text(json.dumps({"key": key(dtype="float16").__dict__}))
+    manifest, why = find_artefacts(tmp_path, key())
+    assert manifest is None and "dtype: 'float16' -> 'bfloat16'" in why
+
+
+@pytest.fixture(scope="session")
+def artefact_set(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
+    """``pixq compile`` on the CPU: (root, set folder, seconds it took)."""
+    root = tmp_path_factory.mktemp("artefacts")
+    t0 = time.perf_counter()
+    done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}"),
+                          capture_output=True, text=True, timeout=1500, env={**_env(), "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, Path(done.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
+
+
+def _request(mode: str = "exact", size: int = SIZE, **extra: Any) -> JobRequest:
+    return JobRequest.model_validate({"prompt": "a red cube on a blue sphere", "width": size, "height": size,
+                                      "seed": 5, "num_inference_steps": 6, "mode": mode, **extra})
+
+
+def _pixels(loaded: Any, request: JobRequest) -> Any:
+    from pixq.worker.gpu.render import render
+
+    return np.asarray(render(loaded, request)[0]).astype(np.int16)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_pixq_compile_writes_a_versioned_set_without_the_weights(
+    artefact_set: tuple[Path, Path, float], tiny_model: str,
+) -> None:
+    import diffusers
+    import torch
+
+    root, folder, _ = artefact_set
+    assert folder.parent == root and folder.name.startswith("pixart-cpu-float32-torch")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["key"]["torch"] == torch.__version__ and manifest["key"]["diffusers"] == diffusers.__version__
+    assert manifest["key"]["device_kind"] == "cpu" and manifest["key"]["dtype"] == "float32"
+    assert manifest["sizes"] == [[SIZE, SIZE]]
+    assert {(g["component"], g["width"], g["height"]) for g in manifest["graphs"]} == {
+        ("transformer", SIZE, SIZE), ("vae", SIZE, SIZE)}
+    for graph in manifest["graphs"]:
+        assert graph["max_rows"] == 8 and graph["constants"]
+        names = zipfile.ZipFile(folder / graph["file"]).namelist()
+        # Code only: no serialized weights inside (they stay in the model's safetensors).
+        assert not [n for n in names if "/data/weights/" in n or "/data/constants/" in n], names
+    # Once per model: a second run finds the set and builds nothing.
+    t0 = time.perf_counter()
+    again = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}"),
+                           capture_output=True, text=True, timeout=600, env=_env())
+    assert again.returncode == 0 and again.stdout.strip() == str(folder), again.stderr[-2000:]
+    assert "up to date" in again.stderr
+    assert time.perf_counter() - t0 < artefact_set[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_matching_set_serves_every_mode_without_compiling(artefact_set: tuple[Path, Path, float],
+                                                            tiny_model: str) -> None:
+    import torch._dynamo.utils
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
+
+    counters = torch._dynamo.utils.counters
+    before = (dict(counters["stats"]), dict(counters["frames"]))
+    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    assert loaded.artefacts is not None and loaded.artefacts.folder == artefact_set[1]
+    assert loaded.accel is not None
+    assert loaded.warmed == [f"{SIZE}x{SIZE}/exact", f"{SIZE}x{SIZE}/fast"]  # before serving, nothing compiled
+    loaded.accel.gate.serving = True
+    for mode in ("exact", "fast"):
+        calls = [g.calls for g in loaded.artefacts.graphs()]
+        aot = _pixels(loaded, _request(mode))
+        assert all(after > b for after, b in zip([g.calls for g in loaded.artefacts.graphs()], calls, strict=True))
+        with loaded.accel.eager():
+            eager = _pixels(loaded, _request(mode))
+        assert np.abs(aot - eager).max() <= 1, mode
+    assert (dict(counters["stats"]), dict(counters["frames"])) == before  # dynamo traced nothing
+    assert loaded.accel.gate.eager_calls == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_shape_without_a_graph_runs_eager_and_matches_the_eager_pipeline(
+    artefact_set: tuple[Path, Path, float], tiny_model: str,
+) -> None:
+    import torch._dynamo.utils
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
+
+    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    assert loaded.accel is not None
+    loaded.accel.gate.serving = True
+    plain = load_pipeline(tiny_model, "cpu")
+    unique = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    odd = _request("exact", size=384, use_resolution_binning=False)  # no graph for 384²
+    assert np.array_equal(_pixels(loaded, odd), _pixels(plain, odd))
+    assert loaded.accel.gate.eager_calls > 0
+    assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == unique
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_stale_or_damaged_set_is_refused_with_one_line(
+    artefact_set: tuple[Path, Path, float], tiny_model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pixq.worker.gpu.pipeline import load_pipeline
+
+    root, folder, _ = artefact_set
+    stale_root = tmp_path / "stale"
+    shutil.copytree(folder, stale_root / folder.name)
+    manifest_path = stale_root / folder.name / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["key"]["torch"] = "2.10.0"
+    manifest_path.write_text(json.dumps(manifest))
+    plain = load_pipeline(tiny_model, "cpu")
+    with caplog.at_level(logging.WARNING, logger="pixq.worker.gpu.pipeline"):
+        loaded = load_pipeline(tiny_model, "cpu", artefacts=str(stale_root))
+    assert loaded.artefacts is None
+    (line,) = [r.getMessage() for r in caplog.records if "compiled artefacts not used" in r.getMessage()]
+    assert "torch: '2.10.0' ->" in line and "running eager" in line
+    assert np.array_equal(_pixels(loaded, _request()), _pixels(plain, _request()))
+    # A package that does not match its manifest is never loaded.
+    damaged_root = tmp_path / "damaged"
+    shutil.copytree(folder, damaged_root / folder.name)
+    package = damaged_root / folder.name / "transformer-256x256.pt2"
+    package.write_bytes(package.read_bytes()[:-10])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pixq.worker.gpu.pipeline"):
+        loaded = load_pipeline(tiny_model, "cpu", artefacts=str(damaged_root))
+    assert loaded.artefacts is None
+    assert any("does not match its manifest" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
+    artefact_set: tuple[Path, Path, float], tiny_model: str, redis_url: str, s3: Any, tmp_path: Path,
+) -> None:
+    from pixq.client import Client
+    from pixq.settings import Settings
+    from pixq.wire import WORKER_KEY_PREFIX
+    from pixq.worker.ops.stack import free_port
+
+    from tests.test_metrics import parse, scrape, value
+
+    env = stack_env(redis_url, s3, tiny_model, PIXQ_S3_PREFIX="artefacts")
+    port = free_port()
+    log = tmp_path / "worker.log"
+    svc = start_worker(env, tiny_model, log, name="cpu-aot@test", timeout_s=240,
+                       extra=("--compile", "--artefacts", str(artefact_set[0]), "--warmup", f"{SIZE}x{SIZE}",
+                              "--metrics-port", str(port)))
+    client = Client(Settings.from_env(env))
+    try:
+        (presence,) = [json.loads(client.conn.get(k) or "{}") for k in client.conn.scan_iter(WORKER_KEY_PREFIX + "*")
+                       if json.loads(client.conn.get(k) or "{}").get("pid") == svc.pid]
+        assert presence["artefacts"] == artefact_set[1].name
+        assert {"import_s", "weights_s", "graphs_s", "warmup_s"} <= set(presence["start_phases_s"])
+        text = log.read_text()
+        assert "compiled artefacts: 2 graphs" in text and "warm-up 256x256 fast" in text
+        jobs = [client.submit("a cube", width=SIZE, height=SIZE, num_inference_steps=4, mode=mode)
+                for mode in ("exact", "fast")]
+        jobs.append(client.submit("a cube", width=384, height=384, num_inference_steps=4, use_resolution_binning=False))
+        records = [client.wait(j.id, timeout_s=240) for j in jobs]
+        assert [r.state.value for r in records] == ["succeeded"] * 3
+        samples = wait_for(lambda: (s := parse(scrape(port))) and s, 10, "metrics")
+        assert value(samples, "pixq_worker_aot_graphs", model=tiny_model) == 2
+        assert (value(samples, "pixq_worker_uncompiled_calls", model=tiny_model) or 0) > 0  # the 384² job
+        assert (value(samples, "pixq_worker_start_seconds", model=tiny_model, phase="ready") or 0) > 0
+        assert svc.alive()
+    finally:
+        svc.stop()

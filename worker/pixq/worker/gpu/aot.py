@@ -1,0 +1,195 @@
+"""Ahead-of-time compiled graphs (AOTInductor) of the transformer's forward and the VAE decoder.
+
+``torch.compile`` re-traces the model with dynamo on every start (14–20 s for the transformer and
+the VAE decoder of PixArt-Σ on an H200, even from a warm inductor cache). AOTInductor does the
+tracing (``torch.export``) and the code generation once, at ``pixq compile``, and writes a ``.pt2``
+package of compiled kernels: a worker loads it with ``aoti_load_package`` (no dynamo, no inductor)
+and binds the model's own weights to it (``load_constants(..., user_managed=True)``), so the
+package holds code only (``aot_inductor.package_constants_in_so=False``) and the weights stay in
+the model's safetensors, once in memory.
+
+One package per image size and component: the transformer with a dynamic batch (1 ..
+``max_rows``: exact mode's CFG rows, fast mode's conditional rows, several images or jobs per call)
+and a dynamic text length (trimmed prompts, 1 .. 300 tokens); the VAE decoder with a dynamic batch.
+A call whose shape or dtypes the graph was not built for is not sent to it (``Graph.accepts``):
+the caller runs its eager forward instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_TEXT = 300  # PixArt-Σ's T5 token budget
+# Package files hold kernels only; the weights are bound from the loaded model at start.
+INDUCTOR_CONFIGS: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+
+
+def transformer_call(transformer: Any) -> Any:
+    """A module whose forward is the transformer's, by position (what ``torch.export`` traces).
+
+    It calls the class's forward, so whatever the worker installed on the instance (the step
+    controller) is not traced; parameter names get the prefix ``transformer.``.
+    """
+    import torch
+
+    class TransformerCall(torch.nn.Module):
+        def __init__(self, module: Any):
+            super().__init__()
+            self.transformer = module
+
+        def forward(self, hidden_states: Any, encoder_hidden_states: Any, encoder_attention_mask: Any,
+                    timestep: Any) -> Any:
+            return type(self.transformer).forward(
+                self.transformer, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+            )[0]
+
+    return TransformerCall(transformer).eval()
+
+
+def decoder_call(decoder: Any) -> Any:
+    """A module whose forward is the VAE decoder's (prefix ``decoder.``)."""
+    import torch
+
+    class DecoderCall(torch.nn.Module):
+        def __init__(self, module: Any):
+            super().__init__()
+            self.decoder = module
+
+        def forward(self, sample: Any) -> Any:
+            return type(self.decoder).forward(self.decoder, sample)
+
+    return DecoderCall(decoder).eval()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What one package was built for: component, image size in latent cells, batch and text ranges."""
+
+    component: str  # "transformer" | "vae"
+    width: int  # pixels
+    height: int
+    max_rows: int
+    max_text: int = MAX_TEXT
+
+    @property
+    def name(self) -> str:
+        return f"{self.component}-{self.width}x{self.height}"
+
+
+def _param_device_dtype(module: Any) -> tuple[Any, Any]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+def example_inputs(spec: GraphSpec, module: Any, vae_scale: int, latent_channels: int,
+                   caption_channels: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of the shapes and dtypes the worker's pipeline passes, and their dynamic dimensions."""
+    import torch
+    from torch.export import Dim
+
+    device, dtype = _param_device_dtype(module)
+    h, w = spec.height // vae_scale, spec.width // vae_scale
+    rows = 2 if spec.max_rows >= 2 else 1  # an example above 1: dynamic dims are not specialised to 1
+    batch = Dim("rows", min=1, max=max(spec.max_rows, 2))
+    if spec.component == "vae":
+        sample = torch.randn(rows, latent_channels, h, w, device=device, dtype=dtype)
+        return (sample,), {"sample": {0: batch}}
+    text = Dim("text", min=1, max=spec.max_text)
+    tokens = min(32, spec.max_text)
+    args = (
+        torch.randn(rows, latent_channels, h, w, device=device, dtype=dtype),
+        torch.randn(rows, tokens, caption_channels, device=device, dtype=dtype),
+        torch.ones(rows, tokens, device=device, dtype=torch.int64),  # the tokenizer's mask, as T5 gets it
+        torch.full((rows,), 500, device=device, dtype=torch.int64),  # the scheduler's timesteps
+    )
+    shapes = {"hidden_states": {0: batch}, "encoder_hidden_states": {0: batch, 1: text},
+              "encoder_attention_mask": {0: batch, 1: text}, "timestep": {0: batch}}
+    return args, shapes
+
+
+def build_graph(module: Any, args: tuple[Any, ...], dynamic: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``torch.export`` + AOTInductor-compile ``module`` for ``args`` into the package at ``path``.
+
+    Returns what the manifest records: seconds taken, the constants the package needs (name,
+    shape, dtype) and the example inputs' dtypes.
+    """
+    import torch
+    import torch._inductor
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    export_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
+    state = _constants(module)
+    lifted = {name: value for name, value in exported.constants.items() if name not in state}
+    if lifted:  # constants that are neither parameters nor buffers: the model cannot bind them
+        raise RuntimeError(f"graph needs constants the model does not name: {', '.join(sorted(lifted))}")
+    return {
+        "export_s": round(export_s, 2), "compile_s": round(time.perf_counter() - t1, 2),
+        "inputs": [str(a.dtype).removeprefix("torch.") for a in args],
+        "constants": {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in state.items()},
+    }
+
+
+def _constants(module: Any) -> dict[str, Any]:
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(dict(module.named_buffers(remove_duplicate=False)))
+    return named
+
+
+class Graph:
+    """One loaded package, bound to the loaded model's own weights; callable like the eager forward."""
+
+    def __init__(self, spec: GraphSpec, compiled: Any, input_dtypes: list[str], device: Any):
+        self.spec = spec
+        self.compiled = compiled
+        self.input_dtypes = input_dtypes
+        self.device = device
+        self.calls = 0
+
+    @classmethod
+    def load(cls, spec: GraphSpec, path: Path, module: Any, recorded: dict[str, Any]) -> Graph:
+        """Load ``path`` and bind ``module``'s tensors (no copy). ``recorded`` is the manifest entry:
+        every constant must exist in the model with the recorded shape and dtype, or this raises."""
+        import torch
+        import torch._inductor
+
+        state = _constants(module)
+        needed: dict[str, list[Any]] = recorded["constants"]
+        wrong = [name for name, (shape, dtype) in needed.items()
+                 if name not in state or list(state[name].shape) != shape
+                 or str(state[name].dtype).removeprefix("torch.") != dtype]
+        if wrong:
+            raise ValueError(f"{spec.name}: the model's weights do not match the graph ({len(wrong)} constants, "
+                             f"e.g. {wrong[0]})")
+        device, _ = _param_device_dtype(module)
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+        fqns = compiled.get_constant_fqns()
+        missing = [name for name in fqns if name not in state]
+        if missing:
+            raise ValueError(f"{spec.name}: the graph needs {missing[0]}, which the model lacks")
+        compiled.load_constants({name: state[name] for name in fqns}, check_full_update=True, user_managed=True)
+        return cls(spec, compiled, list(recorded["inputs"]), device)
+
+    def accepts(self, tensors: list[Any], text_dim: int | None = None) -> bool:
+        """Whether these inputs are of the shapes and dtypes the graph was built for."""
+        first = tensors[0]
+        if first.shape[0] > self.spec.max_rows or first.device != self.device:
+            return False
+        if text_dim is not None and not 1 <= tensors[1].shape[text_dim] <= self.spec.max_text:
+            return False
+        return [str(t.dtype).removeprefix("torch.") for t in tensors] == self.input_dtypes
+
+    def __call__(self, *tensors: Any) -> Any:
+        self.calls += 1
+        # The package reads its inputs with the strides it was built for (contiguous).
+        return self.compiled(*(t.contiguous() for t in tensors))

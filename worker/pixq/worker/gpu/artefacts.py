@@ -1,0 +1,236 @@
+"""A worker's compiled artefact set: AOT graphs for every shape it serves, versioned by what they depend on.
+
+``pixq compile`` builds one set per (model architecture, GPU kind, torch and diffusers versions,
+dtype) under a root directory (a volume beside the weights), in a folder named by that key::
+
+    ROOT/pixart-<gpu>-<dtype>-torch<version>-<hash>/manifest.json
+    ROOT/pixart-<gpu>-<dtype>-torch<version>-<hash>/transformer-1024x1024.pt2, vae-1024x1024.pt2, ...
+
+The graphs do not depend on the weights' values (the packages hold no weights; the loaded model's
+tensors are bound at start), so the key hashes the transformer's and VAE's configs and every
+weight's name, shape and dtype, not the 10 GB of values: a fine-tune of the same architecture
+reuses the set. The manifest records the key, the sizes, the batch and text ranges, each package's
+sha256 and the constants it binds; a worker loads a set only if all of that matches what it
+loaded, else it logs why in one line and compiles as before (``load_artefacts`` returns ``None``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pixq.worker.gpu.aot import MAX_TEXT, Graph, GraphSpec, build_graph, decoder_call, example_inputs, transformer_call
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # the layout of the set and the call signature the graphs were traced with
+MANIFEST = "manifest.json"
+# Transformer rows per call a set covers: CFG's 2 rows × 4 images per prompt (the schema's maximum).
+DEFAULT_MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class ArtefactKey:
+    """What compiled graphs depend on; two keys equal means one set serves both."""
+
+    model: str  # the name the worker serves (informational: architecture decides)
+    architecture: str  # sha256 of the configs and weight shapes/dtypes of the transformer and the VAE
+    device_kind: str  # "NVIDIA H200", "cpu"
+    dtype: str
+    torch: str
+    diffusers: str
+    format: int = FORMAT
+
+    def folder(self) -> str:
+        kind = re.sub(r"[^A-Za-z0-9]+", "-", self.device_kind).strip("-").lower()
+        version = self.torch.split("+")[0]
+        return f"pixart-{kind}-{self.dtype}-torch{version}-{self.digest()[:16]}"
+
+    def digest(self) -> str:
+        """Of everything but the model's name: the architecture decides, not where the weights came from."""
+        fields = {k: v for k, v in asdict(self).items() if k != "model"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """``field: theirs -> ours`` for each field that differs from a manifest's key."""
+        ours = asdict(self)
+        return [f"{k}: {other.get(k)!r} -> {v!r}" for k, v in ours.items() if k != "model" and other.get(k) != v]
+
+
+def architecture_digest(pipe: Any) -> str:
+    h = hashlib.sha256()
+    for name in ("transformer", "vae"):
+        module = getattr(pipe, name)
+        # Not the config's private keys: _name_or_path is where it was loaded from, not what it is.
+        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+        h.update(json.dumps([type(module).__name__, config], sort_keys=True, default=str).encode())
+        for key, tensor in module.state_dict().items():
+            h.update(f"{key}:{list(tensor.shape)}:{tensor.dtype};".encode())
+    return h.hexdigest()
+
+
+def device_kind(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    return device.split(":")[0]
+
+
+def artefact_key(pipe: Any, model: str, device: str) -> ArtefactKey:
+    import diffusers
+    import torch
+
+    dtype = str(pipe.transformer.dtype).removeprefix("torch.")
+    return ArtefactKey(model=model, architecture=architecture_digest(pipe), device_kind=device_kind(device),
+                       dtype=dtype, torch=torch.__version__, diffusers=diffusers.__version__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rendered_sizes(pipe: Any, sizes: Sequence[tuple[int, int]], native: bool = False) -> list[tuple[int, int]]:
+    """The (width, height) the pipeline renders these request sizes at: the trained bin nearest in aspect
+    ratio (diffusers' resolution binning, the default for jobs), and with ``native`` each size as given."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+            32: "ASPECT_RATIO_256_BIN"}
+    table = getattr(sigma, bins.get(int(pipe.transformer.config.sample_size), ""), None)
+    out: list[tuple[int, int]] = []
+    for width, height in sizes:
+        if table is not None:
+            h, w = pipe.image_processor.classify_height_width_bin(height, width, ratios=table)
+            out.append((int(w), int(h)))
+        if native or table is None:
+            out.append((width, height))
+    return list(dict.fromkeys(out))
+
+
+def _specs(sizes: Sequence[tuple[int, int]], max_rows: int) -> list[GraphSpec]:
+    return [GraphSpec(part, w, h, max_rows) for w, h in dict.fromkeys(sizes) for part in ("transformer", "vae")]
+
+
+def _module(pipe: Any, spec: GraphSpec) -> Any:
+    return transformer_call(pipe.transformer) if spec.component == "transformer" else decoder_call(pipe.vae.decoder)
+
+
+def covered(manifest: dict[str, Any], sizes: Sequence[tuple[int, int]], max_rows: int) -> bool:
+    """Whether a set's manifest already has a graph of every component for these sizes and rows."""
+    have = {(g["component"], g["width"], g["height"]) for g in manifest.get("graphs", [])
+            if int(g.get("max_rows", 0)) >= max_rows}
+    return all(spec_key in have for spec_key in ((s.component, s.width, s.height) for s in _specs(sizes, max_rows)))
+
+
+def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Sequence[tuple[int, int]],
+                    max_rows: int = DEFAULT_MAX_ROWS, say: Callable[[str], None] = log.info) -> Path:
+    """Compile every (component, size) graph into a new set under ``root``; returns its folder.
+
+    Written to a temporary folder and renamed into place, so a reader never sees half a set.
+    """
+    key = artefact_key(pipe, model, device)
+    final = root / key.folder()
+    work = root / f".building-{key.folder()}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    graphs = []
+    for spec in _specs(sizes, max_rows):
+        t0 = time.perf_counter()
+        module = _module(pipe, spec)
+        args, dynamic = example_inputs(spec, module, scale, int(pipe.transformer.config.in_channels),
+                                       int(pipe.transformer.config.caption_channels or 4096))
+        path = work / f"{spec.name}.pt2"
+        info = build_graph(module, args, dynamic, path)
+        graphs.append({**asdict(spec), "file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
+                       **info})
+        say(f"compiled {spec.name} (rows 1..{spec.max_rows}"
+            + (f", text 1..{spec.max_text}" if spec.component == "transformer" else "")
+            + f") in {time.perf_counter() - t0:.1f} s, {path.stat().st_size / 1e6:.1f} MB")
+    manifest = {"key": asdict(key), "created_at": time.time(), "build_s": round(time.perf_counter() - started, 2),
+                "sizes": [list(s) for s in dict.fromkeys(sizes)], "max_rows": max_rows, "max_text": MAX_TEXT,
+                "graphs": graphs}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    return final
+
+
+@dataclass
+class LoadedArtefacts:
+    folder: Path
+    transformer: dict[tuple[int, int], Graph]  # (latent height, latent width) -> graph
+    vae: dict[tuple[int, int], Graph]
+    sizes: list[tuple[int, int]]  # (width, height) in pixels
+    load_s: float
+
+    def graphs(self) -> list[Graph]:
+        return [*self.transformer.values(), *self.vae.values()]
+
+
+def find_artefacts(root: Path, key: ArtefactKey) -> tuple[dict[str, Any] | None, str]:
+    """The manifest of the set for ``key`` under ``root``, or ``None`` and why not (one line)."""
+    manifest_path = root / key.folder() / MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            return None, f"{manifest_path} is unreadable ({exc})"
+        differs = key.differences(manifest.get("key", {}))
+        if differs:
+            return None, f"{manifest_path} was built for another setup ({'; '.join(differs)})"
+        return manifest, ""
+    others = []
+    for path in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
+        try:
+            other = json.loads(path.read_text()).get("key", {})
+        except (OSError, ValueError):
+            continue
+        if other.get("architecture") == key.architecture or other.get("model") == key.model:
+            others.append(f"{path.parent.name} ({'; '.join(key.differences(other))})")
+    if others:
+        return None, f"the sets under {root} are stale for this worker: {', '.join(others)}"
+    return None, f"no compiled artefacts under {root} for {key.folder()}"
+
+
+def load_artefacts(pipe: Any, model: str, device: str, root: Path) -> tuple[LoadedArtefacts | None, str]:
+    """Load the set matching this pipeline, or ``(None, reason)``: never a set built for something else."""
+    started = time.perf_counter()
+    key = artefact_key(pipe, model, device)
+    manifest, why = find_artefacts(root, key)
+    if manifest is None:
+        return None, why
+    folder = root / key.folder()
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    transformer: dict[tuple[int, int], Graph] = {}
+    vae: dict[tuple[int, int], Graph] = {}
+    try:
+        for entry in manifest["graphs"]:
+            spec = GraphSpec(entry["component"], int(entry["width"]), int(entry["height"]), int(entry["max_rows"]),
+                             int(entry.get("max_text", MAX_TEXT)))
+            path = folder / entry["file"]
+            if _sha256(path) != entry["sha256"]:
+                return None, f"{path} does not match its manifest (sha256): rebuild the set with pixq compile"
+            graph = Graph.load(spec, path, _module(pipe, spec), entry)
+            table = transformer if spec.component == "transformer" else vae
+            table[(spec.height // scale, spec.width // scale)] = graph
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        return None, f"{folder}: {exc}"
+    sizes = [(int(w), int(h)) for w, h in manifest["sizes"]]
+    return LoadedArtefacts(folder, transformer, vae, sizes, time.perf_counter() - started), ""

@@ -1,0 +1,94 @@
+"""Which code runs one transformer or VAE-decoder call: a prebuilt graph, a ``torch.compile`` graph, or eager.
+
+The rule (docs/performance.md, "No compile on the serving path"): a worker that was told what it
+serves (``--warmup`` sizes, or a compiled artefact set) compiles before it says it is ready and
+never in front of a waiting job. Once it serves, a call whose shape has an AOT graph
+(``pixq compile``) runs that graph; a call whose shape was compiled by ``torch.compile`` before
+serving (or by the deferred warm-up between jobs, inside ``CompileGate.warming``) runs that graph;
+any other call runs the eager forward, which gives the same result up to the compile tolerance,
+instead of compiling for tens of seconds while the caller waits. A worker told nothing (``--compile``
+without ``--warmup``) compiles each new shape on first use, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pixq.worker.gpu.aot import Graph
+
+log = logging.getLogger(__name__)
+
+
+class CompileGate:
+    """Shapes that may go to ``torch.compile``: any before serving; once serving, only those seen before."""
+
+    def __init__(self) -> None:
+        self.serving = False
+        self.seen: set[tuple[Any, ...]] = set()
+        self.eager_calls = 0  # calls that ran eager because their shape had no graph
+        self._eager: set[tuple[Any, ...]] = set()
+        self._warming = threading.local()
+
+    def may_compile(self, key: tuple[Any, ...]) -> bool:
+        if not self.serving or getattr(self._warming, "on", False):
+            self.seen.add(key)
+            return True
+        return key in self.seen
+
+    def ran_eager(self, key: tuple[Any, ...]) -> None:
+        if key not in self._eager:  # one line per shape, not per call
+            log.info("no compiled graph for %s: running it eagerly (no compile while a job waits)", key)
+            self._eager.add(key)
+        self.eager_calls += 1
+
+    @contextmanager
+    def warming(self) -> Iterator[None]:
+        """Inside the block this thread may compile new shapes (the deferred warm-up, between jobs)."""
+        self._warming.on = True
+        try:
+            yield
+        finally:
+            self._warming.on = False
+
+
+class ShapeRouter:
+    """The transformer's forward for the step controller: AOT graph by image size, else compiled, else eager."""
+
+    def __init__(self, eager: Any, compiled: Any, gate: CompileGate):
+        self.eager = eager
+        self.compiled = compiled
+        self.gate = gate
+        self.graphs: dict[tuple[int, int], Graph] = {}  # (latent height, latent width) -> graph
+
+    def __call__(self, hidden_states: Any, *args: Any, **kw: Any) -> Any:
+        size = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
+        graph = self.graphs.get(size)
+        if graph is not None and not args and _plain_conditions(kw.get("added_cond_kwargs")):
+            tensors = [hidden_states, kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask"),
+                       kw.get("timestep")]
+            if all(t is not None for t in tensors) and graph.accepts(tensors, text_dim=1):
+                sample = graph(*tensors)
+                return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
+        # Rows 1 and 2 (one image, fast / exact) are graphs of their own; more rows (batched jobs) share the
+        # symbolic-batch graph that the batch warm-up compiles (pixq.worker.gpu.batch).
+        key = ("transformer", min(int(hidden_states.shape[0]), 3), *size)
+        if self.compiled is not None and self.gate.may_compile(key):
+            return self.compiled(hidden_states, *args, **kw)
+        if self.compiled is not None or self.graphs:
+            self.gate.ran_eager(key)
+        return self.eager(hidden_states, *args, **kw)
+
+
+def _plain_conditions(added: Any) -> bool:
+    """PixArt-Σ passes no resolution/aspect-ratio conditions; the graphs were built that way."""
+    return added is None or all(v is None for v in dict(added).values())
+
+
+def _as_output(sample: Any) -> Any:
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
