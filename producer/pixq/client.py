@@ -124,8 +124,8 @@ class Client:
 
     def submit_many(self, requests: list[JobRequest | dict[str, Any]]) -> list[Job]:
         """Validate, record and enqueue many jobs in one round trip (one MULTI/EXEC pipeline: all or
-        none). Each message is built by Celery's protocol-v2 builder and pushed with its record; no
-        ``task-sent`` event is sent for them. Errors name the request's index (``3.prompt``). A batch
+        none). Each message is built by Celery's protocol-v2 builder and pushed with its record.
+        Errors name the request's index (``3.prompt``). A batch
         may not use idempotency keys (use ``submit``)."""
         parsed: list[JobRequest] = []
         errors: list[tuple[str, str]] = []
@@ -155,11 +155,10 @@ class Client:
                     raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
             pushes = job_messages(self._celery, jobs)
             pipe = self.conn.pipeline(transaction=True)
-            for (job_id, req), (queue_list, message) in zip(jobs, pushes, strict=True):
-                self.records.create(job_id, req, pipe=pipe)
-                pipe.lpush(queue_list, message)
+            for (job_id, req), message in zip(jobs, pushes, strict=True):
+                self.records.create(job_id, req, pipe=pipe, message=message)
             replies = pipe.execute()
-        if any(created != 1 for created in replies[::2]):  # a uuid4 collision: never in practice
+        if any(created != 1 for created in replies):  # a uuid4 collision: never in practice
             raise RuntimeError("submit_many: a job id existed already")
         return [Job(self, job_id) for job_id, _ in jobs]
 
@@ -206,8 +205,9 @@ class Client:
                 # The key expired between the two calls: fall through as a new job.
                 self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
         try:
-            self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight)
-            send_job(self._celery, job_id, request, task_id=job_id)
+            # The record and its Celery message in one script (one round trip, nothing half-written).
+            (message,) = job_messages(self._celery, [(job_id, request)])
+            self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
             self._undo(job_id, idem_key)

@@ -150,8 +150,9 @@ if now_state ~= state then pixq_emit(KEYS[1], now_state) end
 return {1, state}
 """
 
-# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set. ARGV:
-# retention in seconds, job id, created_at, max in flight (0: no quota), field/value pairs. Returns
+# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set, and the
+# queue list its message goes on (or ''). ARGV: retention in seconds, job id, created_at, max in
+# flight (0: no quota), the message (pushed with the record: one atomic step), field/value pairs. Returns
 # 1; 0 when another job has the id; -1 when the owner already has max-in-flight unfinished jobs
 # (nothing written). Safe to re-run after an unknown outcome (a retry after a lost reply): the
 # record written by the first run has our created_at, and that counts as created.
@@ -170,8 +171,9 @@ if quota > 0 then
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
   redis.call('EXPIRE', KEYS[4], ARGV[1])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if KEYS[5] ~= '' then redis.call('LPUSH', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3] - ARGV[1])
@@ -382,10 +384,12 @@ class RecordStore:
     # -- producer side ----------------------------------------------------------------------
 
     def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
-               pipe: Any = None) -> JobRecord:
+               pipe: Any = None, message: tuple[str, Any] | None = None) -> JobRecord:
         """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
         ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written).
-        With ``pipe`` (a Redis pipeline) the write is only queued on it: its reply says 1 if created."""
+        ``message`` (queue list, body) is pushed in the same script, so there is never a record
+        without its message or the reverse. With ``pipe`` (a Redis pipeline) the write is only
+        queued on it: its reply says 1 if created."""
         record = JobRecord(
             id=job_id,
             state=JobState.queued,
@@ -398,8 +402,10 @@ class RecordStore:
         fields["request"] = request
         tenant = owner or NO_OWNER
         created = self._create(
-            keys=[self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant],
-            args=[self.retention_s, job_id, repr(record.created_at), max_in_flight, *_encode(fields)],
+            keys=[self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant,
+                  message[0] if message else ""],
+            args=[self.retention_s, job_id, repr(record.created_at), max_in_flight, message[1] if message else "",
+                  *_encode(fields)],
             client=pipe,
         )
         if pipe is not None:
