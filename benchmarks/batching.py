@@ -125,7 +125,8 @@ def _worker(b: Bench, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[A
     from pixq.settings import Settings
     from pixq.worker.ops.stack import start_worker
 
-    env = _services(b)
+    # Dynamo logs why it recompiles (run a: every new batch size compiled new graphs on the GPU).
+    env = {**_services(b), "TORCH_LOGS": "recompiles"}
     log_path = Path("/tmp/pixq-batching") / f"{log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = ("--warmup", f"{b.small}x{b.small}", "--no-defer-warmup",

@@ -77,7 +77,10 @@ def compile_forward(forward: Any, mode: str = "default") -> Any:
 def mark_batch_dynamic(hidden_states: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
     """Batches of several jobs (more than the 2 rows of one guided image) share one graph whose batch
     dimension is symbolic, instead of one compile per batch size (pixq.worker.gpu.batch). One image
-    (1 or 2 rows) keeps its static graph, as before batching."""
+    (1 or 2 rows) keeps its static graph, as before batching. Strict ``mark_dynamic``: where the model
+    specializes the batch size, dynamo raises an error naming the line (the batch is then rendered one job
+    at a time) instead of compiling a graph per size; ``maybe_mark_dynamic`` did the latter silently on
+    an H200 (docs/performance.md, 2026-12-01)."""
     rows = int(hidden_states.shape[0])
     if rows <= 2:
         return
@@ -85,7 +88,7 @@ def mark_batch_dynamic(hidden_states: Any, args: tuple[Any, ...], kw: dict[str, 
 
     for value in (hidden_states, *args, *kw.values()):
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            torch._dynamo.maybe_mark_dynamic(value, 0)
+            torch._dynamo.mark_dynamic(value, 0)
 
 
 class CompiledBlocks:
