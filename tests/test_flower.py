@@ -30,6 +30,7 @@ from pixq.schema import JobRequest
 from pixq.settings import Settings
 from pixq.wire import send_job
 from pixq.worker.jobs.tasks import create_app, progress_reporter
+from pixq.worker.ops.flower import flower_argv
 from pixq.worker.ops.stack import Service, free_port, pixq_argv, start_worker
 
 from tests.conftest import wait_for, write_artifact
@@ -219,7 +220,8 @@ def test_credentials_stay_off_command_lines(flower: Flower) -> None:
     # `pixq flower` became Flower itself (exec): same process, Flower's own command line.
     proc = psutil.Process(flower.svc.pid)
     group = [proc, *proc.children(recursive=True)]
-    assert proc.cmdline()[1:] == ["-m", "celery", "-A", "pixq.worker.ops.flower:celery_app", "flower"]
+    assert proc.cmdline() == flower_argv()  # [python, -P, -m, celery, -A, pixq.worker.ops.flower:celery_app, flower]
+    assert proc.cmdline()[-5:] == ["-m", "celery", "-A", "pixq.worker.ops.flower:celery_app", "flower"]
     for p in group:
         assert not any(flower.password in arg for arg in p.cmdline()), p.cmdline()
     assert proc.environ()["FLOWER_BASIC_AUTH"] == f"{flower.user}:{flower.password}"
