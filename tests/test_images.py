@@ -307,19 +307,25 @@ def test_light_image_flower_answers_behind_basic_auth_and_sees_the_image_worker(
 def test_light_image_serves_the_http_api_and_the_worker_image_renders_its_job(
     light_box: Container, image_worker: Running, redis_url: str, s3: S3Endpoint, tmp_path: Path
 ) -> None:
-    """`pixq api` from the light image (the api extra installed), with a key made by its `pixq keys`."""
+    """`pixq api` from the light image as compose's `api` service runs it (on this test's loopback port),
+    with a key made by the image's `pixq keys create`."""
+    service = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["api"]
     entry = light_box.image.entrypoint
     env = {**container_env(redis_url, s3), "PIXQ_API_KEY_PEPPER": secrets.token_hex(16)}
     made = light_box.run([*entry, "keys", "create", f"image-{secrets.token_hex(3)}", "--scope", "submit,read",
                           "--json"], env=env)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)["key"]
-    port = free_port()
-    running = light_box.start("image api", [*entry, "api", "--host", "127.0.0.1", "--port", str(port)],
-                              tmp_path / "api.log", env=env)
+    port = str(free_port())
+    command = [{"0.0.0.0": "127.0.0.1", "8000": port}.get(arg, arg) for arg in service["command"]]
+    assert command[-4:] == ["--host", "127.0.0.1", "--port", port], command
+    running = light_box.start("image api", [*entry, *command], tmp_path / "api.log", env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         running.svc.wait_until(lambda: http(f"{base}/readyz")[0] == 200, 90)
+        # compose's health check, run inside the image.
+        check = [part.replace("8000", port) for part in service["healthcheck"]["test"][1:]]
+        assert light_box.run(check, timeout=60).returncode == 0
         assert http(f"{base}/v1/jobs")[0] == 401
         request = {"prompt": "a lighthouse at dusk", "model_name": MODEL_IN_IMAGE, "width": 128, "height": 128,
                    "num_inference_steps": 2, "seed": 5}
