@@ -299,6 +299,10 @@ class Client:
             if not self.records.retry(job_id):
                 raise InvalidRequest([("job", f"job {job_id} is {record.state.value}; only failed or canceled "
                                               "jobs can be retried")])
+        # The record says queued from here on; a message that did not go out is re-sent by a worker's reaper
+        # (a queued job with no message, docs/reliability.md), so the error says so rather than "not queued".
+        with service_errors(f"job {job_id} is queued again but its message was not sent; a worker's reaper "
+                            "re-sends it, or run retry later"):
             send_job(self._celery, job_id, record.request)
         return self.status(job_id)
 
