@@ -107,11 +107,11 @@ NO_OWNER = "-"
 # (SSE) and, for jobs with a webhook asking for the event, the outbox entry. One script, one
 # atomic change: a state change and its webhook are written together or not at all.
 _EMIT = """
-local function pixq_event(job_key, event)
+local function pixq_event(job_key, event, step)
   local id = redis.call('HGET', job_key, 'id')
   local stream = 'pixq:events:' .. id
   redis.call('XADD', stream, 'MAXLEN', '~', '1000', '*', 'type', event,
-    'step', redis.call('HGET', job_key, 'step') or '0')
+    'step', step or redis.call('HGET', job_key, 'step') or '0')
   if event ~= 'running' then
     local ttl = redis.call('TTL', job_key)
     if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
@@ -257,9 +257,11 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[
    or redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 'lost'
 end
+local previous = tonumber(redis.call('HGET', KEYS[1], 'step') or '0') or 0
 redis.call('HSET', KEYS[1], 'step', ARGV[2])
 if ARGV[3] then redis.call('HSET', KEYS[1], 'batch', ARGV[3]) end
-pixq_event(KEYS[1], 'running')
+-- The worker writes progress every few steps: one event per step done since the last write.
+for done = previous + 1, tonumber(ARGV[2]) do pixq_event(KEYS[1], 'running', tostring(done)) end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
 return 'ok'
 """
