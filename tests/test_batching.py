@@ -208,3 +208,29 @@ def test_worker_threads_follow_the_batch_size(tmp_path: Path) -> None:
     assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS", max_batch=8).job_threads() == 16
     assert WorkerOptions(model="/x", max_batch=1).job_threads() == 2
     assert WorkerOptions(model="/x", max_batch=4).job_threads() == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_batches_of_any_size_share_one_graph(tiny_model: str, scope: str) -> None:
+    """Batches of several images run one compiled graph whatever their size (the batch dimension is
+    symbolic), and stay within compile tolerance of the eager render."""
+    from pixq.worker.gpu.speedups import SpeedupOptions
+    from torch._dynamo.utils import counters
+
+    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
+    assert loaded.accel is not None
+
+    def requests(n: int) -> list[JobRequest]:
+        return [JobRequest.model_validate({"prompt": f"graph {i}", "seed": i, "model_name": tiny_model,
+                                           **{**SMALL, "num_inference_steps": 3}}) for i in range(n)]
+
+    render_batch(loaded, requests(3))
+    counters.clear()
+    for n in (5, 4, 3):
+        batch = requests(n)
+        with loaded.accel.eager():
+            eager = render_batch(loaded, batch)
+        compiled = render_batch(loaded, batch)
+        assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, compiled, strict=True)) <= 2
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # no new graph
