@@ -66,6 +66,7 @@ class Receiver:
     a status code, or (status, seconds to sleep first, extra headers)."""
 
     plan: Callable[[int], Any] = lambda n: 200
+    port: int = 0  # 0: any free port
     hits: list[Hit] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,7 +96,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
