@@ -320,11 +320,13 @@ def test_status_says_when_a_job_waits_for_the_gpu_and_never_wraps_when_piped(env
     prompt = "a very long prompt " * 12
     records.create(job_id, parse_request({"prompt": prompt, "model_name": env["PIXQ_MODEL"], "seed": 3}))
     try:
-        records.transition(job_id, None, state=JobState.running, worker="gpu0@h", step=0)
+        records.transition(job_id, None, state=JobState.running, worker="gpu0@h", step=0, batch=0)  # as claimed
         waiting = pixq("status", job_id, env=env)
-        assert "progress  claimed, waiting for the GPU or its first step (0/20) on gpu0@h" in waiting.stdout
+        assert "progress  claimed, waiting for the GPU (0/20 steps) on gpu0@h" in waiting.stdout
         assert f"  prompt    {prompt!r}" in waiting.stdout.splitlines()  # one line however long, piped
-        records.transition(job_id, None, step=7)
-        assert "progress  step 7/20 on gpu0@h" in pixq("status", job_id, env=env).stdout
+        records.transition(job_id, None, batch=1)  # its render started
+        assert "progress  step 0/20 on gpu0@h" in pixq("status", job_id, env=env).stdout
+        records.transition(job_id, None, step=7, batch=3)
+        assert "progress  step 7/20 in a batch of 3 images on gpu0@h" in pixq("status", job_id, env=env).stdout
     finally:
         records.delete(job_id)

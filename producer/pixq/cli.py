@@ -71,7 +71,8 @@ _WORKER = "pixart-queue-worker"
 _WORKER_PANEL = "Worker and local stack (pixart-queue-worker)"
 COMPONENT_COMMANDS: tuple[ComponentCommand, ...] = (
     ComponentCommand("worker", "pixq.worker.ops.cli", "Start one worker process: load the pipeline once on "
-                     "DEVICE, then render jobs one by one.", _WORKER, "pixq.worker", _WORKER_PANEL),
+                     "DEVICE, then render its jobs, waiting compatible ones together in one pipeline call.",
+                     _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("up", "pixq.worker.ops.cli", "Start Redis, SeaweedFS (S3), one worker and Flower on "
                      "loopback; Ctrl-C stops them all.", _WORKER, "pixq.worker", _WORKER_PANEL),
     ComponentCommand("demo", "pixq.worker.ops.cli", "The main job end to end: start the stack, submit, wait, "

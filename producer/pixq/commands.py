@@ -99,12 +99,13 @@ def _bar_or_nothing(progress: Any) -> Iterator[Any]:
 
 
 def progress_text(record: JobRecord) -> str:
-    """A running job's progress. The worker claims a job before it takes the GPU and records a step
-    only once one is done: step 0 is a job that waits for the GPU (another job renders) or for its
-    first step, never one that is 0 % through its denoising."""
-    if record.step == 0:
-        return f"claimed, waiting for the GPU or its first step (0/{record.total_steps})"
-    return f"step {record.step}/{record.total_steps}"
+    """A running job's progress. The worker claims a job before it takes the GPU and sets ``batch`` (the
+    images of the pipeline call it renders in) once its render starts: ``batch`` 0 at step 0 is a job
+    waiting for the GPU, never one 0 % through its denoising."""
+    if record.step == 0 and record.batch == 0:
+        return f"claimed, waiting for the GPU (0/{record.total_steps} steps)"
+    text = f"step {record.step}/{record.total_steps}"
+    return text + (f" in a batch of {record.batch} images" if record.batch > 1 else "")
 
 
 def wait_with_progress(client: Client, job_id: str, timeout_s: float | None) -> JobRecord:
@@ -350,7 +351,8 @@ def queue_cmd(
     jobs.add_column("worker", overflow="fold")
     jobs.add_column("running for", justify="right")
     for name, j in running:
-        step = (f"{j.step}/{j.total_steps}" if j.step else "waiting") + (" (canceling)" if j.cancel_requested else "")
+        step = (f"{j.step}/{j.total_steps}" if j.step or j.batch else "waiting for the GPU") + (
+            " (canceling)" if j.cancel_requested else "")
         batch = str(j.batch) if j.batch else "-"  # images in the pipeline call it renders in
         jobs.add_row(j.id, name, step, batch, j.worker or "-",
                      _duration(now - j.started_at if j.started_at else None))
