@@ -74,7 +74,8 @@ def test_user_mistakes_are_one_line_and_non_zero(env: dict[str, str]) -> None:
     config = pixq("status", "x", env={**env, "PIXQ_REDIS_URL": "http://127.0.0.1:1"})
     assert config.returncode == 2
     assert config.stderr.strip().splitlines() == [
-        "error: PIXQ_REDIS_URL: 'http://127.0.0.1:1' must start with redis://, rediss:// (TLS) or unix://"
+        "error: PIXQ_REDIS_URL: 'http://127.0.0.1:1' must start with redis://, rediss:// (TLS), unix://, "
+        "redis+sentinel:// or rediss+sentinel://"
     ]
     missing = pixq("status", "x", env={k: v for k, v in env.items() if k != "PIXQ_REDIS_URL"})
     assert missing.returncode == 2 and missing.stderr.startswith("error: PIXQ_REDIS_URL is not set")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from pixq.durable import Durability
 from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
 from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
 IDEMPOTENCY_PREFIX = "pixq:idem:"
+CLIENT_RETRIES = 6  # backoff steps (0.2 s doubling, 3 s cap, jittered): a few seconds
 
 
 def check_webhook(url: str, allow: tuple[Network, ...]) -> None:
@@ -70,13 +72,11 @@ class Client:
 
     def __init__(self, settings: Settings, conn: redis.Redis | None = None):
         self.settings = settings
-        self.conn = conn or redis.Redis.from_url(
-            settings.require_redis(),
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=10,
-        )
-        self.records = RecordStore(self.conn, settings.retention_s)
+        # A few seconds of retries: a Redis failover or restart is ridden out, a Redis that is down
+        # is reported soon (redisconn.py).
+        self.conn = conn or settings.redis_endpoint().client(retries=CLIENT_RETRIES)
+        self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
+        self.records = RecordStore(self.conn, settings.retention_s, self.durability)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen
         self._s3: Any = None
 
@@ -158,6 +158,10 @@ class Client:
             for (job_id, req), message in zip(jobs, pushes, strict=True):
                 self.records.create(job_id, req, pipe=pipe, message=message)
             replies = pipe.execute()
+            if jobs and self.durability.required():  # a later write: WAIT then covers the batch (durable.py)
+                last = RecordStore.key(jobs[-1][0])
+                self.durability.run(f"the submit of {len(jobs)} jobs",
+                                    lambda p: p.hset(last, "sent_at", repr(time.time())))
         if any(created != 1 for created in replies):  # a uuid4 collision: never in practice
             raise RuntimeError("submit_many: a job id existed already")
         return [Job(self, job_id) for job_id, _ in jobs]
@@ -199,15 +203,19 @@ class Client:
             claimed = self.conn.set(idem_key, job_id, nx=True, ex=self.settings.retention_s)
             if not claimed:
                 existing = self.conn.get(idem_key)
-                if existing is not None:
-                    existing_id = existing.decode() if isinstance(existing, bytes) else str(existing)
-                    return Job(self, existing_id, created=False)
-                # The key expired between the two calls: fall through as a new job.
-                self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
+                existing_id = existing.decode() if isinstance(existing, bytes) else existing
+                if existing_id is not None and existing_id != job_id:  # ours: a retried SET after a lost reply
+                    return Job(self, str(existing_id), created=False)
+                if existing_id is None:  # the key expired between the two calls: a new job
+                    self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
         try:
+            durable = self.durability.required() > 0
             # The record and its Celery message in one script (one round trip, nothing half-written).
             (message,) = job_messages(self._celery, [(job_id, request)])
             self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
+            if durable:  # one more write on our connection, after them: WAIT then covers both (durable.py)
+                self.durability.run(f"the submit of job {job_id}",
+                                    lambda pipe: pipe.hset(RecordStore.key(job_id), "sent_at", repr(time.time())))
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
             self._undo(job_id, idem_key)

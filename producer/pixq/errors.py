@@ -78,6 +78,13 @@ class BrokerUnavailable(ServiceUnavailable):
     exit_code = 7
 
 
+class NotDurable(BrokerUnavailable):
+    """Redis did not confirm a write on the required number of replicas (``WAIT``) in time: the
+    operation is not reported done (it may still take effect; resubmit with an idempotency key)."""
+
+    exit_code = 7
+
+
 class StorageUnavailable(ServiceUnavailable):
     """S3 could not be reached, refused the credentials, or lacks the bucket or the object."""
 

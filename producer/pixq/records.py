@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
+from pixq.durable import Durability
 from pixq.errors import JobNotFound, QueueFull
 from pixq.schema import JobRequest, RenderMode
 
@@ -363,9 +364,11 @@ def _strings(members: Any) -> list[str]:
 class RecordStore:
     """Reads and changes job records. Takes an explicit Redis connection."""
 
-    def __init__(self, conn: redis.Redis, retention_s: int):
+    def __init__(self, conn: redis.Redis, retention_s: int, durability: Durability | None = None):
         self.conn = conn
         self.retention_s = retention_s
+        # Claims, ends and cancels are confirmed on replicas before they count (durable.py).
+        self.durability = durability or Durability(conn, min_replicas=0)
         self._transition = conn.register_script(_TRANSITION)
         self._create = conn.register_script(_CREATE)
         self._claim = conn.register_script(_CLAIM)
@@ -432,8 +435,16 @@ class RecordStore:
         Returns whether it was set and the state the job was in.
         """
         allowed_arg = "*" if allowed is None else ",".join(s.value for s in allowed)
-        done, state = self._transition(keys=[self.key(job_id)], args=[allowed_arg, *_encode(fields)])
-        if fields.get("state") in (JobState.succeeded, JobState.failed, JobState.canceled) and done:
+        terminal = fields.get("state") in (JobState.succeeded, JobState.failed, JobState.canceled)
+        if not terminal:
+            done, state = self._transition(keys=[self.key(job_id)], args=[allowed_arg, *_encode(fields)])
+            return bool(done), JobState(state.decode()) if state else None
+
+        def build(pipe: Any) -> None:
+            self._transition(keys=[self.key(job_id)], args=[allowed_arg, *_encode(fields)], client=pipe)
+
+        [(done, state)] = self.durability.run(f"job {job_id}'s change to {fields['state'].value}", build)
+        if done:
             self.conn.expire(self.key(job_id), self.retention_s)  # retention counts from the end
         return bool(done), JobState(state.decode()) if state else None
 
@@ -471,11 +482,10 @@ class RecordStore:
     def claim(self, job_id: str, worker: str, lease_ttl_s: float, max_attempts: int) -> tuple[str, str]:
         """Take the job: ``('claimed', attempts)``, or why not: ``missing``, ``busy`` (another
         worker holds its lease), ``settled`` (already ended), ``dead`` (out of attempts)."""
-        outcome, detail = self._claim(
-            keys=self._job_keys(job_id),
-            args=[job_id, time.time(), max_attempts, self.retention_s, worker, int(lease_ttl_s * 1000),
-                  uuid.uuid4().hex],
-        )
+        args: list[str | int | float] = [job_id, time.time(), max_attempts, self.retention_s, worker,
+                                         int(lease_ttl_s * 1000), uuid.uuid4().hex]
+        [(outcome, detail)] = self.durability.run(
+            f"the claim of job {job_id}", lambda pipe: self._claim(keys=self._job_keys(job_id), args=args, client=pipe))
         return outcome.decode(), detail.decode() if isinstance(detail, bytes) else str(detail)
 
     def reap(self, job_id: str, max_attempts: int) -> tuple[str, str]:
@@ -498,9 +508,12 @@ class RecordStore:
     def release(self, job_id: str, holder: str, attempts_delta: int = 0, **fields: Any) -> bool:
         """End (or give back) a job ``holder`` holds; ``False`` if it is no longer theirs."""
         state = fields.get("state")
-        done, _ = self._release(
-            keys=[self.key(job_id), self.lease_key(job_id), RUNNING_KEY, QUEUED_KEY],
-            args=[holder, job_id, self.retention_s, attempts_delta,
-                  state.value if isinstance(state, JobState) else "", time.time(), *_encode(fields)],
-        )
+        keys = [self.key(job_id), self.lease_key(job_id), RUNNING_KEY, QUEUED_KEY]
+        args = [holder, job_id, self.retention_s, attempts_delta,
+                state.value if isinstance(state, JobState) else "", time.time(), *_encode(fields)]
+        if not (isinstance(state, JobState) and state.is_terminal):
+            done, _ = self._release(keys=keys, args=args)  # a give-back: nobody is told "done"
+            return bool(done)
+        [(done, _)] = self.durability.run(f"job {job_id}'s end ({state.value})",
+                                          lambda pipe: self._release(keys=keys, args=args, client=pipe))
         return bool(done)

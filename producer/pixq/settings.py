@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from pixq.egress import Network, parse_networks
 from pixq.errors import ConfigError
 from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
+from pixq.redisconn import SENTINEL_SCHEMES, RedisEndpoint, mask_url
+
+__all__ = ["ENV_VARS", "Settings", "mask_url"]
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 
@@ -46,6 +49,8 @@ ENV_VARS = (
     "PIXQ_MAX_ATTEMPTS",
     "PIXQ_LEASE_TTL_S",
     "PIXQ_WEBHOOK_ALLOW",
+    "PIXQ_REDIS_MIN_REPLICAS",
+    "PIXQ_REDIS_WAIT_TIMEOUT_MS",
     "AWS_DEFAULT_REGION",
 )
 
@@ -67,6 +72,10 @@ class Settings(BaseModel):
     visibility_timeout_s: int | None = None  # Redis redelivery of unacked messages; default derived below
     max_attempts: int = 3  # deliveries of one job before it is dead
     lease_ttl_s: int = 15  # a running job whose worker stops renewing this is re-queued
+    # Replicas that must have a submit, a claim or an end before the caller hears "done" (Redis WAIT);
+    # None: 1 while the primary has a replica, else 0 (durable.Durability).
+    redis_min_replicas: int | None = None
+    redis_wait_timeout_ms: int = 1000
     # Webhook destinations allowed although private/loopback (and over plain http): PIXQ_WEBHOOK_ALLOW.
     webhook_allow: tuple[str, ...] = ()
 
@@ -125,6 +134,8 @@ class Settings(BaseModel):
             ("PIXQ_VISIBILITY_TIMEOUT_S", "visibility_timeout_s", 1),
             ("PIXQ_MAX_ATTEMPTS", "max_attempts", 1),
             ("PIXQ_LEASE_TTL_S", "lease_ttl_s", 2),
+            ("PIXQ_REDIS_MIN_REPLICAS", "redis_min_replicas", 0),
+            ("PIXQ_REDIS_WAIT_TIMEOUT_MS", "redis_wait_timeout_ms", 1),
         ):
             if (raw := get(var)) is not None:
                 values[field] = _check_int(var, raw, minimum)
@@ -137,6 +148,10 @@ class Settings(BaseModel):
                 "for a local stack"
             )
         return self.redis_url
+
+    def redis_endpoint(self) -> RedisEndpoint:
+        """The one way to Redis: ``.client()`` for records, ``.celery_settings()`` for Celery."""
+        return RedisEndpoint.parse(self.require_redis())
 
     def require_bucket(self) -> str:
         if not self.s3_bucket:
@@ -151,31 +166,20 @@ class Settings(BaseModel):
         return shown
 
 
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also in a URL too malformed to parse)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url, count=1)
-    if password is None:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
 def _check_redis_url(url: str) -> str:
     """A URL redis-py and kombu will take: scheme, host, port, database number and options checked here,
     so that a mistake stops the program naming PIXQ_REDIS_URL instead of failing at the first command."""
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        RedisEndpoint.parse(url)  # hosts, master name, database, TLS rule
+        return url
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} is malformed ({exc})") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"PIXQ_REDIS_URL: {mask_url(url)!r} must start with redis://, rediss:// (TLS) or unix://"
-        )
+        raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} must start with redis://, rediss:// (TLS), unix://, "
+                          "redis+sentinel:// or rediss+sentinel://")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} has no host")
     if parts.scheme == "rediss" and "ssl_cert_reqs=" not in parts.query:

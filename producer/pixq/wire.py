@@ -47,7 +47,7 @@ def broker_priority(priority: int) -> int:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    url = settings.require_redis()
+    access = settings.redis_endpoint().celery_settings()  # plain or Sentinel (redisconn.py)
     visibility = settings.effective_visibility_timeout_s
     # Sweep for overdue unacked messages a few times per visibility timeout (kombu's default
     # sweep is every 100 s, which a short timeout would outpace).
@@ -67,10 +67,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
         "retry_on_timeout": True,
+        **access["broker_transport_options"],
     }
     return {
-        "broker_url": url,
-        "result_backend": url,  # only for task progress (update_state); the job record is the truth
+        "broker_url": access["broker_url"],
+        "result_backend": access["result_backend"],  # only for task progress (update_state); the record is the truth
         "result_expires": 24 * 3600,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -91,7 +92,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_heartbeat": 0,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": settings.effective_visibility_timeout_s,
-                                             "retry_policy": {"timeout": 5.0}},
+                                             "retry_policy": {"timeout": 5.0},
+                                             **access["result_backend_transport_options"]},
+        **{k: v for k, v in access.items() if k in ("broker_use_ssl", "redis_backend_use_ssl")},
         "redis_socket_connect_timeout": 5,
         "redis_socket_timeout": 30,
         "redis_retry_on_timeout": True,

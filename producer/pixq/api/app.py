@@ -24,7 +24,7 @@ from pixq.api import errors
 from pixq.api.config import ApiSettings
 from pixq.api.keys import ApiKey, KeyStore
 from pixq.api.middleware import BodyLimit, Metrics
-from pixq.client import Client
+from pixq.client import CLIENT_RETRIES, Client
 from pixq.settings import Settings
 
 API_VERSION = "1"
@@ -58,13 +58,16 @@ class ApiState:
 def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://127.0.0.1:8000",
                relay: Any = None) -> FastAPI:
     """The API over one Redis; ``relay`` (a ``pixq.api.relay.Relay``) runs beside it when given."""
-    url = settings.require_redis()
-    conn = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
+    endpoint = settings.redis_endpoint()  # plain or Sentinel, retries and reconnects (pixq/redisconn.py)
+    if endpoint.is_sentinel:
+        conn = endpoint.client(retries=CLIENT_RETRIES, socket_timeout_s=5, connect_timeout_s=2)
+    else:
+        conn = redis.Redis.from_url(endpoint.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
     registry = CollectorRegistry()
     state = ApiState(
         settings=settings, api=api, client=Client(settings, conn=conn), keys=KeyStore(conn, api.require_pepper()),
-        aconn=aioredis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10),
-        limiter=MovingWindowRateLimiter(storage_from_string(url)),
+        aconn=endpoint.async_client(),
+        limiter=MovingWindowRateLimiter(storage_from_string(endpoint.limits_url())),
         registry=registry, public_url=(api.public_url or public_url).rstrip("/"),
         webhook_outcomes=Counter("pixq_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                  registry=registry),

@@ -66,17 +66,17 @@ def api(
         export_openapi(output)
         typer.echo(str(output))
         return
-    import redis
     import uvicorn
 
     from pixq.api.app import create_app
     from pixq.api.relay import Relay
 
     settings, api_settings = _settings()
+    _check_redis_safe(settings)
     public_url = f"http://{host}:{port}"
     relay = None
     if not no_relay:
-        relay = Relay(settings, api_settings, redis.Redis.from_url(settings.require_redis(), socket_timeout=10),
+        relay = Relay(settings, api_settings, settings.redis_endpoint().client(socket_timeout_s=10),
                       api_settings.public_url or public_url)
     app = create_app(settings, api_settings, public_url=public_url, relay=relay)
     typer.echo(f"pixq api: serving on {public_url} (docs {public_url}/docs, relay {'off' if no_relay else 'on'})",
@@ -137,13 +137,25 @@ def keys_rotate(
         typer.echo(f"new webhook secret for {key.name}: {secret} (signatures now carry {len(key.webhook_secrets)})")
 
 
+def _check_redis_safe(settings: Settings) -> None:
+    """Refuse a Redis that evicts keys before serving (pixq/redisconn.py); Redis down: say so in one line."""
+    from pixq.errors import service_errors
+    from pixq.redisconn import check_memory_policy
+
+    conn = settings.redis_endpoint().client(retries=6)
+    try:
+        with service_errors("not serving"):
+            check_memory_policy(conn)
+    finally:
+        conn.close()
+
+
 def _store() -> Any:
-    import redis
 
     from pixq.api.keys import KeyStore
 
     settings, api_settings = _settings()
-    conn = redis.Redis.from_url(settings.require_redis(), socket_connect_timeout=5)
+    conn = settings.redis_endpoint().client(retries=6)
     return KeyStore(conn, api_settings.require_pepper())
 
 
@@ -152,13 +164,13 @@ def webhooks(ctx: typer.Context) -> None:
     """Run a webhook relay (several may run); `pixq webhooks failed` lists exhausted deliveries."""
     if ctx.invoked_subcommand is not None:
         return
-    import redis
 
     from pixq.api.relay import Relay
 
     settings, api_settings = _settings()
+    _check_redis_safe(settings)
     public_url = api_settings.public_url or "http://127.0.0.1:8000"
-    relay = Relay(settings, api_settings, redis.Redis.from_url(settings.require_redis(), socket_timeout=10),
+    relay = Relay(settings, api_settings, settings.redis_endpoint().client(socket_timeout_s=10),
                   public_url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,12 +184,11 @@ def webhooks(ctx: typer.Context) -> None:
 @webhooks_app.command("failed")
 def webhooks_failed(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
     """Deliveries that ran out of attempts, newest first."""
-    import redis
 
     from pixq.api.deliveries import DeliveryStore
 
     settings, _ = _settings()
-    failed = DeliveryStore(redis.Redis.from_url(settings.require_redis())).failed()
+    failed = DeliveryStore(settings.redis_endpoint().client(retries=6)).failed()
     if as_json:
         _echo_json([d.public() for d in failed])
         return
@@ -193,13 +204,12 @@ def webhooks_redeliver(
     event: Annotated[str, typer.Argument(help="running, succeeded, failed or canceled.")],
 ) -> None:
     """Send a failed (or 410-stopped) delivery again with a fresh schedule."""
-    import redis
 
     from pixq.api.deliveries import DeliveryStore
     from pixq.errors import PixqError
 
     settings, _ = _settings()
-    if DeliveryStore(redis.Redis.from_url(settings.require_redis())).redeliver(job, event) is None:
+    if DeliveryStore(settings.redis_endpoint().client(retries=6)).redeliver(job, event) is None:
         raise PixqError(f"job {job} has no failed {event} delivery")
     typer.echo(f"{job}:{event} queued for delivery")
 

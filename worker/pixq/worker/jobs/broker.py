@@ -23,25 +23,41 @@ from kombu.transport import redis as kombu_redis
 log = logging.getLogger(__name__)
 
 
-class Channel(kombu_redis.Channel):
+class ReconnectSafe:
+    """The two overrides, for kombu's plain and Sentinel channels alike."""
+
     do_restore = False
+    connection: Any
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
         if self.connection is None:
             log.warning("not acknowledging message %s: its broker connection was lost "
                         "(the job record already has the outcome)", delivery_tag)
             return
-        super().basic_ack(delivery_tag, multiple=multiple)
+        super().basic_ack(delivery_tag, multiple=multiple)  # type: ignore[misc]
 
     def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self.connection is None:
             log.warning("not rejecting message %s: its broker connection was lost", delivery_tag)
             return
-        super().basic_reject(delivery_tag, requeue=requeue)
+        super().basic_reject(delivery_tag, requeue=requeue)  # type: ignore[misc]
+
+
+class Channel(ReconnectSafe, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(ReconnectSafe, kombu_redis.SentinelChannel):
+    pass
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 TRANSPORT = "pixq.worker.jobs.broker:Transport"
+SENTINEL_TRANSPORT = "pixq.worker.jobs.broker:SentinelTransport"

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 from celery import Celery
@@ -84,7 +85,7 @@ class Reconciler:
         present = self._reserved(conn)
         for model in set(waiting.values()):
             for name in queue_lists(model):
-                present.update(filter(None, (message_job_id(m) for m in conn.lrange(name, 0, -1))))
+                present.update(filter(None, (message_job_id(m) for m in cast(list[bytes], conn.lrange(name, 0, -1)))))
         orphans = set(waiting) - present
         seen: dict[str, float] = {}
         for member, score in conn.zrange(ORPHANS_KEY, 0, -1, withscores=True):  # type: ignore[str-unpack,union-attr,unused-ignore]
@@ -114,7 +115,7 @@ class Reconciler:
     def _reserved(conn: redis.Redis) -> set[str]:
         held: set[str] = set()
         for key in conn.scan_iter(match=RESERVED_KEY_PREFIX + "*", count=1000):
-            held.update(m.decode() if isinstance(m, bytes) else str(m) for m in conn.smembers(key))
+            held.update(m.decode() if isinstance(m, bytes) else str(m) for m in cast(set[bytes], conn.smembers(key)))
         return held
 
 

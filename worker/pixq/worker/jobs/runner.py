@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from pixq.errors import NotDurable
 from pixq.records import ImageRecord, JobError, JobRecord, JobState, RecordStore, RenderInfo
 from pixq.wire import send_job
 from pixq.worker.gpu.batch import BatchPolicy
@@ -142,9 +143,17 @@ class JobRunner:
     def _run(self, job_id: str, on_progress: ProgressFn | None) -> JobRecord | None:
         if self.shutdown.draining.is_set():
             raise GiveBack("worker is stopping")  # not claimed: the message goes back as it is
-        outcome, detail = self.records.claim(
-            job_id, self.worker_name, self.config.lease_ttl_s, self.config.max_attempts
-        )
+        try:
+            outcome, detail = self.records.claim(
+                job_id, self.worker_name, self.config.lease_ttl_s, self.config.max_attempts
+            )
+        except NotDurable as exc:
+            # Claimed on the primary only: give it back untouched and let the message come again.
+            log.warning("job %s: %s; giving it back", job_id, exc)
+            self.records.release(job_id, self.worker_name, attempts_delta=-1, state=JobState.queued,
+                                 step=0, worker="")
+            time.sleep(1.0)  # the replicas are away: no hot loop of redeliveries
+            raise GiveBack(str(exc)) from None
         if outcome != "claimed":
             log.info("job %s: not run (%s %s)", job_id, outcome, detail)
             return None

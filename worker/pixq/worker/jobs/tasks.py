@@ -28,10 +28,11 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Ignore, Reject, Retry
+from pixq.errors import NotDurable
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.settings import Settings
 from pixq.wire import RENDER_TASK, make_celery
-from pixq.worker.jobs.broker import TRANSPORT
+from pixq.worker.jobs.broker import SENTINEL_TRANSPORT, TRANSPORT
 from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import GiveBack, JobRunner
 
@@ -44,8 +45,12 @@ PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress messages a second, plus the fi
 
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, name="pixq-worker")
-    if settings.require_redis().startswith(("redis://", "rediss://")):
-        app.conf.broker_transport = TRANSPORT  # survives a broker reconnect (worker/pixq/worker/jobs/broker.py)
+    endpoint = settings.redis_endpoint()
+    # Transports that survive a broker reconnect or failover (worker/pixq/worker/jobs/broker.py).
+    if endpoint.is_sentinel:
+        app.conf.broker_transport = SENTINEL_TRANSPORT
+    elif endpoint.url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = TRANSPORT
     return app
 
 
@@ -148,6 +153,11 @@ def register_render_task(app: Celery, runner: JobRunner, reservations: Reservati
                 record = runner.run(job_id, on_progress=progress_reporter(self, job_id))
             except GiveBack:
                 raise Reject("worker stopping before the job started", requeue=True) from None
+            except NotDurable as exc:
+                # The end is on the primary but not confirmed on replicas: the message comes again;
+                # its next delivery finds the job settled, or (after a failover lost the end) runs it.
+                log.error("job %s: %s; message left for redelivery", job_id, exc)
+                raise Reject(str(exc), requeue=True) from None
             ran_here = record is not None
             return finish(self, job_id, record if ran_here else current(runner.records, job_id), ran_here)
         finally:

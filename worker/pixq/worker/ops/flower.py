@@ -78,7 +78,7 @@ def flower_env(settings: Settings, base_env: Mapping[str, str], options: FlowerO
     env = dict(base_env)
     env.pop(AUTH_ENV, None)
     env.update({
-        "CELERY_BROKER_URL": settings.require_redis(),
+        "CELERY_BROKER_URL": str(settings.redis_endpoint().celery_settings()["broker_url"]),
         "FLOWER_ADDRESS": options.address,
         "FLOWER_PORT": str(options.port),
     })

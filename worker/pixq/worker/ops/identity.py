@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from typing import cast
 
 import redis
 from pixq.errors import WorkerNameTaken
@@ -34,7 +35,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _holder(conn: redis.Redis, name: str) -> dict[str, object] | None:
-    raw = conn.get(WORKER_KEY_PREFIX + name)
+    raw = cast("bytes | None", conn.get(WORKER_KEY_PREFIX + name))
     if raw is None:
         return None
     try:

@@ -17,8 +17,10 @@ from pathlib import Path
 from types import FrameType
 
 import redis
+from pixq.durable import Durability
 from pixq.models import LOCAL_MAX_SIDE, model_spec
 from pixq.records import RecordStore
+from pixq.redisconn import check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
 from pixq.worker.gpu.batch import BatchPolicy
@@ -34,8 +36,6 @@ from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.tasks import create_app, register_render_task
 from pixq.worker.ops.identity import check_name_free, claim_name, default_name
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +125,6 @@ class Presence:
             self.conn.delete(self.key)
             if self.reservations is not None:
                 self.reservations.clear()
-
-
-def resilient_redis(url: str) -> redis.Redis:
-    """A connection that rides out a Redis restart (about a minute of retries) instead of
-    failing the job it is recording."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        socket_keepalive=True,
-        health_check_interval=10,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 25),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
 
 
 def install_second_stop(shutdown: Shutdown) -> None:
@@ -235,7 +221,10 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     later_modes: tuple[str, ...] = ()
     if options.defer_warmup and len(options.warmup_modes) > 1:
         now_modes, later_modes = options.warmup_modes[:1], options.warmup_modes[1:]
-    conn = resilient_redis(settings.require_redis())
+    # Rides out a Redis restart or failover (about a minute of retries) instead of failing the job
+    # it is recording (pixq/redisconn.py).
+    conn = settings.redis_endpoint().client()
+    check_memory_policy(conn)
     name = options.node_name()
     check_name_free(conn, name)
     loaded = load_pipeline(
@@ -247,7 +236,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         later_modes = ()  # every size of the set is warm in every mode; nothing compiles
     if loaded.accel is not None and (sizes or loaded.artefacts is not None):
         loaded.accel.gate.serving = True  # from here, a shape with no graph runs eager (routing.py)
-    records = RecordStore(conn, settings.retention_s)
+    records = RecordStore(conn, settings.retention_s,
+                          Durability(conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms))
     app = create_app(settings)
     leases = Leases(records, name, ttl_s=settings.lease_ttl_s,
                     hard_limit_s=settings.job_timeout_s + UPLOAD_RETRY_BUDGET_S + 60)

@@ -23,9 +23,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import redis
 from pixq.errors import ConfigError, ServiceUnavailable
+from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX
 
 
@@ -179,6 +181,52 @@ def start_redis(
 
     svc.wait_until(answers, 20)
     return svc, url
+
+
+def start_replica(data_dir: Path, primary_port: int, password: str | None = None, persist: bool = False,
+                  port: int | None = None) -> tuple[Service, int]:
+    """A redis-server replicating from ``primary_port`` on loopback; returns once it is in sync."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = redis_argv(port, data_dir, password, persist) + ["--replicaof", "127.0.0.1", str(primary_port)]
+    if password:
+        argv += ["--masterauth", password]
+    svc = Service(f"redis replica {port}", argv, data_dir / "redis.log").start()
+
+    def synced() -> bool:
+        with redis.Redis(port=port, password=password, socket_connect_timeout=1) as conn:
+            return conn.info("replication").get("master_link_status") == "up"
+
+    svc.wait_until(synced, 30)
+    return svc, port
+
+
+def start_sentinel(data_dir: Path, master_port: int, password: str | None = None, quorum: int = 2,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 3000, master_name: str = "pixq",
+                   port: int | None = None) -> tuple[Service, int]:
+    """``redis-server --sentinel`` watching the primary on ``master_port`` as ``master_name``."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {data_dir}",
+             f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}",
+             f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+             f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+             f"sentinel parallel-syncs {master_name} 1"]
+    if password:
+        lines.append(f"sentinel auth-pass {master_name} {password}")
+    conf.write_text("\n".join(lines) + "\n")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("redis-server is not on PATH (Debian: apt-get install redis-server)")
+    svc = Service(f"sentinel {port}", [binary, str(conf), "--sentinel"], data_dir / "sentinel.log").start()
+
+    def watching() -> bool:
+        with redis.Redis(port=port, socket_connect_timeout=1) as conn:
+            return conn.execute_command("SENTINEL", "get-master-addr-by-name", master_name) is not None
+
+    svc.wait_until(watching, 20)
+    return svc, port
 
 
 # -- SeaweedFS --------------------------------------------------------------------------------
@@ -339,11 +387,11 @@ def start_worker(
     if name:
         args += ["--name", name]
     svc = Service(f"worker {name or device}", pixq_argv(*args), log_path, env=env).start()
-    conn = redis.Redis.from_url(env["PIXQ_REDIS_URL"], socket_connect_timeout=1)
+    conn = Settings.from_env(env).redis_endpoint().client(retries=0, connect_timeout_s=1)
 
     def announced() -> bool:
         for key in conn.scan_iter(WORKER_KEY_PREFIX + "*"):
-            if json.loads(conn.get(key) or "{}").get("pid") == svc.pid:
+            if json.loads(cast("bytes | None", conn.get(key)) or "{}").get("pid") == svc.pid:
                 return True
         return False
 

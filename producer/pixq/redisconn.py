@@ -1,0 +1,212 @@
+"""How every part of the system reaches Redis: one URL, one parser, one place that builds both
+the redis-py client (job records) and Celery's broker and result-backend settings.
+
+``PIXQ_REDIS_URL`` takes:
+
+- ``redis://[user:password@]host:6379/0``, ``rediss://…?ssl_cert_reqs=required[&ssl_ca_certs=…]``,
+  ``unix:///path/redis.sock`` — one server (or a managed service's failover endpoint, whose
+  address moves to the new primary);
+- ``redis+sentinel://[user:password@]host1:26379,host2:26379/mymaster/0`` — Redis Sentinel: the
+  sentinels' addresses, the monitored master's name, the database. The user and password are the
+  data servers' (ACL users as with ``redis://``); ``?sentinel_password=…`` (and
+  ``sentinel_username``) if the sentinels ask for one. ``rediss+sentinel://`` speaks TLS to the
+  sentinels and the servers, with the same ``ssl_cert_reqs`` / ``ssl_ca_certs`` rule.
+
+Every client built here reconnects by itself (Sentinel: to whichever server the sentinels now
+name primary) and retries a command on a connection error, a timeout or ``READONLY`` (a
+demoted primary) with exponential backoff (redis-py ``Retry``). That is safe because every write
+the records make is a Lua script that may be re-run after an unknown outcome (``records.py``).
+Celery gets kombu's Sentinel transport (``sentinel://`` URLs and ``master_name``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from pixq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+_SSL_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError]
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (also in a URL too malformed to parse)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url, count=1)
+    if password is None:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    """A parsed ``PIXQ_REDIS_URL``."""
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()  # empty: one server (``url``)
+    master_name: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: dict[str, str] = field(default_factory=dict)  # ssl_* query parameters (rediss+sentinel)
+    sentinel_auth: dict[str, str] = field(default_factory=dict)  # username/password for the sentinels
+
+    @property
+    def is_sentinel(self) -> bool:
+        return bool(self.sentinels)
+
+    @classmethod
+    def parse(cls, url: str) -> RedisEndpoint:
+        """Check ``url``; a malformed one raises ``ConfigError`` naming ``PIXQ_REDIS_URL``."""
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        shown = mask_url(url)
+        if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES):
+            raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} must start with redis://, rediss:// (TLS), unix://, "
+                              "redis+sentinel:// or rediss+sentinel://")
+        query = dict(parse_qsl(parts.query))
+        if scheme.startswith("rediss") and "ssl_cert_reqs" not in query:
+            raise ConfigError(
+                "PIXQ_REDIS_URL: a rediss:// URL must say how to check the server's certificate, e.g. "
+                "rediss://user:password@host:6380/0?ssl_cert_reqs=required (add &ssl_ca_certs=/path/ca.pem "
+                "for a private CA)"
+            )
+        if scheme not in SENTINEL_SCHEMES:
+            if scheme != "unix" and not parts.hostname:
+                raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} has no host")
+            try:
+                parts.port  # noqa: B018 - raises on a malformed port
+            except ValueError:
+                raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} has a malformed port") from None
+            return cls(url=url)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        sentinels = []
+        for item in filter(None, hosts.split(",")):
+            host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+            if not host or (port and not port.isdigit()):
+                raise ConfigError(f"PIXQ_REDIS_URL: {shown!r}: {item!r} is not host:port")
+            sentinels.append((host, int(port or DEFAULT_SENTINEL_PORT)))
+        path = [p for p in parts.path.split("/") if p]
+        if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} must look like "
+                              "redis+sentinel://[user:password@]host1:26379,host2:26379/mastername/0")
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        sentinel_auth = {k.removeprefix("sentinel_"): v for k, v in query.items()
+                         if k in ("sentinel_username", "sentinel_password")}
+        return cls(url=url, sentinels=tuple(sentinels), master_name=unquote(path[0]),
+                   db=int(path[1]) if len(path) == 2 else 0, username=unquote(username) or None,
+                   password=unquote(password) or None,
+                   tls={k: v for k, v in query.items() if k in _SSL_PARAMS} if scheme == "rediss+sentinel" else {},
+                   sentinel_auth=sentinel_auth)
+
+    # -- redis-py ---------------------------------------------------------------------------
+
+    def client(self, retries: int = 25, socket_timeout_s: float = 30, connect_timeout_s: float = 5) -> redis.Redis:
+        """A client that reconnects and retries by itself (``retries`` backoff steps, ~1 min at 25)."""
+        common: dict[str, Any] = dict(
+            socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s, socket_keepalive=True,
+            health_check_interval=10, retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), retries),
+            retry_on_error=RETRY_ON,
+        )
+        if not self.is_sentinel:
+            return redis.Redis.from_url(self.url, **common)
+        from redis.sentinel import Sentinel
+
+        tls = self._redis_tls()
+        sentinel = Sentinel(
+            list(self.sentinels),
+            sentinel_kwargs={**self.sentinel_auth, **tls, "socket_connect_timeout": connect_timeout_s,
+                             "socket_timeout": min(socket_timeout_s, 5)},
+            **tls,
+        )
+        return sentinel.master_for(self.master_name, redis_class=redis.Redis, db=self.db, username=self.username,
+                                   password=self.password, **common)
+
+    def async_client(self, connect_timeout_s: float = 2) -> Any:
+        """The asyncio twin of ``client`` (the API's event streams)."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        if not self.is_sentinel:
+            return aioredis.Redis.from_url(self.url, socket_connect_timeout=connect_timeout_s, health_check_interval=10)
+        common: dict[str, Any] = dict(socket_connect_timeout=connect_timeout_s, health_check_interval=10,
+                                      retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 6),
+                                      retry_on_error=RETRY_ON)
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        tls = self._redis_tls()
+        sentinel = AsyncSentinel(list(self.sentinels), sentinel_kwargs={**self.sentinel_auth, **tls}, **tls)
+        return sentinel.master_for(self.master_name or "", db=self.db, username=self.username, password=self.password,
+                                   **common)
+
+    def limits_url(self) -> str:
+        """The same Redis in the form the ``limits`` library (the API's rate limiter) takes."""
+        if not self.is_sentinel:
+            return self.url
+        auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@" if self.password else ""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{quote(self.master_name or '', safe='')}"
+
+    def _redis_tls(self) -> dict[str, Any]:
+        if not self.tls:
+            return {}
+        return {"ssl": True, **self.tls}
+
+    # -- Celery -----------------------------------------------------------------------------
+
+    def celery_settings(self) -> dict[str, Any]:
+        """``broker_url``, ``result_backend`` and the Sentinel/TLS options Celery needs for them.
+
+        The caller merges ``broker_transport_options`` / ``result_backend_transport_options``
+        into its own.
+        """
+        if not self.is_sentinel:
+            return {"broker_url": self.url, "result_backend": self.url,
+                    "broker_transport_options": {}, "result_backend_transport_options": {}}
+        auth = ""
+        if self.password is not None or self.username is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        url = ";".join(f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
+        sentinel_kwargs: dict[str, Any] = {**self.sentinel_auth, **self._redis_tls()}
+        transport: dict[str, Any] = {"master_name": self.master_name}
+        if sentinel_kwargs:
+            transport["sentinel_kwargs"] = sentinel_kwargs
+        conf: dict[str, Any] = {"broker_url": url, "result_backend": url, "broker_transport_options": transport,
+                                "result_backend_transport_options": dict(transport)}
+        if self.tls:
+            conf["broker_use_ssl"] = dict(self.tls)
+            conf["redis_backend_use_ssl"] = dict(self.tls)
+        return conf
+
+
+def check_memory_policy(conn: redis.Redis) -> None:
+    """Refuse a Redis that may evict keys: job records, leases and queued messages must never
+    vanish under memory pressure (they expire by their own TTLs). A managed Redis that forbids
+    ``CONFIG GET`` gets a warning instead, once per process."""
+    try:
+        policy = cast(dict[str, Any], conn.config_get("maxmemory-policy")).get("maxmemory-policy")
+    except redis.ResponseError as exc:
+        log.warning("could not read Redis's maxmemory-policy (%s); it must be noeviction, or job records and "
+                    "queued messages may be evicted under memory pressure", " ".join(str(exc).split()))
+        return
+    if policy is not None and policy != "noeviction":
+        raise ConfigError(f"Redis maxmemory-policy is {policy!r}, which evicts keys (job records, queued messages) "
+                          "under memory pressure; set it to noeviction (CONFIG SET maxmemory-policy noeviction, "
+                          "redis.conf, or your provider's parameter group)")

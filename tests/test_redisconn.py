@@ -1,0 +1,82 @@
+"""One way to Redis (issue 15): URL forms, Sentinel settings for Celery, the eviction-policy check, WAIT."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from pixq.durable import Durability
+from pixq.errors import ConfigError, NotDurable
+from pixq.redisconn import RedisEndpoint, check_memory_policy
+from pixq.settings import Settings
+from pixq.wire import celery_config
+from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_redis
+
+from tests.conftest import stack_env
+
+
+def test_sentinel_url_is_parsed_for_records_and_celery() -> None:
+    e = RedisEndpoint.parse("redis+sentinel://pixq:s%40cret@10.0.0.1:26379,10.0.0.2/mymaster/3")
+    assert e.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    assert (e.master_name, e.db, e.username, e.password) == ("mymaster", 3, "pixq", "s@cret")
+    conf = celery_config(Settings(redis_url=e.url))
+    assert conf["broker_url"] == ("sentinel://pixq:s%40cret@10.0.0.1:26379/3;"
+                                  "sentinel://pixq:s%40cret@10.0.0.2:26379/3")
+    assert conf["result_backend"] == conf["broker_url"]
+    assert conf["broker_transport_options"]["master_name"] == "mymaster"
+    assert conf["broker_transport_options"]["visibility_timeout"] > 0  # ours kept beside Sentinel's
+    assert conf["result_backend_transport_options"]["master_name"] == "mymaster"
+    tls = RedisEndpoint.parse("rediss+sentinel://h:26380/m?ssl_cert_reqs=required&sentinel_password=x")
+    assert tls.tls == {"ssl_cert_reqs": "required"} and tls.sentinel_auth == {"password": "x"} and tls.db == 0
+    assert celery_config(Settings(redis_url=tls.url))["broker_use_ssl"] == {"ssl_cert_reqs": "required"}
+    plain = celery_config(Settings(redis_url="redis://:pw@h:6379/0"))
+    assert plain["broker_url"] == "redis://:pw@h:6379/0" and "master_name" not in plain["broker_transport_options"]
+
+
+@pytest.mark.parametrize("url, rule", [
+    ("redis+sentinel://h1:26379/", "mastername"),
+    ("redis+sentinel://h1:x/m/0", "is not host:port"),
+    ("redis+sentinel://h1/m/zero", "mastername"),
+    ("rediss+sentinel://h1/m/0", "ssl_cert_reqs"),
+    ("http://h1/0", "must start with"),
+])
+def test_bad_redis_urls_name_the_variable(url: str, rule: str) -> None:
+    with pytest.raises(ConfigError, match=rf"PIXQ_REDIS_URL.*{rule}"):
+        Settings.from_env({"PIXQ_REDIS_URL": url})
+
+
+def test_min_replicas_setting() -> None:
+    assert Settings.from_env({}).redis_min_replicas is None
+    assert Settings.from_env({"PIXQ_REDIS_MIN_REPLICAS": "1"}).redis_min_replicas == 1
+    with pytest.raises(ConfigError, match="PIXQ_REDIS_MIN_REPLICAS"):
+        Settings.from_env({"PIXQ_REDIS_MIN_REPLICAS": "-1"})
+
+
+def test_wait_without_replicas_refuses_when_replicas_are_required(raw_redis: redis.Redis) -> None:
+    assert Durability(raw_redis).required() == 0  # no replica connected: the default is 0
+    assert Durability(raw_redis).run("a write", lambda p: p.set("pixq:test:durable", "1")) == [True]
+    with pytest.raises(NotDurable, match=r"did not confirm a write on 1 replica\(s\) within 50 ms \(0 did\)"):
+        Durability(raw_redis, min_replicas=1, timeout_ms=50).run("a write", lambda p: p.set("pixq:test:durable", "2"))
+    raw_redis.delete("pixq:test:durable")
+
+
+def test_an_evicting_redis_is_refused(tmp_path: Path, s3: S3Endpoint, tiny_model: str) -> None:
+    svc, url = start_redis(tmp_path / "redis")
+    try:
+        conn = redis.Redis.from_url(url)
+        check_memory_policy(conn)  # noeviction: fine
+        conn.config_set("maxmemory-policy", "allkeys-lru")
+        with pytest.raises(ConfigError, match="maxmemory-policy is 'allkeys-lru'.*set it to noeviction"):
+            check_memory_policy(conn)
+        # The worker refuses to start, one line, exit 2, before loading anything.
+        done = subprocess.run(pixq_argv("worker", "--model", tiny_model), env=stack_env(url, s3, tiny_model),
+                              capture_output=True, text=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == ConfigError.exit_code, done.stderr
+        assert len(errors) == 1 and "maxmemory-policy is 'allkeys-lru'" in errors[0], done.stderr
+        assert "Traceback" not in done.stderr
+        conn.close()
+    finally:
+        svc.stop()
