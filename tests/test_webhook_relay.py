@@ -1,16 +1,18 @@
-"""A relay SIGKILLed mid-delivery: another relay delivers the event after the delivery's lease.
+"""Relay faults that need the session's Redis to themselves: a relay SIGKILLed mid-delivery (another
+relay delivers the event after the delivery's lease), and a receiver that is down for a while.
 
-Its own module: no other relay (the API fixtures' relays) runs on the session's Redis meanwhile.
+Their own module: no other relay (the API fixtures' relays, with their short schedules) runs meanwhile.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
 from tests.apitools import Receiver, api_env, make_key, start_api, start_relay
-from tests.test_webhooks import canceled_job, verified
+from tests.test_webhooks import canceled_job, delivery, verified
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +39,27 @@ def test_relay_killed_mid_delivery_another_delivers(env: dict[str, str], tmp_pat
         for svc in (first, second, api_svc):
             if svc is not None:
                 svc.stop()
+
+
+def test_receiver_down_for_a_while_then_up(env: dict[str, str], slow_model: str,
+                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    from pixq.worker.ops.stack import free_port
+
+    # Its own API: attempts every second for 30 s, so the delivery outlasts the receiver's absence.
+    env = api_env(env, PIXQ_WEBHOOK_SCHEDULE_S=",".join(["1"] * 30))
+    svc, base = start_api(env, tmp_path_factory.mktemp("down") / "api.log")
+    port = free_port()
+    receiver = None
+    try:
+        key = make_key(env, "down-then-up")
+        job_id = canceled_job(base, key, f"http://127.0.0.1:{port}/hook", slow_model)
+        time.sleep(5)  # nothing listens: connections refused, attempts scheduled
+        d = delivery(base, key, job_id)
+        assert d["state"] == "pending" and int(d["attempts"]) >= 2 and "ConnectError" in str(d["last_error"])
+        receiver = Receiver(port=port)
+        hits = receiver.wait(lambda h: len(h) >= 1, 30, "the delivery once the receiver is up")
+        verified(hits[0], key, job_id)
+    finally:
+        if receiver is not None:
+            receiver.close()
+        svc.stop()

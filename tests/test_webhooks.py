@@ -125,26 +125,3 @@ def test_exhausted_deliveries_are_listed_and_redeliverable(api: str, key: dict[s
     finally:
         receiver.close()
 
-
-def test_receiver_down_for_a_while_then_up(env_hooks: dict[str, str], slow_model: str,
-                                           tmp_path_factory: pytest.TempPathFactory) -> None:
-    from pixq.worker.ops.stack import free_port
-
-    # Its own API: attempts every second for 30 s, so the delivery outlasts the receiver's absence.
-    env = {**env_hooks, "PIXQ_WEBHOOK_SCHEDULE_S": ",".join(["1"] * 30)}
-    svc, base = start_api(env, tmp_path_factory.mktemp("down") / "api.log")
-    port = free_port()
-    receiver = None
-    try:
-        key = make_key(env, "down-then-up")
-        job_id = canceled_job(base, key, f"http://127.0.0.1:{port}/hook", slow_model)
-        time.sleep(5)  # nothing listens: connections refused, attempts scheduled
-        d = delivery(base, key, job_id)
-        assert d["state"] == "pending" and int(d["attempts"]) >= 2 and "ConnectError" in str(d["last_error"])
-        receiver = Receiver(port=port)
-        hits = receiver.wait(lambda h: len(h) >= 1, 30, "the delivery once the receiver is up")
-        verified(hits[0], key, job_id)
-    finally:
-        if receiver is not None:
-            receiver.close()
-        svc.stop()
