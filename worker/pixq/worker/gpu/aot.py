@@ -75,10 +75,13 @@ class GraphSpec:
     height: int
     max_rows: int
     max_text: int = MAX_TEXT
+    rows: int = 0  # 0: a dynamic row count (1 .. max_rows); else exactly this many (see build_artefacts)
+    min_rows: int = 1  # what the exported graph accepts (read back from the export)
+    min_text: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.component}-{self.width}x{self.height}"
+        return f"{self.component}-{self.width}x{self.height}" + (f"-r{self.rows}" if self.rows else "")
 
 
 def _param_device_dtype(module: Any) -> tuple[Any, Any]:
@@ -94,12 +97,14 @@ def example_inputs(spec: GraphSpec, module: Any, vae_scale: int, latent_channels
 
     device, dtype = _param_device_dtype(module)
     h, w = spec.height // vae_scale, spec.width // vae_scale
-    rows = 2 if spec.max_rows >= 2 else 1  # an example above 1: dynamic dims are not specialised to 1
-    batch = Dim("rows", min=1, max=max(spec.max_rows, 2))
+    rows = spec.rows or (2 if spec.max_rows >= 2 else 1)  # dynamic: an example above 1 (not specialised to 1)
+    batch: Any = Dim("rows", min=1, max=max(spec.max_rows, 2)) if not spec.rows else Dim.STATIC
     if spec.component == "vae":
         sample = torch.randn(rows, latent_channels, h, w, device=device, dtype=dtype)
         return (sample,), {"sample": {0: batch}}
-    text = Dim("text", min=1, max=spec.max_text)
+    # AUTO: export keeps the text length symbolic where the code allows (a named range fails on CUDA:
+    # SDPA's guards on it are not provable over the range); the range it kept is read back after export.
+    text = Dim.AUTO
     tokens = min(32, spec.max_text)
     args = (
         torch.randn(rows, latent_channels, h, w, device=device, dtype=dtype),
@@ -127,16 +132,46 @@ def build_graph(module: Any, args: tuple[Any, ...], dynamic: dict[str, Any], pat
     export_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
+    ranges = _input_ranges(exported)
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
     state = _constants(module)
     lifted = {name: value for name, value in exported.constants.items() if name not in state}
     if lifted:  # constants that are neither parameters nor buffers: the model cannot bind them
         raise RuntimeError(f"graph needs constants the model does not name: {', '.join(sorted(lifted))}")
     return {
+        **ranges,
         "export_s": round(export_s, 2), "compile_s": round(time.perf_counter() - t1, 2),
         "inputs": [str(a.dtype).removeprefix("torch.") for a in args],
         "constants": {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in state.items()},
     }
+
+
+def _input_ranges(exported: Any) -> dict[str, int]:
+    """The row and text-length ranges the exported graph holds (its first input's dim 0, second's dim 1)."""
+    placeholders = [n for n in exported.graph.nodes if n.op == "placeholder" and n.name in exported.graph_signature
+                    .user_inputs]
+    out: dict[str, int] = {}
+    for name, index, dim in (("rows", 0, 0), ("text", 1, 1)):
+        if len(placeholders) <= index:
+            continue
+        size = placeholders[index].meta["val"].shape[dim]
+        if isinstance(size, int):
+            lo = hi = size
+        else:
+            bound = exported.range_constraints.get(size.node.expr)
+            lo, hi = 1, 1 << 30
+            if bound is not None:
+                lo = _finite(bound.lower, lo)
+                hi = _finite(bound.upper, hi)
+        out[f"min_{name}"], out[f"max_{name}"] = lo, hi
+    return out
+
+
+def _finite(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # int_oo / sympy infinity
+        return default
 
 
 def _constants(module: Any) -> dict[str, Any]:
@@ -182,10 +217,12 @@ class Graph:
 
     def accepts(self, tensors: list[Any], text_dim: int | None = None) -> bool:
         """Whether these inputs are of the shapes and dtypes the graph was built for."""
-        first = tensors[0]
-        if first.shape[0] > self.spec.max_rows or first.device != self.device:
+        first, spec = tensors[0], self.spec
+        if not (spec.rows or spec.min_rows) <= first.shape[0] <= (spec.rows or spec.max_rows):
             return False
-        if text_dim is not None and not 1 <= tensors[1].shape[text_dim] <= self.spec.max_text:
+        if first.device != self.device:
+            return False
+        if text_dim is not None and not spec.min_text <= tensors[1].shape[text_dim] <= spec.max_text:
             return False
         return [str(t.dtype).removeprefix("torch.") for t in tensors] == self.input_dtypes
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # the layout of the set and the call signature the graphs were traced with
 MANIFEST = "manifest.json"
+# Where torch.export cannot keep the row count dynamic (CUDA), one graph per row count: exact mode's CFG pair
+# and fast mode's conditional row, for one image per call; other counts (several images, batches) run eager.
+STATIC_ROWS = {"transformer": (2, 1), "vae": (1,)}
 # Transformer rows per call a set covers: CFG's 2 rows × 4 images per prompt (the schema's maximum).
 DEFAULT_MAX_ROWS = 8
 
@@ -131,8 +134,7 @@ def _module(pipe: Any, spec: GraphSpec) -> Any:
 
 def covered(manifest: dict[str, Any], sizes: Sequence[tuple[int, int]], max_rows: int) -> bool:
     """Whether a set's manifest already has a graph of every component for these sizes and rows."""
-    have = {(g["component"], g["width"], g["height"]) for g in manifest.get("graphs", [])
-            if int(g.get("max_rows", 0)) >= max_rows}
+    have = {(g["component"], g["width"], g["height"]) for g in manifest.get("graphs", [])}
     return all(spec_key in have for spec_key in ((s.component, s.width, s.height) for s in _specs(sizes, max_rows)))
 
 
@@ -149,18 +151,31 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
     work.mkdir(parents=True)
     started = time.perf_counter()
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    graphs = []
-    for spec in _specs(sizes, max_rows):
+    graphs: list[dict[str, Any]] = []
+    queue = _specs(sizes, max_rows)
+    while queue:
+        spec = queue.pop(0)
         t0 = time.perf_counter()
         module = _module(pipe, spec)
         args, dynamic = example_inputs(spec, module, scale, int(pipe.transformer.config.in_channels),
                                        int(pipe.transformer.config.caption_channels or 4096))
         path = work / f"{spec.name}.pt2"
-        info = build_graph(module, args, dynamic, path)
+        try:
+            info = build_graph(module, args, dynamic, path)
+        except Exception as exc:  # torch.export: the code fixes the row count (seen on CUDA: SDPA's mask)
+            if spec.rows or "specialized" not in str(exc):
+                raise
+            fixed = [r for r in STATIC_ROWS[spec.component] if r <= spec.max_rows]
+            say(f"{spec.name}: the row count cannot be dynamic here ({str(exc).splitlines()[0][:80]}); "
+                f"one graph per row count: {', '.join(map(str, fixed))}")
+            queue[:0] = [replace(spec, rows=r) for r in fixed]
+            continue
+        info["max_text"] = min(int(info.get("max_text", spec.max_text)), spec.max_text)
+        info["max_rows"] = min(int(info.get("max_rows", spec.max_rows)), spec.max_rows)
         graphs.append({**asdict(spec), "file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
                        **info})
-        say(f"compiled {spec.name} (rows 1..{spec.max_rows}"
-            + (f", text 1..{spec.max_text}" if spec.component == "transformer" else "")
+        say(f"compiled {spec.name} (rows {info.get('min_rows')}..{info['max_rows']}"
+            + (f", text {info.get('min_text')}..{info['max_text']}" if spec.component == "transformer" else "")
             + f") in {time.perf_counter() - t0:.1f} s, {path.stat().st_size / 1e6:.1f} MB")
     manifest = {"key": asdict(key), "created_at": time.time(), "build_s": round(time.perf_counter() - started, 2),
                 "sizes": [list(s) for s in dict.fromkeys(sizes)], "max_rows": max_rows, "max_text": MAX_TEXT,
@@ -175,13 +190,13 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
 @dataclass
 class LoadedArtefacts:
     folder: Path
-    transformer: dict[tuple[int, int], Graph]  # (latent height, latent width) -> graph
-    vae: dict[tuple[int, int], Graph]
+    transformer: dict[tuple[int, int], list[Graph]]  # (latent height, latent width) -> graphs (by row count)
+    vae: dict[tuple[int, int], list[Graph]]
     sizes: list[tuple[int, int]]  # (width, height) in pixels
     load_s: float
 
     def graphs(self) -> list[Graph]:
-        return [*self.transformer.values(), *self.vae.values()]
+        return [g for table in (self.transformer, self.vae) for graphs in table.values() for g in graphs]
 
 
 def find_artefacts(root: Path, key: ArtefactKey) -> tuple[dict[str, Any] | None, str]:
@@ -218,18 +233,19 @@ def load_artefacts(pipe: Any, model: str, device: str, root: Path) -> tuple[Load
         return None, why
     folder = root / key.folder()
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    transformer: dict[tuple[int, int], Graph] = {}
-    vae: dict[tuple[int, int], Graph] = {}
+    transformer: dict[tuple[int, int], list[Graph]] = {}
+    vae: dict[tuple[int, int], list[Graph]] = {}
     try:
         for entry in manifest["graphs"]:
             spec = GraphSpec(entry["component"], int(entry["width"]), int(entry["height"]), int(entry["max_rows"]),
-                             int(entry.get("max_text", MAX_TEXT)))
+                             int(entry.get("max_text", MAX_TEXT)), int(entry.get("rows", 0)),
+                             int(entry.get("min_rows", 1)), int(entry.get("min_text", 1)))
             path = folder / entry["file"]
             if _sha256(path) != entry["sha256"]:
                 return None, f"{path} does not match its manifest (sha256): rebuild the set with pixq compile"
             graph = Graph.load(spec, path, _module(pipe, spec), entry)
             table = transformer if spec.component == "transformer" else vae
-            table[(spec.height // scale, spec.width // scale)] = graph
+            table.setdefault((spec.height // scale, spec.width // scale), []).append(graph)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         return None, f"{folder}: {exc}"
     sizes = [(int(w), int(h)) for w, h in manifest["sizes"]]

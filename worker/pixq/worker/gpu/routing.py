@@ -62,17 +62,19 @@ class ShapeRouter:
         self.eager = eager
         self.compiled = compiled
         self.gate = gate
-        self.graphs: dict[tuple[int, int], Graph] = {}  # (latent height, latent width) -> graph
+        self.graphs: dict[tuple[int, int], list[Graph]] = {}  # (latent height, latent width) -> graphs
 
     def __call__(self, hidden_states: Any, *args: Any, **kw: Any) -> Any:
         size = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
-        graph = self.graphs.get(size)
-        if graph is not None and not args and _plain_conditions(kw.get("added_cond_kwargs")):
+        graphs = self.graphs.get(size, ())
+        if graphs and not args and _plain_conditions(kw.get("added_cond_kwargs")):
             tensors = [hidden_states, kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask"),
                        kw.get("timestep")]
-            if all(t is not None for t in tensors) and graph.accepts(tensors, text_dim=1):
-                sample = graph(*tensors)
-                return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
+            if all(t is not None for t in tensors):
+                for graph in graphs:
+                    if graph.accepts(tensors, text_dim=1):
+                        sample = graph(*tensors)
+                        return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
         # Rows 1 and 2 (one image, fast / exact) are graphs of their own; more rows (batched jobs) share the
         # symbolic-batch graph that the batch warm-up compiles (pixq.worker.gpu.batch).
         key = ("transformer", min(int(hidden_states.shape[0]), 3), *size)

@@ -95,7 +95,8 @@ class RenderSpeedups:
         self.controller = StepController.install(pipe.transformer, self.router, before_call=before_call)
         setattr(pipe, self.ATTRIBUTE, self)
 
-    def use_graphs(self, transformer: dict[tuple[int, int], Graph], vae: dict[tuple[int, int], Graph]) -> None:
+    def use_graphs(self, transformer: dict[tuple[int, int], list[Graph]],
+                   vae: dict[tuple[int, int], list[Graph]]) -> None:
         """Run these AOT graphs (``pixq compile``, by latent height and width) for the shapes they cover."""
         self.router.graphs.update(transformer)
         self.vae_decode.use_graphs(vae)

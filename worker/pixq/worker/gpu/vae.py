@@ -38,7 +38,7 @@ class VaeDecode:
         self._use_compiled = False
         self._one_piece = False
         self.gate = gate or CompileGate()
-        self.graphs: dict[tuple[int, int], Graph] = {}
+        self.graphs: dict[tuple[int, int], list[Graph]] = {}
         self._forward = self._decoder  # the one bound method installed, so remove() can recognise it
         self.install()
 
@@ -56,9 +56,10 @@ class VaeDecode:
 
     def _decoder(self, sample: Any, *args: Any, **kw: Any) -> Any:
         size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        graph = self.graphs.get(size) if self._one_piece and not args and not kw else None
-        if graph is not None and graph.accepts([sample[:1]]):
-            return self._per_image(graph, sample)
+        graphs = self.graphs.get(size, []) if self._one_piece and not args and not kw else []
+        for graph in graphs:
+            if graph.accepts([sample[:1]]):
+                return self._per_image(graph, sample)
         if not self._use_compiled or self._compiled is None:
             if self.graphs and self._one_piece:
                 self.gate.ran_eager(("vae", *size))
@@ -76,7 +77,7 @@ class VaeDecode:
 
         return torch.cat([fn(sample[i : i + 1], *args, **kw) for i in range(sample.shape[0])])
 
-    def use_graphs(self, graphs: dict[tuple[int, int], Graph]) -> None:
+    def use_graphs(self, graphs: dict[tuple[int, int], list[Graph]]) -> None:
         """Decode one-piece images of these latent sizes with these AOT graphs."""
         self.graphs.update(graphs)
         self.install()
