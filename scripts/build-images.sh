@@ -11,9 +11,9 @@
 #     holds it (pip's find-links, PIXQ_TORCH_WHEEL_DIR), bound into the build; else from PyTorch's
 #     CPU index. The multi-GB CUDA wheels stay the Dockerfile's default.
 # Caches, kept between runs (PIXQ_IMAGE_CACHE, default ~/.cache/pixq-images): the base's rootfs
-# tarball; buildah's storage keeps the base image and the build's layers (--layers), and the pip
-# downloads of RUN --mount=type=cache (/var/tmp/buildah-cache). Layers unused for 3 days are
-# dropped at the end of each run. Reclaim it all with
+# tarball; buildah's storage keeps the base image and the build's layers (--layers). (The
+# Dockerfiles' pip cache mounts work with Docker's BuildKit; buildah 1.28 keeps nothing in them
+# between runs.) Layers unused for 3 days are dropped at the end of each run. Reclaim it all with
 # `buildah rmi --all && rm -rf ~/.cache/pixq-images /var/tmp/buildah-cache`.
 # Prints "size IMAGE BYTES" for each image built.
 set -euo pipefail
