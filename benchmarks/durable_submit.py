@@ -24,7 +24,7 @@ def measure(url: str, min_replicas: int, jobs: int) -> dict[str, float]:
     from pixq.errors import NoWorkerWarning
     from pixq.settings import Settings
 
-    client = Client(Settings.from_env({"PIXQ_REDIS_URL": url, "PIXQ_MODEL": "bench-model",
+    client = Client(Settings.from_env({"PIXQ_REDIS_URL": url, "PIXQ_MODEL": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
                                        "PIXQ_REDIS_MIN_REPLICAS": str(min_replicas)}))
     latencies = []
     with warnings.catch_warnings():

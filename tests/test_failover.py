@@ -148,7 +148,10 @@ def test_primary_killed_mid_run_then_back_as_a_replica(ha: HA) -> None:
     print(f"memory per finished job (1 image): record {record_bytes} B, Celery task meta {meta_bytes} B")
 
     # The old primary comes back: Sentinel makes it a replica; it serves the new primary's data, not its own.
+    assert ha.primary.proc is not None
+    ha.primary.proc.wait(10)
     ha.primary.proc = None
+    ha.primary.argv += ["--masterauth", PASSWORD]  # as every node of a Sentinel set has: it may become a replica
     ha.primary.start()
     old = ha.node(ha.primary_port)
     wait_for(lambda: _role(old) == "slave" and old.info("replication").get("master_link_status") == "up", 60,
