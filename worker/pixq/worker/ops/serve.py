@@ -269,8 +269,10 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         "start_phases_s": {k: round(v, 3) for k, v in loaded.phases.items()},
         "started_at": time.time(),
     }
-    claim_name(conn, name, info)  # kept by the presence beat from the worker's start on
-    presence = Presence(conn, name, info, reservations)
+    # The name is held from here on; "serving" turns true with the presence beat, once the Celery consumer
+    # has declared its queue and takes messages (what a readiness check, or a test, must wait for).
+    claim_name(conn, name, {**info, "serving": False})
+    presence = Presence(conn, name, {**info, "serving": True}, reservations)
 
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 

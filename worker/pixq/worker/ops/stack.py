@@ -382,7 +382,7 @@ def start_worker(
     env: dict[str, str], model: str, log_path: Path, device: str = "cpu", name: str | None = None,
     extra: tuple[str, ...] = (), timeout_s: float = 120,
 ) -> Service:
-    """``pixq worker`` as a child process; returns once it has loaded and announced itself."""
+    """``pixq worker`` as a child process; returns once it has loaded and consumes its queue."""
     args = ["worker", "--model", model, "--device", device, *extra]
     if name:
         args += ["--name", name]
@@ -391,7 +391,8 @@ def start_worker(
 
     def announced() -> bool:
         for key in conn.scan_iter(WORKER_KEY_PREFIX + "*"):
-            if json.loads(cast("bytes | None", conn.get(key)) or "{}").get("pid") == svc.pid:
+            seen = json.loads(cast("bytes | None", conn.get(key)) or "{}")
+            if seen.get("pid") == svc.pid and seen.get("serving", True):
                 return True
         return False
 
