@@ -169,11 +169,11 @@ class Settings(BaseModel):
 def _check_redis_url(url: str) -> str:
     """A URL redis-py and kombu will take: scheme, host, port, database number and options checked here,
     so that a mistake stops the program naming PIXQ_REDIS_URL instead of failing at the first command."""
-    if urlsplit(url).scheme in SENTINEL_SCHEMES:
-        RedisEndpoint.parse(url)  # hosts, master name, database, TLS rule
-        return url
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url)  # raises on a malformed IPv6 literal
+        if parts.scheme in SENTINEL_SCHEMES:
+            RedisEndpoint.parse(url)  # hosts, master name, database, TLS rule
+            return url
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise ConfigError(f"PIXQ_REDIS_URL: {mask_url(url)!r} is malformed ({exc})") from None
