@@ -139,8 +139,12 @@ def test_a_bare_pipeline_renders_too(fidelity_model: str) -> None:
 def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fidelity_model: str, scope: str) -> None:
     """torch.compile (inductor, on the CPU here) of the blocks or of the whole forward: the image stays
     the eager one within compile tolerance, and prompts of other lengths reuse the graph."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    # As in a fresh worker process: earlier tests in this pytest process compiled the same forward code
+    # (other models, batch sizes, AOT sets); past dynamo's per-code cache limit it would run eager silently.
+    torch._dynamo.reset()
     counters.clear()
     compiled = _load(fidelity_model, trim_text=True, compile=True, compile_scope=scope, compile_vae=False)
     accel = compiled.accel
