@@ -198,15 +198,18 @@ def test_a_stale_or_damaged_set_is_refused_with_one_line(
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
-    artefact_set: tuple[Path, Path, float], tiny_model: str, redis_url: str, s3: Any, tmp_path: Path,
+    artefact_set: tuple[Path, Path, float], tiny_model: str, s3: Any, tmp_path: Path,
 ) -> None:
     from pixq.client import Client
     from pixq.settings import Settings
     from pixq.wire import WORKER_KEY_PREFIX
-    from pixq.worker.ops.stack import free_port
+    from pixq.worker.ops.stack import free_port, start_redis
 
     from tests.test_metrics import parse, scrape, value
 
+    # Its own Redis: on the session's Redis the session worker (tests/conftest.py) serves the same
+    # model queue and may take the 384² job, and this worker's eager count would then stay 0.
+    redis_svc, redis_url = start_redis(tmp_path / "redis")
     env = stack_env(redis_url, s3, tiny_model, PIXQ_S3_PREFIX="artefacts")
     port = free_port()
     log = tmp_path / "worker.log"
@@ -226,6 +229,7 @@ def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
         jobs.append(client.submit("a cube", width=384, height=384, num_inference_steps=4, use_resolution_binning=False))
         records = [client.wait(j.id, timeout_s=240) for j in jobs]
         assert [r.state.value for r in records] == ["succeeded"] * 3
+        assert {r.worker for r in records} == {"cpu-aot@test"}  # none went to another worker
         samples = wait_for(lambda: (s := parse(scrape(port))) and s, 10, "metrics")
         assert value(samples, "pixq_worker_aot_graphs", model=tiny_model) == 2
         assert (value(samples, "pixq_worker_uncompiled_calls", model=tiny_model) or 0) > 0  # the 384² job
@@ -233,3 +237,4 @@ def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
         assert svc.alive()
     finally:
         svc.stop()
+        redis_svc.stop()

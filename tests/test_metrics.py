@@ -190,8 +190,11 @@ def test_a_real_worker_counts_its_jobs(metered: tuple[Client, Service, int], tin
     assert value(after, "pixq_jobs_total", model=model, outcome="succeeded") == 1
     assert sum(value(after, "pixq_jobs_total", model=model, outcome=o) or 0 for o in OUTCOMES) == 2
     assert value(after, "pixq_images_total", model=model) == 2
-    # Every finished denoising step counts: 3, and the canceled job's steps up to its cancel.
-    assert value(after, "pixq_denoising_steps_total", model=model) == 3 + canceled.step
+    # Every finished denoising step counts: 3, and the canceled job's steps. The record keeps the step
+    # its progress thread saw when the cancel was read; the render stops at its next step callback, so
+    # the GPU may have done a few more steps than the record says, and never all 200.
+    steps = value(after, "pixq_denoising_steps_total", model=model)
+    assert 3 + canceled.step <= steps < 3 + 200
     assert value(after, "pixq_render_seconds_count", model=model, size="128x64") == 1  # a full render only
     assert value(after, "pixq_render_seconds_count", model=model, size="256x256") is None
     assert value(after, "pixq_queue_wait_seconds_count", model=model) == 2
