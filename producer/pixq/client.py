@@ -35,6 +35,9 @@ MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
 IDEMPOTENCY_PREFIX = "pixq:idem:"
 CLIENT_RETRIES = 6  # backoff steps (0.2 s doubling, 3 s cap, jittered): a few seconds
+# A one-shot read (``pixq status``, ``pixq queue``) answers within about a second: one retry, a short
+# connect timeout. A Redis that is down is said at once; a failover in progress is a re-run away.
+READ_RETRIES = 1
 
 
 def check_webhook(url: str, allow: tuple[Network, ...]) -> None:
@@ -70,11 +73,12 @@ class Job:
 class Client:
     """Talks to Redis (records, queues) and, for URLs, to S3. Build one per process."""
 
-    def __init__(self, settings: Settings, conn: redis.Redis | None = None):
+    def __init__(self, settings: Settings, conn: redis.Redis | None = None, retries: int = CLIENT_RETRIES):
         self.settings = settings
         # A few seconds of retries: a Redis failover or restart is ridden out, a Redis that is down
-        # is reported soon (redisconn.py).
-        self.conn = conn or settings.redis_endpoint().client(retries=CLIENT_RETRIES)
+        # is reported soon (redisconn.py). ``retries=READ_RETRIES`` for a one-shot read.
+        self.conn = conn or settings.redis_endpoint().client(
+            retries=retries, connect_timeout_s=5 if retries >= CLIENT_RETRIES else 2)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen

@@ -46,12 +46,16 @@ out = _console()
 err = _console(stderr=True)
 
 
-def client_from_env() -> Client:
-    """The entry point's one settings object, and a client over it."""
-    from pixq.client import Client
+def client_from_env(read_only: bool = False) -> Client:
+    """The entry point's one settings object, and a client over it.
+
+    A read-only command fails within about a second when Redis is unreachable (``READ_RETRIES``);
+    a write keeps the client's few seconds of retries, which ride out a failover.
+    """
+    from pixq.client import CLIENT_RETRIES, READ_RETRIES, Client
     from pixq.settings import Settings
 
-    return Client(Settings.from_env(os.environ))
+    return Client(Settings.from_env(os.environ), retries=READ_RETRIES if read_only else CLIENT_RETRIES)
 
 
 def print_json(data: Any) -> None:
@@ -190,7 +194,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the job record as one JSON object.")] = False,
 ) -> None:
     """Show a job's record."""
-    record = client_from_env().status(job)
+    record = client_from_env(read_only=True).status(job)
     if as_json:
         print_json(record.to_json_dict())
     else:
@@ -222,7 +226,7 @@ def dead(
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list.")] = False,
 ) -> None:
     """List jobs that ran out of attempts (dead letters), with the reason."""
-    records = client_from_env().dead()
+    records = client_from_env(read_only=True).dead()
     if as_json:
         print_json([r.to_json_dict() for r in records])
         return
@@ -252,7 +256,7 @@ def download(
 
     if output.exists() and not output.is_dir():
         raise typer.BadParameter(f"{output} is a file, not a directory", param_hint="'-o' / '--output'")
-    client = client_from_env()
+    client = client_from_env(read_only=True)
     record = client.status(job)
     if record.state is not JobState.succeeded:
         raise InvalidRequest([("job", f"job {job} is {record.state.value}, not succeeded: nothing to download")])
@@ -294,7 +298,7 @@ def url(
 ) -> None:
     """Print a presigned GET URL for one image of a finished job."""
     try:
-        typer.echo(client_from_env().presigned_url(job, index=index, expires_in_s=expires_in))
+        typer.echo(client_from_env(read_only=True).presigned_url(job, index=index, expires_in_s=expires_in))
     except InvalidRequest as exc:
         option = {"index": "'--index'", "expires_in_s": "'--expires-in'"}.get(exc.errors[0][0])
         if len(exc.errors) != 1 or option is None:
@@ -322,7 +326,7 @@ def queue_cmd(
     """Show each model's queue (jobs waiting, the oldest one's wait, live workers) and the running jobs."""
     from rich.table import Table
 
-    reports = client_from_env().queues(model)
+    reports = client_from_env(read_only=True).queues(model)
     if as_json:
         print_json([r.to_json_dict() for r in reports])
         return
