@@ -38,6 +38,7 @@ CLIENT_RETRIES = 6  # backoff steps (0.2 s doubling, 3 s cap, jittered): a few s
 # A one-shot read (``pixq status``, ``pixq queue``) answers within about a second: one retry, a short
 # connect timeout. A Redis that is down is said at once; a failover in progress is a re-run away.
 READ_RETRIES = 1
+CLI_WRITE_RETRIES = 3  # a command-line write: ~1.4 s at most; the same command with its idempotency key re-runs safely
 
 
 def check_webhook(url: str, allow: tuple[Network, ...]) -> None:
@@ -78,7 +79,7 @@ class Client:
         # A few seconds of retries: a Redis failover or restart is ridden out, a Redis that is down
         # is reported soon (redisconn.py). ``retries=READ_RETRIES`` for a one-shot read.
         self.conn = conn or settings.redis_endpoint().client(
-            retries=retries, connect_timeout_s=5 if retries >= CLIENT_RETRIES else 2)
+            retries=retries, connect_timeout_s=5 if retries > CLI_WRITE_RETRIES else 2)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen

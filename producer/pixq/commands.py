@@ -49,13 +49,14 @@ err = _console(stderr=True)
 def client_from_env(read_only: bool = False) -> Client:
     """The entry point's one settings object, and a client over it.
 
-    A read-only command fails within about a second when Redis is unreachable (``READ_RETRIES``);
-    a write keeps the client's few seconds of retries, which ride out a failover.
+    A read-only command fails within about a second when Redis is unreachable (``READ_RETRIES``), a
+    write within about two (``CLI_WRITE_RETRIES``): a person at a prompt is told, and re-runs it. A
+    long-lived service keeps the library's default, a few seconds that ride out a restart.
     """
-    from pixq.client import CLIENT_RETRIES, READ_RETRIES, Client
+    from pixq.client import CLI_WRITE_RETRIES, READ_RETRIES, Client
     from pixq.settings import Settings
 
-    return Client(Settings.from_env(os.environ), retries=READ_RETRIES if read_only else CLIENT_RETRIES)
+    return Client(Settings.from_env(os.environ), retries=READ_RETRIES if read_only else CLI_WRITE_RETRIES)
 
 
 def print_json(data: Any) -> None:

@@ -41,6 +41,21 @@ _SSL_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError]
 
 
+def _retryable(error: Exception) -> bool:
+    # redis-py's AuthenticationError is a ConnectionError; a wrong password stays wrong, so it is said at once.
+    return not isinstance(error, redis.AuthenticationError)
+
+
+class LoginFinalRetry(Retry):
+    """redis-py's ``Retry`` that never retries a refused login (the rest as redis-py does it)."""
+
+    def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
+        def retryable(error: Exception) -> bool:
+            return _retryable(error) and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (also in a URL too malformed to parse)."""
     try:
@@ -122,7 +137,7 @@ class RedisEndpoint:
         """A client that reconnects and retries by itself (``retries`` backoff steps, ~1 min at 25)."""
         common: dict[str, Any] = dict(
             socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s, socket_keepalive=True,
-            health_check_interval=10, retry=Retry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), retries),
+            health_check_interval=10, retry=LoginFinalRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), retries),
             retry_on_error=RETRY_ON,
         )
         if not self.is_sentinel:
