@@ -12,8 +12,10 @@ import redis
 from pixq.errors import WorkerNameTaken
 from pixq.wire import WORKER_KEY_PREFIX
 from pixq.worker.ops.identity import check_name_free, claim_name, default_name
-from pixq.worker.ops.serve import WorkerOptions
+from pixq.worker.ops.serve import Presence, WorkerOptions
 from pixq.worker.ops.stack import Service, pixq_argv
+
+from tests.conftest import wait_for
 
 
 def test_default_names_differ_per_process() -> None:
@@ -46,6 +48,24 @@ def test_a_live_holder_is_refused_and_a_dead_one_on_this_host_taken_over(raw_red
 
 
 @pytest.mark.slow
+def test_the_claimed_name_beats_from_the_claim_and_says_serving_only_when_told(raw_redis: redis.Redis) -> None:
+    name = f"beat-{os.getpid()}@test"
+    key = WORKER_KEY_PREFIX + name
+    info = {"name": name, "pid": os.getpid(), "host": socket.gethostname()}
+    claim_name(raw_redis, name, {**info, "serving": False})
+    presence = Presence(raw_redis, name, info)
+    try:
+        raw_redis.expire(key, 1)  # as if the consumer took longer than the TTL to start
+        presence.start()  # the first beat renews it at once
+        wait_for(lambda: raw_redis.ttl(key) > 1, 5, "the first beat")
+        assert json.loads(raw_redis.get(key) or "{}")["serving"] is False
+        presence.serving()
+        assert json.loads(raw_redis.get(key) or "{}") == {**info, "serving": True}
+    finally:
+        presence.stop()
+    assert raw_redis.get(key) is None  # given back at once
+
+
 def test_a_second_worker_with_a_live_workers_name_refuses_to_start(
         env: dict[str, str], worker: Service, tiny_model: str) -> None:
     # conftest's session worker holds cpu-main@test

@@ -95,19 +95,30 @@ class WorkerOptions:
 
 
 class Presence:
-    """Keeps ``pixq:worker:{name}`` alive while the worker serves, so others can see it."""
+    """Keeps ``pixq:worker:{name}`` alive from the name's claim until the worker stops, so others see it.
+
+    It beats with ``serving: false`` while Celery starts its consumer (the claimed name never lapses in
+    a slow start) and with ``serving: true`` from ``serving()`` on.
+    """
 
     def __init__(self, conn: redis.Redis, name: str, info: dict[str, object],
                  reservations: Reservations | None = None):
         self.conn = conn
         self.key = WORKER_KEY_PREFIX + name
-        self.info = json.dumps(info)
+        self._info = dict(info)
+        self.info = json.dumps({**info, "serving": False})
         self.reservations = reservations
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="pixq-presence", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def serving(self) -> None:
+        """From now on the record says ``serving: true`` (written at once, then with every beat)."""
+        self.info = json.dumps({**self._info, "serving": True})
+        with contextlib.suppress(redis.RedisError):
+            self.conn.set(self.key, self.info, ex=WORKER_KEY_TTL_S)
 
     def _beat(self) -> None:
         while not self._stop.is_set():
@@ -272,7 +283,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     # The name is held from here on; "serving" turns true with the presence beat, once the Celery consumer
     # has declared its queue and takes messages (what a readiness check, or a test, must wait for).
     claim_name(conn, name, {**info, "serving": False})
-    presence = Presence(conn, name, {**info, "serving": True}, reservations)
+    presence = Presence(conn, name, info, reservations)
+    presence.start()  # beats "serving": false until on_ready
 
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
@@ -280,7 +292,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         install_second_stop(shutdown)
         leases.start()
         reaper.start()
-        presence.start()
+        presence.serving()
         if sizes and later_modes:
             warm_up_while_serving(loaded, runner, sizes, later_modes, shutdown)
         ready_s = process_age_s()
@@ -302,22 +314,25 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         if options.ready_file:
             Path(options.ready_file).unlink(missing_ok=True)
 
-    if options.metrics_port:
-        metrics.start_server(options.metrics_port)  # before serving: a taken port stops the start
-    worker_ready.connect(on_ready, weak=False)
-    worker_shutting_down.connect(on_shutting_down, weak=False)
-    worker_shutdown.connect(on_shutdown, weak=False)
-    # The threads pool runs tasks in this process, next to the loaded pipeline.
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={options.job_threads()}",
-            f"--queues={queue_name(options.model)}",
-            f"--hostname={name}",
-            f"--loglevel={options.loglevel}",
-            "--task-events",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    try:
+        if options.metrics_port:
+            metrics.start_server(options.metrics_port)  # before serving: a taken port stops the start
+        worker_ready.connect(on_ready, weak=False)
+        worker_shutting_down.connect(on_shutting_down, weak=False)
+        worker_shutdown.connect(on_shutdown, weak=False)
+        # The threads pool runs tasks in this process, next to the loaded pipeline.
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={options.job_threads()}",
+                f"--queues={queue_name(options.model)}",
+                f"--hostname={name}",
+                f"--loglevel={options.loglevel}",
+                "--task-events",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        presence.stop()  # also when the start fails: the claimed name is given back at once
