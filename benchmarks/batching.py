@@ -101,22 +101,11 @@ def phase_card(b: Bench) -> None:
 
 
 def _services(b: Bench) -> dict[str, str]:
-    from pixq.worker.ops.stack import start_redis, start_seaweedfs
+    from benchmarks.services import start_stack
 
-    if b.env:
-        return b.env
-    root = Path("/tmp/pixq-batching") / f"services-{os.getpid()}"
-    svc, redis_url = start_redis(root / "redis")
-    b.services.append(svc)
-    svc, endpoint = start_seaweedfs(root / "s3", bucket="pixq-bench")
-    b.services.append(svc)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
-    env.update(endpoint.env())
-    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": str(b.model_dir), "PIXQ_S3_PREFIX": "bench",
-                "PYTHONUNBUFFERED": "1"})
-    b.env = env
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # boto3 here (image checks)
-    return env
+    if not b.env:
+        b.env = start_stack(Path("/tmp/pixq-batching") / f"services-{os.getpid()}", b.model_dir, b.services)
+    return b.env
 
 
 @contextlib.contextmanager

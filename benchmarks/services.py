@@ -16,25 +16,30 @@ from benchmarks.context import COMPILE_NONE, PROMPTS, Context
 from benchmarks.measure import gpu_sampler, summary
 
 
-def services(ctx: Context) -> dict[str, str]:
-    """Redis and SeaweedFS on loopback, started once per run."""
-    if ctx.env is not None:
-        return ctx.env
+def start_stack(root: Path, model_dir: Path | str, started: list[Any]) -> dict[str, str]:
+    """Redis and SeaweedFS on loopback under ``root`` (appended to ``started`` for the caller to stop);
+    returns the environment a worker and a client need. Every benchmark that goes through the queue
+    starts its services here."""
     from pixq.worker.ops.stack import start_redis, start_seaweedfs
 
-    root = log_dir(ctx) / f"services-{os.getpid()}"
     svc, redis_url = start_redis(root / "redis")
-    ctx.services.append(svc)
+    started.append(svc)
     svc, endpoint = start_seaweedfs(root / "s3", bucket="pixq-bench")
-    ctx.services.append(svc)
+    started.append(svc)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
     env.update(endpoint.env())
-    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": str(ctx.model_dir), "PIXQ_S3_PREFIX": "bench",
+    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": str(model_dir), "PIXQ_S3_PREFIX": "bench",
                 "PYTHONUNBUFFERED": "1"})
-    ctx.env = env
-    # boto3 in this process (the in-process job path) reads its credentials from the environment.
+    # boto3 in this process (the in-process job path, image checks) reads its credentials from the environment.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     return env
+
+
+def services(ctx: Context) -> dict[str, str]:
+    """Redis and SeaweedFS on loopback, started once per run."""
+    if ctx.env is None:
+        ctx.env = start_stack(log_dir(ctx) / f"services-{os.getpid()}", ctx.model_dir, ctx.services)
+    return ctx.env
 
 
 def client_for(env: dict[str, str]) -> Any:
