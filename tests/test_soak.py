@@ -1,7 +1,8 @@
 """The soak (issue 15): a few minutes of faults under a steady load, then drain and count.
 
 For ``PIXQ_SOAK_S`` seconds (default 180) jobs are submitted at a steady rate (``PIXQ_SOAK_JOBS``,
-default 2 a second, half of them in bursts every 10 s) to 3 real workers (tiny model, 64x64, a few steps) while a chaos thread:
+default 2 a second, half of them in bursts every 10 s) to 3 real workers (tiny model, 64x64, a few
+steps) while a chaos thread:
 
 - ``kill -9``s a worker now and then (one holding a running job when there is one within 5 s) and starts a
   replacement under a new name (7 kills);
