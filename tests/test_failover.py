@@ -155,7 +155,8 @@ def test_primary_killed_mid_run_then_back_as_a_replica(ha: HA) -> None:
     for i, svc in enumerate(ha.workers):
         text = (ha.root / f"w{i}.log").read_text(errors="replace")
         assert svc.alive() and "Unrecoverable error" not in text, text[-3000:]
-    print(f"after the failover: 30 new jobs taken by all 3 workers ({sorted(str(t) for t in takers)}), done in {fresh_s:.1f} s")
+    print(f"after the failover: 30 new jobs taken by all 3 workers ({sorted(str(t) for t in takers)}), "
+          f"done in {fresh_s:.1f} s")
 
     new = ha.node(ha.replica_port)
     sample = ids[0]
