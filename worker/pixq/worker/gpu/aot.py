@@ -189,6 +189,7 @@ class Graph:
         self.input_dtypes = input_dtypes
         self.device = device
         self.calls = 0
+        self.timings: dict[str, float] = {}  # seconds: "package" (aoti_load_package), "bind" (load_constants)
 
     @classmethod
     def load(cls, spec: GraphSpec, path: Path, module: Any, recorded: dict[str, Any]) -> Graph:
@@ -207,13 +208,17 @@ class Graph:
                              f"e.g. {wrong[0]})")
         device, _ = _param_device_dtype(module)
         index = device.index if device.type == "cuda" and device.index is not None else -1
+        t0 = time.perf_counter()
         compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+        t1 = time.perf_counter()
         fqns = compiled.get_constant_fqns()
         missing = [name for name in fqns if name not in state]
         if missing:
             raise ValueError(f"{spec.name}: the graph needs {missing[0]}, which the model lacks")
         compiled.load_constants({name: state[name] for name in fqns}, check_full_update=True, user_managed=True)
-        return cls(spec, compiled, list(recorded["inputs"]), device)
+        graph = cls(spec, compiled, list(recorded["inputs"]), device)
+        graph.timings = {"package": t1 - t0, "bind": time.perf_counter() - t1}
+        return graph
 
     def accepts(self, tensors: list[Any], text_dim: int | None = None) -> bool:
         """Whether these inputs are of the shapes and dtypes the graph was built for."""

@@ -241,9 +241,13 @@ def load_artefacts(pipe: Any, model: str, device: str, root: Path) -> tuple[Load
                              int(entry.get("max_text", MAX_TEXT)), int(entry.get("rows", 0)),
                              int(entry.get("min_rows", 1)), int(entry.get("min_text", 1)))
             path = folder / entry["file"]
+            t0 = time.perf_counter()
             if _sha256(path) != entry["sha256"]:
                 return None, f"{path} does not match its manifest (sha256): rebuild the set with pixq compile"
+            checked_s = time.perf_counter() - t0
             graph = Graph.load(spec, path, _module(pipe, spec), entry)
+            log.info("graph %s: sha256 %.2f s, package load %.2f s, weights bound %.2f s", spec.name, checked_s,
+                     graph.timings["package"], graph.timings["bind"])
             table = transformer if spec.component == "transformer" else vae
             table.setdefault((spec.height // scale, spec.width // scale), []).append(graph)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
