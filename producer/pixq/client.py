@@ -20,11 +20,12 @@ from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
 from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.listing import decode_cursor, list_jobs
+from pixq.messages import MessageTemplates
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.s3 import make_s3_client
 from pixq.schema import JobRequest, parse_request
 from pixq.settings import Settings
-from pixq.wire import WORKER_KEY_TTL_S, job_messages, make_celery, send_job
+from pixq.wire import WORKER_KEY_TTL_S, make_celery, send_job
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -90,6 +91,11 @@ class Client:
         # Built on the first submit or retry: reading commands need no Celery app.
         return make_celery(self.settings, name="pixq-producer")
 
+    @cached_property
+    def messages(self) -> MessageTemplates:
+        """Each job's Celery message, copied from one Celery builds per model and priority (messages.py)."""
+        return MessageTemplates(self._celery)
+
     # -- submit -----------------------------------------------------------------------------
 
     def submit(self, prompt: str | None = None, /, *extra: Any, **fields: Any) -> Job:
@@ -129,7 +135,7 @@ class Client:
 
     def submit_many(self, requests: list[JobRequest | dict[str, Any]]) -> list[Job]:
         """Validate, record and enqueue many jobs in one round trip (one MULTI/EXEC pipeline: all or
-        none). Each message is built by Celery's protocol-v2 builder and pushed with its record.
+        none). Each message is Celery's protocol-v2 message (from a template, messages.py), pushed with its record.
         Errors name the request's index (``3.prompt``). A batch
         may not use idempotency keys (use ``submit``)."""
         parsed: list[JobRequest] = []
@@ -158,7 +164,7 @@ class Client:
                 count = sum(1 for req in parsed if req.model_name == model)
                 if limit and self.queue_depth(model) + count > limit:
                     raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
-            pushes = job_messages(self._celery, jobs)
+            pushes = self.messages.messages(jobs)
             pipe = self.conn.pipeline(transaction=True)
             for (job_id, req), message in zip(jobs, pushes, strict=True):
                 self.records.create(job_id, req, pipe=pipe, message=message)
@@ -216,7 +222,7 @@ class Client:
         try:
             durable = self.durability.required() > 0
             # The record and its Celery message in one script (one round trip, nothing half-written).
-            (message,) = job_messages(self._celery, [(job_id, request)])
+            (message,) = self.messages.messages([(job_id, request)])
             self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
             if durable:  # one more write on our connection, after them: WAIT then covers both (durable.py)
                 self.durability.run(f"the submit of job {job_id}",

@@ -113,13 +113,19 @@ def make_celery(settings: Settings, name: str = "pixq") -> Celery:
     return app
 
 
+def kwargs_repr(job_id: str, request: JobRequest) -> str:
+    """What Flower shows as a job's task arguments: no secrets, a shortened prompt."""
+    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+    return repr({"size": f"{request.width}x{request.height}", "prompt": prompt, "model": request.model_name,
+                 "job_id": job_id})
+
+
 def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None = None) -> None:
     """Put one message for ``job_id`` on its model's queue (the worker reads the record).
 
     The Celery task id is the job id (``task_id`` unless given), also for a job given back or re-queued,
     so Flower finds a job by its id and follows it as one task.
     """
-    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
     app.send_task(
         RENDER_TASK,
         kwargs={"job_id": job_id},
@@ -130,8 +136,7 @@ def send_job(app: Celery, job_id: str, request: JobRequest, task_id: str | None 
         # backend per job (send_task by name does not know the task's ignore_result).
         ignore_result=True,
         # What Flower shows as the arguments: no secrets, a shortened prompt.
-        kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
-                         "model": request.model_name, "job_id": job_id}),
+        kwargsrepr=kwargs_repr(job_id, request),
     )
 
 
@@ -156,12 +161,8 @@ def job_messages(app: Celery, jobs: list[tuple[str, JobRequest]]) -> list[tuple[
     with app.producer_or_acquire() as producer:  # a pooled connection: no connect per call
         channel = producer.channel
         for job_id, request in jobs:
-            prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
-            msg = app.amqp.as_task_v2(
-                job_id, RENDER_TASK, kwargs={"job_id": job_id}, ignore_result=True,
-                kwargsrepr=repr({"size": f"{request.width}x{request.height}", "prompt": prompt,
-                                 "model": request.model_name, "job_id": job_id}),
-            )
+            msg = app.amqp.as_task_v2(job_id, RENDER_TASK, kwargs={"job_id": job_id}, ignore_result=True,
+                                      kwargsrepr=kwargs_repr(job_id, request))
             content_type, encoding, body = dumps(msg.body, serializer="json")
             message = channel.prepare_message(body, broker_priority(request.priority), content_type, encoding,
                                               msg.headers, dict(msg.properties))
