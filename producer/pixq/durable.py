@@ -47,6 +47,25 @@ class Durability:
                 pass  # keep the last answer; the write itself will meet the error
         return self._auto
 
+    async def required_async(self, aconn: Any) -> int:
+        """``required`` over an asyncio connection (the API's event loop must not block on Redis)."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        now = time.monotonic()
+        if self._checked_at is None or now - self._checked_at >= self.refresh_s:
+            try:
+                info = await aconn.info("replication")
+                self._auto = 1 if int(info.get("connected_slaves", 0)) > 0 else 0
+                self._checked_at = now
+            except redis.RedisError:
+                pass
+        return self._auto
+
+    def check(self, what: str, needed: int, confirmed: int) -> None:
+        if confirmed < needed:
+            raise NotDurable(f"Redis did not confirm {what} on {needed} replica(s) within {self.timeout_ms} ms "
+                             f"({confirmed} did); not reported done")
+
     def run(self, what: str, build: Callable[[Pipeline], Any]) -> list[Any]:
         """Queue commands with ``build(pipe)``, run them, then ``WAIT``; returns their results."""
         needed = self.required()
@@ -56,10 +75,7 @@ class Durability:
             pipe.execute_command("WAIT", needed, self.timeout_ms)
         results = list(pipe.execute())
         if needed:
-            confirmed = int(results.pop())
-            if confirmed < needed:
-                raise NotDurable(f"Redis did not confirm {what} on {needed} replica(s) within {self.timeout_ms} ms "
-                                 f"({confirmed} did); not reported done")
+            self.check(what, needed, int(results.pop()))
         return results
 
 

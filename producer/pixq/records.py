@@ -18,10 +18,14 @@ import redis
 from pydantic import BaseModel
 
 from pixq.durable import Durability
-from pixq.errors import JobNotFound, QueueFull
+from pixq.errors import JobNotFound, PixqError, QueueFull
 from pixq.schema import JobRequest, RenderMode
 
 KEY_PREFIX = "pixq:job:"
+
+
+class KeyRefused(PixqError):
+    """The create script found the submitting API key unknown, changed or revoked (nothing written)."""
 
 
 class JobState(str, enum.Enum):
@@ -132,6 +136,17 @@ local function pixq_emit(job_key, event)
 end
 """
 
+# Whether an API key (its hash's Redis key, '' for none) is live and has this HMAC: a revoked key is
+# refused by the same script that would have acted for it (pixq/api/fast.py).
+_KEY_OK = """
+local function pixq_key_ok(key, hmac)
+  if key == '' then return true end
+  if redis.call('HGET', key, 'hash') ~= hmac then return false end
+  local revoked = redis.call('HGET', key, 'revoked_at')
+  return (not revoked) or revoked == ''
+end
+"""
+
 # KEYS[1]: the job hash. ARGV[1]: allowed current states, comma-joined ("*": any).
 # ARGV[2..]: field, value pairs to set. Returns {1, old_state} if set, {0, state} if not
 # (state false when the job does not exist).
@@ -151,13 +166,16 @@ if now_state ~= state then pixq_emit(KEYS[1], now_state) end
 return {1, state}
 """
 
-# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set, and the
-# queue list its message goes on (or ''). ARGV: retention in seconds, job id, created_at, max in
-# flight (0: no quota), the message (pushed with the record: one atomic step), field/value pairs. Returns
-# 1; 0 when another job has the id; -1 when the owner already has max-in-flight unfinished jobs
-# (nothing written). Safe to re-run after an unknown outcome (a retry after a lost reply): the
-# record written by the first run has our created_at, and that counts as created.
-_CREATE = _EMIT + """
+# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set, the
+# queue list its message goes on (or ''), and the submitting API key's hash (or ''). ARGV: retention in
+# seconds, job id, created_at, max in flight (0: no quota), the message (pushed with the record: one
+# atomic step), the API key's HMAC (checked against the key's record: the API's fast path), field/value
+# pairs. Returns 1; 0 when another job has the id; -1 when the owner already has max-in-flight
+# unfinished jobs; -2 when the API key is unknown, changed or revoked (nothing written in either case).
+# Safe to re-run after an unknown outcome (a retry after a lost reply): the record written by the first
+# run has our created_at, and that counts as created.
+_CREATE = _EMIT + _KEY_OK + """
+if not pixq_key_ok(KEYS[6], ARGV[6]) then return -2 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'created_at') == ARGV[3] then return 1 end
   return 0
@@ -172,7 +190,7 @@ if quota > 0 then
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
   redis.call('EXPIRE', KEYS[4], ARGV[1])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if KEYS[5] ~= '' then redis.call('LPUSH', KEYS[5], ARGV[5]) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
@@ -311,6 +329,10 @@ return {1, state}
 """
 
 
+CREATE_LUA = _CREATE  # for the API's asyncio connection (pixq/api/fast.py), with ``RecordStore.create_call``
+KEY_OK_LUA = _KEY_OK
+
+
 def _encode(fields: dict[str, Any]) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
@@ -388,13 +410,12 @@ class RecordStore:
 
     # -- producer side ----------------------------------------------------------------------
 
-    def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
-               pipe: Any = None, message: tuple[str, Any] | None = None) -> JobRecord:
-        """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
-        ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written).
-        ``message`` (queue list, body) is pushed in the same script, so there is never a record
-        without its message or the reverse. With ``pipe`` (a Redis pipeline) the write is only
-        queued on it: its reply says 1 if created."""
+    def create_call(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
+                    message: tuple[str, Any] | None = None,
+                    api_key: tuple[str, str] | None = None) -> tuple[list[str], list[Any], JobRecord]:
+        """The create script's keys and arguments, and the record it writes (``create`` runs it;
+        the API's async path runs the same script on its own connection). ``api_key`` (the key's
+        Redis hash, its HMAC): the script writes nothing (answers -2) unless that key is live."""
         record = JobRecord(
             id=job_id,
             state=JobState.queued,
@@ -406,19 +427,33 @@ class RecordStore:
         fields = record.model_dump(exclude={"images", "error", "render"}, exclude_none=True)
         fields["request"] = request
         tenant = owner or NO_OWNER
-        created = self._create(
-            keys=[self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant,
-                  message[0] if message else ""],
-            args=[self.retention_s, job_id, repr(record.created_at), max_in_flight, message[1] if message else "",
-                  *_encode(fields)],
-            client=pipe,
-        )
-        if pipe is not None:
-            return record
+        keys = [self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant,
+                message[0] if message else "", api_key[0] if api_key else ""]
+        args = [self.retention_s, job_id, repr(record.created_at), max_in_flight, message[1] if message else "",
+                api_key[1] if api_key else "", *_encode(fields)]
+        return keys, args, record
+
+    @staticmethod
+    def check_created(created: Any, job_id: str, max_in_flight: int) -> None:
+        """Raise for the create script's refusals (nothing was written)."""
         if created == -1:
             raise QueueFull(f"key already has {max_in_flight} unfinished jobs (its max-in-flight quota)")
+        if created == -2:
+            raise KeyRefused("unknown, wrong or revoked API key")
         if not created:
             raise ValueError(f"job {job_id} already exists")
+
+    def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
+               pipe: Any = None, message: tuple[str, Any] | None = None) -> JobRecord:
+        """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
+        ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written).
+        ``message`` (queue list, body) is pushed in the same script, so there is never a record
+        without its message or the reverse. With ``pipe`` (a Redis pipeline) the write is only
+        queued on it: its reply says 1 if created."""
+        keys, args, record = self.create_call(job_id, request, owner, max_in_flight, message)
+        created = self._create(keys=keys, args=args, client=pipe)
+        if pipe is None:
+            self.check_created(created, job_id, max_in_flight)
         return record
 
     def get(self, job_id: str) -> JobRecord:

@@ -6,6 +6,7 @@ is built here once and kept on ``app.state``; nothing is read from the environme
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -79,6 +80,11 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # What start-up built lives as long as the process: out of the collector's sight, so that a full
+        # collection walks only what requests made (it walked all of FastAPI, pydantic and Celery: the
+        # POST latency's p99 tail).
+        gc.collect()
+        gc.freeze()
         if relay is not None:
             relay.start(outcomes=state.webhook_outcomes)
         try:
@@ -99,6 +105,11 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
     from pixq.api import routes  # the routes read app.state.pixq
 
     app.include_router(routes.router)
+    from pixq.api.fast import FastPath
+
+    hot = {(m, getattr(r, "path", "")): r for r in routes.router.routes for m in getattr(r, "methods", ())}
+    app.add_middleware(FastPath, state=state, get_route=hot["GET", "/v1/jobs/{job_id}"],
+                       post_route=hot["POST", "/v1/jobs"])  # inside the body limit and the metrics
     app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
     app.add_middleware(Metrics, registry=registry)
     return app

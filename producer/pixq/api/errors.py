@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
@@ -61,45 +63,51 @@ def responses(*codes: int) -> dict[int | str, dict[str, object]]:
     return {code: {"model": ErrorBody, "description": texts[code]} for code in codes}
 
 
+def _api_error(exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.error, exc.message, headers=exc.headers)
+
+
+def _validation(exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "header", "body")]
+        errors.append((".".join(loc) or '""', str(err.get("msg", "invalid")).removeprefix("Value error, ")))
+    return invalid(errors)
+
+
+def _http(exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail),
+                          headers=getattr(exc, "headers", None))
+
+
+# Exception class -> its answer; the most specific class of an exception wins (its MRO order).
+ANSWERS: dict[type[Exception], Callable[[Any], JSONResponse]] = {
+    ApiError: _api_error,
+    InvalidRequest: lambda exc: invalid(exc.errors),
+    RequestValidationError: _validation,
+    JobNotFound: lambda exc: error_response(404, "not_found", str(exc)),
+    QueueFull: lambda exc: error_response(429, "queue_full", str(exc), headers={"Retry-After": "5"}),
+    BrokerUnavailable: lambda exc: error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"}),
+    redis.RedisError: lambda exc: error_response(503, "unavailable", f"Redis unreachable: {exc}",
+                                                 headers={"Retry-After": "5"}),
+    PixqError: lambda exc: error_response(400, "bad_request", str(exc)),
+    StarletteHTTPException: _http,
+}
+
+
+def answer_for(exc: BaseException) -> JSONResponse | None:
+    """The response FastAPI's handlers below give ``exc`` (for code outside FastAPI's routing:
+    pixq/api/fast.py), or ``None`` when none applies (a bug: a 500)."""
+    for cls in type(exc).__mro__:
+        if cls in ANSWERS:
+            return ANSWERS[cls](exc)
+    return None
+
+
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.error, exc.message, headers=exc.headers)
+    for cls, answer in ANSWERS.items():
+        async def handler(_: Request, exc: Exception, answer: Callable[[Any], JSONResponse] = answer) -> JSONResponse:
+            return answer(exc)
 
-    @app.exception_handler(InvalidRequest)
-    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-        return invalid(exc.errors)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "header", "body")]
-            errors.append((".".join(loc) or '""', str(err.get("msg", "invalid")).removeprefix("Value error, ")))
-        return invalid(errors)
-
-    @app.exception_handler(JobNotFound)
-    async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
-        return error_response(404, "not_found", str(exc))
-
-    @app.exception_handler(QueueFull)
-    async def _full(_: Request, exc: QueueFull) -> JSONResponse:
-        return error_response(429, "queue_full", str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(BrokerUnavailable)
-    async def _broker(_: Request, exc: BrokerUnavailable) -> JSONResponse:
-        return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(redis.RedisError)
-    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return error_response(503, "unavailable", f"Redis unreachable: {exc}", headers={"Retry-After": "5"})
-
-    @app.exception_handler(PixqError)
-    async def _pixq(_: Request, exc: PixqError) -> JSONResponse:
-        return error_response(400, "bad_request", str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail),
-                              headers=getattr(exc, "headers", None))
+        app.add_exception_handler(cls, handler)

@@ -88,7 +88,8 @@ class KeyStore:
         self.conn = conn
         self._pepper = pepper.encode()
 
-    def _hash(self, key: str) -> str:
+    def digest(self, key: str) -> str:
+        """What is stored of a key: its HMAC-SHA256 under the pepper, in hex."""
         return hmac.new(self._pepper, key.encode(), hashlib.sha256).hexdigest()
 
     def create(self, name: str, scopes: frozenset[Scope], max_in_flight: int = 0,
@@ -105,7 +106,7 @@ class KeyStore:
         if not self.conn.hsetnx(NAMES_KEY, name, key_id):
             raise KeyError_(f"NAME: a key named {name!r} exists already")
         self.conn.hset(KEY_PREFIX + key_id, mapping={
-            "id": key_id, "name": name, "hash": self._hash(text), "scopes": ",".join(sorted(s.value for s in scopes)),
+            "id": key_id, "name": name, "hash": self.digest(text), "scopes": ",".join(sorted(s.value for s in scopes)),
             "max_in_flight": max_in_flight, "rate": rate or "", "created_at": key.created_at, "revoked_at": "",
             "webhook_secrets": json.dumps(list(key.webhook_secrets)),
         })
@@ -127,11 +128,20 @@ class KeyStore:
         match = _KEY_RE.match(text)
         if not match:
             return None
-        raw = self.conn.hgetall(KEY_PREFIX + match.group(1))
-        if not raw or not hmac.compare_digest(raw.get(b"hash", b"").decode(), self._hash(text)):  # type: ignore[union-attr]
+        return self.verify(text, self.conn.hgetall(KEY_PREFIX + match.group(1)))  # type: ignore[arg-type]
+
+    def verify(self, text: str, raw: dict[bytes, bytes]) -> ApiKey | None:
+        """The live key ``text`` is, given its stored hash ``raw``; ``None`` if wrong or revoked."""
+        if not raw or not hmac.compare_digest(raw.get(b"hash", b"").decode(), self.digest(text)):
             return None
-        key = _decode(raw)  # type: ignore[arg-type]
+        key = _decode(raw)
         return None if key.revoked_at else key
+
+    @staticmethod
+    def key_id(text: str) -> str | None:
+        """The id in a well-formed key text, else ``None``."""
+        match = _KEY_RE.match(text)
+        return match.group(1) if match else None
 
     def list(self) -> list[ApiKey]:
         ids = [v.decode() for v in self.conn.hvals(NAMES_KEY)]  # type: ignore[union-attr]

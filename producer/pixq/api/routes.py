@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pixq.api import events
 from pixq.api.app import ApiState
-from pixq.api.errors import ApiError, RateLimited, invalid, responses
+from pixq.api.errors import ApiError, RateLimited, responses
 from pixq.api.keys import ApiKey, Scope
 from pixq.errors import InvalidRequest, JobNotFound
 from pixq.listing import decode_cursor, list_jobs
@@ -100,26 +100,39 @@ async def submit(
 ) -> Response:
     """Submit a job: the body is the job request the Python client takes."""
     state = state_of(request)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
+    job_request = parse_job_body(state, request.headers.get("content-type", ""), await request.body(),
+                                 idempotency_key)
+    record, created = await run_in_threadpool(submit_as, state, key, job_request)
+    return submitted(state, record, created)
+
+
+def parse_job_body(state: ApiState, content_type: str, body: bytes, idempotency_key: str | None) -> JobRequest:
+    """The job request in a POST body; ``ApiError`` or ``InvalidRequest`` says what is wrong with it."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as Content-Type: application/json")
     try:
-        data = json.loads(await request.body())
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        return invalid([('""', "the body must be a JSON object (the job request)")])
+        raise InvalidRequest([('""', "the body must be a JSON object (the job request)")])
     if idempotency_key is not None and data.setdefault("idempotency_key", idempotency_key) != idempotency_key:
-        return invalid([("idempotency_key", "differs from the Idempotency-Key header")])
+        raise InvalidRequest([("idempotency_key", "differs from the Idempotency-Key header")])
     data.setdefault("model_name", state.settings.model)
-    job_request: JobRequest = parse_request(data)
-    if wait_s := await run_in_threadpool(state.rate_limited, key):
+    return parse_request(data)
+
+
+def submit_as(state: ApiState, key: ApiKey, job_request: JobRequest) -> tuple[JobRecord, bool]:
+    """Rate limit, submit through the Client (idempotency, quota, webhook check), read the record back."""
+    if wait_s := state.rate_limited(key):
         raise RateLimited(f"key {key.name} is over its rate of {key.rate}", wait_s)
-    job = await run_in_threadpool(state.client.submit_request, job_request, owner=key.id,
-                                  max_in_flight=key.max_in_flight)
-    record = await run_in_threadpool(state.client.status, job.id)
-    return Response(view(state, record).model_dump_json(), status_code=201 if job.created else 200,
-                    media_type="application/json", headers={"Location": f"/v1/jobs/{job.id}"})
+    job = state.client.submit_request(job_request, owner=key.id, max_in_flight=key.max_in_flight)
+    return state.client.status(job.id), job.created
+
+
+def submitted(state: ApiState, record: JobRecord, created: bool) -> Response:
+    return Response(view(state, record).model_dump_json(), status_code=201 if created else 200,
+                    media_type="application/json", headers={"Location": f"/v1/jobs/{record.id}"})
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], responses=responses(401, 403, 422, 503))

@@ -1,0 +1,229 @@
+"""The two hot routes' common case, answered before FastAPI's routing (issue 12's speed targets).
+
+``GET /v1/jobs/{id}`` and ``POST /v1/jobs`` through FastAPI cost ~0.3 ms of routing and dependency
+solving a request before any work, and the sync handlers hop through the thread pool onto a blocking
+Redis connection. This ASGI layer sits inside the body limit and the metrics middleware and answers
+the common case on the event loop over ``redis.asyncio``, in **one** round trip a request:
+
+* the key is looked up once per process (``KeyCache``: its scopes and quotas never change), and the
+  script that reads or writes for it checks that the key is still live (``records.KEY_OK_LUA``), so a
+  revoked key is refused at once, as through FastAPI;
+* GET: one script checks the key and reads the record; POST: the body is parsed by the route's own
+  code (``routes.parse_job_body``: same 4xx answers), then the create script checks the key, the
+  quota, writes the record and pushes the Celery message (from its template, ``pixq.messages``),
+  followed by ``WAIT`` on the same connection when replicas must confirm (``durable.py``).
+
+Anything else goes to FastAPI unchanged: a missing, unknown or revoked key, a lacking scope, an
+unknown or another key's job (FastAPI answers 401/403/404 as documented), an ``Idempotency-Key``
+header, and for POST a key with a rate limit, a job with a webhook (its destination is resolved and
+checked) or an idempotency key, which run the route's own code (``routes.submit_as``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pixq.api import routes
+from pixq.api.app import ApiState
+from pixq.api.errors import ApiError, answer_for
+from pixq.api.keys import KEY_PREFIX, ApiKey
+from pixq.api.keys import Scope as KeyScope
+from pixq.errors import NotDurable, QueueFull
+from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
+from pixq.wire import queue_lists
+
+JOBS = "/v1/jobs"
+# KEYS: the API key's hash, the job's hash. ARGV: the key's HMAC. -1: the key is not live; else the
+# job's fields (empty: no such job).
+_READ_AS_KEY = KEY_OK_LUA + """
+if not pixq_key_ok(KEYS[1], ARGV[1]) then return -1 end
+return redis.call('HGETALL', KEYS[2])
+"""
+UNAUTHORIZED = ApiError(401, "unauthorized", "unknown, wrong or revoked API key", {"WWW-Authenticate": "Bearer"})
+
+
+class KeyCache:
+    """Key text -> (key, its HMAC), read from Redis on first use. Whether the key is still live is
+    not cached: the script of each request checks it."""
+
+    def __init__(self, state: ApiState, size: int = 4096):
+        self.state, self.size = state, size
+        self._known: dict[str, tuple[ApiKey, str, str]] = {}
+
+    async def lookup(self, text: str) -> tuple[ApiKey, str, str] | None:
+        """(key, its hash's Redis key, its HMAC), or ``None`` for a malformed, unknown or wrong key."""
+        hit = self._known.get(text)
+        if hit is not None:
+            return hit
+        store = self.state.keys
+        key_id = store.key_id(text)
+        if key_id is None:
+            return None
+        raw: dict[bytes, bytes] = await self.state.aconn.hgetall(KEY_PREFIX + key_id)  # type: ignore[assignment]
+        key = store.verify(text, raw)
+        if key is None:
+            return None
+        if len(self._known) >= self.size:
+            self._known.clear()
+        found = self._known[text] = (key, KEY_PREFIX + key_id, store.digest(text))
+        return found
+
+    def forget(self, text: str) -> None:
+        self._known.pop(text, None)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+    return None
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FastPath:
+    def __init__(self, app: ASGIApp, state: ApiState, get_route: Any = None, post_route: Any = None):
+        self.app, self.state = app, state
+        self.keys = KeyCache(state)
+        self.get_route, self.post_route = get_route, post_route  # for the metrics' route label
+        self._read = state.aconn.register_script(_READ_AS_KEY)
+        self._create = state.aconn.register_script(CREATE_LUA)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            if method == "GET" and path.startswith(JOBS + "/") and "/" not in path[len(JOBS) + 1:]:
+                if len(path) > len(JOBS) + 1 and await self._get(scope, send, path[len(JOBS) + 1:]):
+                    return
+            elif method == "POST" and path == JOBS and await self._post(scope, receive, send):
+                return
+        await self.app(scope, receive, send)
+
+    async def _key(self, scope: Scope, needs: KeyScope) -> tuple[str, tuple[ApiKey, str, str]] | None:
+        text = _bearer(scope)
+        if text is None:
+            return None
+        try:
+            found = await self.keys.lookup(text)
+        except Exception:  # Redis trouble: FastAPI's route answers it (503)
+            return None
+        if found is None or not found[0].allows(needs):
+            return None
+        return text, found
+
+    async def _get(self, scope: Scope, send: Send, job_id: str) -> bool:
+        """Answered here: the job of a live key that may see it. Else ``False``: FastAPI answers."""
+        auth = await self._key(scope, KeyScope.read)
+        if auth is None:
+            return False
+        text, (key, key_hash, digest) = auth
+        try:
+            raw = await self._read(keys=[key_hash, RecordStore.key(job_id)], args=[digest])
+        except Exception:
+            return False
+        if raw == -1:
+            self.keys.forget(text)
+            return False
+        if not raw:
+            return False
+        record = decode_record(dict(zip(raw[::2], raw[1::2], strict=True)))
+        if record.owner != key.id and not key.allows(KeyScope.admin):
+            return False
+        scope["route"] = self.get_route
+        await _send_json(send, 200, routes.view(self.state, record).model_dump_json().encode())
+        return True
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        if _header(scope, b"idempotency-key") is not None:
+            return False  # FastAPI validates the header itself
+        auth = await self._key(scope, KeyScope.submit)
+        if auth is None:
+            return False
+        text, (key, key_hash, digest) = auth
+        scope["route"] = self.post_route
+        body = bytearray()
+        while True:  # read through the body limit's receive: past the limit it raises, and it answers 413
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        try:
+            content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
+            request = routes.parse_job_body(self.state, content_type, bytes(body), None)
+            if key.rate or request.webhook is not None or request.idempotency_key is not None:
+                record, created = await run_in_threadpool(self._submit_through_client, text, request)
+            else:
+                record, created = await self._submit(key, key_hash, digest, request), True
+        except KeyRefused:
+            self.keys.forget(text)
+            await answer_for(UNAUTHORIZED)(scope, receive, send)  # type: ignore[misc]
+            return True
+        except Exception as exc:
+            answer = answer_for(exc)
+            if answer is None:
+                raise
+            await answer(scope, receive, send)
+            return True
+        await _send_json(send, 201 if created else 200, routes.view(self.state, record).model_dump_json().encode(),
+                         (b"location", f"{JOBS}/{record.id}".encode()))
+        return True
+
+    def _submit_through_client(self, text: str, request: Any) -> tuple[JobRecord, bool]:
+        key = self.state.keys.authenticate(text)  # fresh: this path has no script to check it
+        if key is None:
+            raise KeyRefused("revoked")
+        return routes.submit_as(self.state, key, request)
+
+    async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> JobRecord:
+        """``Client.submit_request`` without idempotency or webhook, over asyncio: one round trip."""
+        state, client = self.state, self.state.client
+        request = request.with_seed()
+        limit = state.settings.max_queue_depth
+        if limit:
+            async with state.aconn.pipeline(transaction=False) as pipe:
+                for name in queue_lists(request.model_name):
+                    pipe.llen(name)
+                if sum(await pipe.execute()) >= limit:
+                    raise QueueFull(f"queue for {request.model_name} holds {limit} jobs or more "
+                                    "(PIXQ_MAX_QUEUE_DEPTH)")
+        if not client.messages.has(request):  # the first job of its model and priority: Celery builds it
+            await run_in_threadpool(client.messages.prototype, request)
+        job_id = uuid.uuid4().hex
+        (message,) = client.messages.messages([(job_id, request)])
+        keys, args, record = client.records.create_call(job_id, request, owner=key.id,
+                                                        max_in_flight=key.max_in_flight, message=message,
+                                                        api_key=(key_hash, digest))
+        needed = await client.durability.required_async(state.aconn)
+        if not needed:
+            created = await self._create(keys=keys, args=args)
+        else:
+            async with state.aconn.pipeline(transaction=False) as pipe:
+                await self._create(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", needed, client.durability.timeout_ms)
+                created, confirmed = await pipe.execute()
+            if created == 1:
+                try:
+                    client.durability.check(f"the submit of job {job_id}", needed, int(confirmed))
+                except NotDurable:  # not reported done: no record left either (Client._undo does the same)
+                    with contextlib.suppress(Exception):
+                        await state.aconn.delete(RecordStore.key(job_id))
+                    raise
+        RecordStore.check_created(created, job_id, key.max_in_flight)
+        return record

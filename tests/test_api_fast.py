@@ -1,0 +1,105 @@
+"""The hot routes' fast path (pixq/api/fast.py) answers as the FastAPI routes do, on a real `pixq api`."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from pixq.records import OWNER_INDEX_PREFIX
+from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_redis, start_replica
+
+from tests.apitools import api_env, auth, make_key, start_api
+from tests.conftest import stack_env
+
+SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def env_api(env: dict[str, str]) -> dict[str, str]:
+    return api_env(env)
+
+
+@pytest.fixture(scope="module")
+def api(env_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    svc, base = start_api(env_api, tmp_path_factory.mktemp("api") / "api.log")
+    yield base
+    svc.stop()
+
+
+def job_keys(conn: redis.Redis) -> set[bytes]:
+    return set(conn.scan_iter("pixq:job:*", count=1000))
+
+
+def test_submit_answers_the_record_that_a_read_returns(api: str, env_api: dict[str, str], slow_model: str) -> None:
+    key = make_key(env_api, "fast-reader")
+    r = httpx.post(f"{api}/v1/jobs", json={"prompt": "same record", "model_name": slow_model, **SMALL},
+                   headers=auth(key))
+    assert r.status_code == 201 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    assert r.headers["content-type"] == "application/json"
+    read = httpx.get(f"{api}{r.headers['location']}", headers=auth(key))
+    assert read.status_code == 200 and read.json() == r.json()
+    assert read.json()["owner"] == key["id"] and read.json()["request"]["seed"] >= 0
+    metrics = httpx.get(f"{api}/metrics").text
+    assert 'pixq_api_requests_total{code="201",method="POST",route="/v1/jobs"}' in metrics
+    assert 'pixq_api_requests_total{code="200",method="GET",route="/v1/jobs/{job_id}"}' in metrics
+
+
+def test_refusals_on_the_fast_path(api: str, env_api: dict[str, str], slow_model: str,
+                                   raw_redis: redis.Redis) -> None:
+    owner, other = make_key(env_api, "fast-owner"), make_key(env_api, "fast-other")
+    admin = make_key(env_api, "fast-admin", "--scope", "admin")
+    body = {"prompt": "refusals", "model_name": slow_model, **SMALL}
+    job_id = httpx.post(f"{api}/v1/jobs", json=body, headers=auth(owner)).json()["id"]
+    assert httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth(other)).status_code == 404
+    assert httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth(admin)).status_code == 200
+    assert httpx.get(f"{api}/v1/jobs/{'f' * 32}", headers=auth(owner)).status_code == 404
+    wrong = {"Authorization": f"Bearer pixq_{owner['id']}_{'x' * 43}"}  # the right id, a wrong secret
+    r = httpx.get(f"{api}/v1/jobs/{job_id}", headers=wrong)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    before = job_keys(raw_redis)
+    assert httpx.post(f"{api}/v1/jobs", json=body, headers=wrong).status_code == 401
+    assert httpx.post(f"{api}/v1/jobs", json={**body, "width": 7}, headers=auth(owner)).status_code == 422
+    assert job_keys(raw_redis) == before
+    # The key was seen (and is known to this process); revoked, it is refused by the next request.
+    out = subprocess.run(pixq_argv("keys", "revoke", "fast-owner"), env=env_api, capture_output=True, timeout=60)
+    assert out.returncode == 0
+    r = httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth(owner))
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    index = raw_redis.zcard(OWNER_INDEX_PREFIX + owner["id"])
+    r = httpx.post(f"{api}/v1/jobs", json=body, headers=auth(owner))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert job_keys(raw_redis) == before and raw_redis.zcard(OWNER_INDEX_PREFIX + owner["id"]) == index
+
+
+@pytest.mark.slow
+def test_submit_waits_for_the_replica_it_must_reach(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
+    primary, url = start_redis(tmp_path / "primary")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    replica, replica_port = start_replica(tmp_path / "replica", port)
+    env = api_env(stack_env(url, s3, slow_model), PIXQ_REDIS_MIN_REPLICAS="1", PIXQ_REDIS_WAIT_TIMEOUT_MS="300")
+    api_svc = None
+    try:
+        key = make_key(env, "durable")
+        api_svc, base = start_api(env, tmp_path / "api.log")
+        body = {"prompt": "on two servers", **SMALL}
+        r = httpx.post(f"{base}/v1/jobs", json=body, headers=auth(key))
+        assert r.status_code == 201, r.text
+        with redis.Redis(port=replica_port) as conn:
+            assert conn.hget(f"pixq:job:{r.json()['id']}", "state") == b"queued"  # on the replica when told done
+        replica.stop()
+        conn = redis.Redis.from_url(url)
+        before = job_keys(conn)
+        r = httpx.post(f"{base}/v1/jobs", json=body, headers=auth(key), timeout=30)
+        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+        assert "replica" in r.json()["message"]
+        assert job_keys(conn) == before  # not reported done, and no record left behind
+    finally:
+        if api_svc is not None:
+            api_svc.stop()
+        replica.stop()
+        primary.stop()
+
