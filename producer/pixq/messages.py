@@ -24,32 +24,32 @@ if TYPE_CHECKING:
 PLACEHOLDER = "0" * 31 + "f"  # a job id's shape (uuid4 hex); it never names a real job
 
 
+_ID, _BODY, _TAG, _SHOWN = "@@pixq-id@@", "@@pixq-body@@", "@@pixq-tag@@", "@@pixq-shown@@"
+
+
 class _Prototype:
+    """One message Celery built, as JSON text with marks where each job's own values go."""
+
     def __init__(self, queue: str, raw: str):
         self.queue = queue
-        self.message: dict[str, Any] = json.loads(raw)
-        self.headers: dict[str, Any] = self.message["headers"]
-        self.properties: dict[str, Any] = self.message["properties"]
-        if self.message["properties"].get("body_encoding") != "base64":
+        message: dict[str, Any] = json.loads(raw)
+        headers, properties = message["headers"], message["properties"]
+        if properties.get("body_encoding") != "base64":
             raise RuntimeError("pixq.messages: kombu no longer base64-encodes message bodies; update the template")
-        self.body = base64.b64decode(self.message["body"]).decode()
+        self.body = base64.b64decode(message["body"]).decode()
         moved = {"id", "root_id", "kwargsrepr"}
-        leftover = [k for k, v in self.headers.items() if k not in moved and PLACEHOLDER in json.dumps(v)]
-        leftover += [k for k, v in self.properties.items() if k != "correlation_id" and PLACEHOLDER in json.dumps(v)]
-        if leftover or self.headers["id"] != PLACEHOLDER or self.properties["correlation_id"] != PLACEHOLDER:
+        leftover = [k for k, v in headers.items() if k not in moved and PLACEHOLDER in json.dumps(v)]
+        leftover += [k for k, v in properties.items() if k != "correlation_id" and PLACEHOLDER in json.dumps(v)]
+        if leftover or headers["id"] != PLACEHOLDER or properties["correlation_id"] != PLACEHOLDER:
             raise RuntimeError(f"pixq.messages: Celery puts the task id where the template does not ({leftover})")
+        headers["id"] = headers["root_id"] = properties["correlation_id"] = _ID
+        headers["kwargsrepr"], properties["delivery_tag"], message["body"] = _SHOWN, _TAG, _BODY
+        self.text = json.dumps(message)
 
     def render(self, job_id: str, shown: str) -> str:
-        headers = dict(self.headers)
-        headers["id"] = headers["root_id"] = job_id
-        headers["kwargsrepr"] = shown
-        properties = dict(self.properties)
-        properties["correlation_id"] = job_id
-        properties["delivery_tag"] = str(uuid.uuid4())
-        message = dict(self.message)
-        message["body"] = base64.b64encode(self.body.replace(PLACEHOLDER, job_id).encode()).decode()
-        message["headers"], message["properties"] = headers, properties
-        return json.dumps(message)
+        body = base64.b64encode(self.body.replace(PLACEHOLDER, job_id).encode()).decode()
+        text = self.text.replace(_ID, job_id).replace(_BODY, body).replace(_TAG, str(uuid.uuid4()))
+        return text.replace(f'"{_SHOWN}"', json.dumps(shown))  # last: the prompt in it is not searched for marks
 
 
 class MessageTemplates:

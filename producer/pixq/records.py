@@ -424,7 +424,7 @@ class RecordStore:
             total_steps=request.num_inference_steps,
             owner=owner,
         )
-        fields = record.model_dump(exclude={"images", "error", "render"}, exclude_none=True)
+        fields = record.model_dump(exclude={"images", "error", "render", "request"}, exclude_none=True)
         fields["request"] = request
         tenant = owner or NO_OWNER
         keys = [self.key(job_id), QUEUED_KEY, OWNER_INDEX_PREFIX + tenant, INFLIGHT_PREFIX + tenant,
