@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,52 @@ def load_main(args: argparse.Namespace) -> None:
     print(json.dumps(asyncio.run(_load(args.base, args.key, args.path, body, ids, args.concurrency, args.seconds))))
 
 
+WRK_SCRIPT = """
+local ids = {%(ids)s}
+local n = 0
+wrk.method = "%(method)s"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+%(body)s
+request = function()
+  n = n + 1
+  local path = "%(path)s"
+  if #ids > 0 then path = string.gsub(path, "{id}", ids[(n %% #ids) + 1]) end
+  return wrk.format(nil, path)
+end
+done = function(summary, latency, requests)
+  io.write(string.format('WRK {"requests": %%d, "duration_us": %%d, "non_2xx": %%d, "errors": %%d, '
+    .. '"p50_us": %%d, "p90_us": %%d, "p99_us": %%d, "max_us": %%d}\\n', summary.requests, summary.duration,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk_version(wrk: str) -> str:
+    out = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def run_wrk(wrk: str, base: str, key: str, path: str, body: dict[str, Any] | None, ids: list[str], seconds: float,
+            concurrency: int, tmp: Path) -> dict[str, Any]:
+    """One phase from wrk (its own process, one thread); the same fields as ``_load``'s."""
+    script = tmp / f"wrk-{'post' if body is not None else 'get'}.lua"
+    literal = json.dumps(json.dumps(body))  # a JSON string literal is a Lua string literal here
+    post = f'wrk.body = {literal}\nwrk.headers["Content-Type"] = "application/json"' if body is not None else ""
+    script.write_text(WRK_SCRIPT % {"ids": ", ".join(json.dumps(i) for i in ids), "key": key, "body": post,
+                                    "method": "POST" if body is not None else "GET", "path": path})
+    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+            base]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("WRK "))
+    summary = json.loads(line[4:])
+    return {"path": path, "generator": "wrk", "requests": summary["requests"],
+            "per_s": summary["requests"] / (summary["duration_us"] / 1e6), "non_2xx": summary["non_2xx"],
+            "socket_errors": summary["errors"], "p50_ms": summary["p50_us"] / 1000,
+            "p90_ms": summary["p90_us"] / 1000, "p99_ms": summary["p99_us"] / 1000,
+            "max_ms": summary["max_us"] / 1000, "concurrency": concurrency}
+
+
 def run_load(base: str, key: str, path: str, body: dict[str, Any] | None, ids: list[str], seconds: float,
              concurrency: int) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.api_load", "--load", "--base", base, "--key", key, "--path", path,
@@ -86,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per HTTP phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--webhooks", type=int, default=50)
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
+                        help="HTTP load from wrk (auto: when on PATH) or the asyncio + httpx generator")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     for name in ("--base", "--key", "--path", "--body", "--ids"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -105,8 +154,14 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
     env.update({"PIXQ_REDIS_URL": url, "PIXQ_S3_BUCKET": "bench", "PIXQ_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
     env = api_env(env)
+    wrk = shutil.which("wrk") if args.generator != "python" else None
+    if args.generator == "wrk" and wrk is None:
+        sys.exit("api_load: --generator wrk: no wrk on PATH (apt-get install wrk)")
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, loopback, one API process (uvicorn, 1 worker)",
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "load_average_before": os.getloadavg(),
+                               "http_load_generator": f"{wrk} ({wrk_version(wrk)})" if wrk else
+                               "asyncio + httpx (benchmarks/api_load.py --load)"}
     api_svc = None
     try:
         settings = Settings.from_env(env)
@@ -135,10 +190,18 @@ def main() -> None:
         api_svc, base = start_api(env, tmp / "api.log")
         ids = [httpx.post(f"{base}/v1/jobs", json=body, headers={"Authorization": f"Bearer {key['key']}"}).json()["id"]
                for _ in range(50)]
-        results["api_post_jobs"] = run_load(base, key["key"], "/v1/jobs", body, [], args.seconds, args.concurrency)
-        results["api_get_job"] = run_load(base, key["key"], "/v1/jobs/{id}", None, ids, args.seconds,
-                                          args.concurrency)
+        if wrk:
+            results["api_post_jobs"] = run_wrk(wrk, base, key["key"], "/v1/jobs", body, [], args.seconds,
+                                               args.concurrency, tmp)
+            results["api_get_job"] = run_wrk(wrk, base, key["key"], "/v1/jobs/{id}", None, ids, args.seconds,
+                                             args.concurrency, tmp)
+        else:
+            results["api_post_jobs"] = run_load(base, key["key"], "/v1/jobs", body, [], args.seconds,
+                                                args.concurrency)
+            results["api_get_job"] = run_load(base, key["key"], "/v1/jobs/{id}", None, ids, args.seconds,
+                                              args.concurrency)
         results["webhook_after_end_ms"] = webhook_latency(base, key, body, args.webhooks, Receiver, client)
+        results["load_average_after"] = os.getloadavg()
     finally:
         if api_svc is not None:
             api_svc.stop()
