@@ -43,6 +43,10 @@ def test_submit_answers_the_record_that_a_read_returns(api: str, env_api: dict[s
     read = httpx.get(f"{api}{r.headers['location']}", headers=auth(key))
     assert read.status_code == 200 and read.json() == r.json()
     assert read.json()["owner"] == key["id"] and read.json()["request"]["seed"] >= 0
+    assert httpx.get(f"{api}{r.headers['location']}", headers=auth(key)).json() == r.json()  # the kept answer
+    assert httpx.post(f"{api}{r.headers['location']}/cancel", headers=auth(key)).status_code == 200
+    changed = httpx.get(f"{api}{r.headers['location']}", headers=auth(key)).json()
+    assert changed["state"] == "canceled" and changed["finished_at"]  # the record changed: so does the answer
     metrics = httpx.get(f"{api}/metrics").text
     assert 'pixq_api_requests_total{code="201",method="POST",route="/v1/jobs"}' in metrics
     assert 'pixq_api_requests_total{code="200",method="GET",route="/v1/jobs/{job_id}"}' in metrics

@@ -8,10 +8,13 @@ the common case on the event loop over ``redis.asyncio``, in **one** round trip 
 * the key is looked up once per process (``KeyCache``: its scopes and quotas never change), and the
   script that reads or writes for it checks that the key is still live (``records.KEY_OK_LUA``), so a
   revoked key is refused at once, as through FastAPI;
-* GET: one script checks the key and reads the record; POST: the body is parsed by the route's own
-  code (``routes.parse_job_body``: same 4xx answers), then the create script checks the key, the
-  quota, writes the record and pushes the Celery message (from its template, ``pixq.messages``),
-  followed by ``WAIT`` on the same connection when replicas must confirm (``durable.py``).
+* GET: one script checks the key and reads the record's hash; the answer is decoded and encoded
+  again only when the hash's fields differ from the last read of that job (a polled job mostly does
+  not change between polls);
+* POST: the body is parsed by the route's own code (``routes.parse_job_body``: same 4xx answers),
+  then the create script checks the key, the quota, writes the record and pushes the Celery message
+  (from its template, ``pixq.messages``), followed by ``WAIT`` on the same connection when replicas
+  must confirm (``durable.py``).
 
 Anything else goes to FastAPI unchanged: a missing, unknown or revoked key, a lacking scope, an
 unknown or another key's job (FastAPI answers 401/403/404 as documented), an ``Idempotency-Key``
@@ -44,6 +47,7 @@ _READ_AS_KEY = KEY_OK_LUA + """
 if not pixq_key_ok(KEYS[1], ARGV[1]) then return -1 end
 return redis.call('HGETALL', KEYS[2])
 """
+ANSWERS_KEPT = 4096  # jobs whose last answer is kept (a few MB)
 UNAUTHORIZED = ApiError(401, "unauthorized", "unknown, wrong or revoked API key", {"WWW-Authenticate": "Bearer"})
 
 
@@ -105,6 +109,7 @@ class FastPath:
         self.get_route, self.post_route = get_route, post_route  # for the metrics' route label
         self._read = state.aconn.register_script(_READ_AS_KEY)
         self._create = state.aconn.register_script(CREATE_LUA)
+        self._answers: dict[str, tuple[list[bytes], str | None, bytes]] = {}  # job id -> (hash fields, owner, view)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -143,12 +148,25 @@ class FastPath:
             return False
         if not raw:
             return False
-        record = decode_record(dict(zip(raw[::2], raw[1::2], strict=True)))
-        if record.owner != key.id and not key.allows(KeyScope.admin):
+        owner, body = self._answer(job_id, raw)
+        if owner != key.id and not key.allows(KeyScope.admin):
             return False
         scope["route"] = self.get_route
-        await _send_json(send, 200, routes.view(self.state, record).model_dump_json().encode())
+        await _send_json(send, 200, body)
         return True
+
+    def _answer(self, job_id: str, raw: list[bytes]) -> tuple[str | None, bytes]:
+        """The record's owner and its view as JSON; the same hash fields give the same answer, so a job
+        polled while it does not change is decoded once (the hash is still read every time)."""
+        kept = self._answers.get(job_id)
+        if kept is not None and kept[0] == raw:
+            return kept[1], kept[2]
+        record = decode_record(dict(zip(raw[::2], raw[1::2], strict=True)))
+        body = routes.view(self.state, record).model_dump_json().encode()
+        if len(self._answers) >= ANSWERS_KEPT:
+            self._answers.clear()
+        self._answers[job_id] = (raw, record.owner, body)
+        return record.owner, body
 
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> bool:
         if _header(scope, b"idempotency-key") is not None:

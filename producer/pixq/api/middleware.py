@@ -35,8 +35,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is None and b"transfer-encoding" not in headers:  # no body (RFC 9112 6.3): nothing to limit
+            await self.app(scope, receive, send)
+            return
         message = f"request body over {self.max_bytes} bytes (PIXQ_API_MAX_BODY_BYTES)"
-        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             for part in _refusal(413, "body_too_large", message):
                 await send(part)
@@ -77,22 +81,29 @@ class Metrics:
         self.latency = Histogram("pixq_api_request_seconds", "API request latency (until the response starts)",
                                  ["method", "route"], registry=registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _series(self, method: str, path: str, code: int) -> tuple[Any, Any]:
+        """The (latency, count) series of one method, route and code (prometheus' labels() is a
+        locked lookup each time: kept here after the first)."""
+        series = self._children.get((method, path, code))
+        if series is None:
+            series = self._children[method, path, code] = (self.latency.labels(method, path),
+                                                           self.requests.labels(method, path, str(code)))
+        return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        code = 500
 
         async def timed_send(msg: Message) -> None:
-            nonlocal code
             if msg["type"] == "http.response.start":
-                code = msg["status"]
-                route = scope.get("route")
-                path = getattr(route, "path", "unmatched")
-                self.latency.labels(scope["method"], path).observe(time.perf_counter() - started)
-                self.requests.labels(scope["method"], path, str(code)).inc()
+                path = getattr(scope.get("route"), "path", "unmatched")
+                latency, count = self._series(scope["method"], path, msg["status"])
+                latency.observe(time.perf_counter() - started)
+                count.inc()
             await send(msg)
 
         await self.app(scope, receive, timed_send)
