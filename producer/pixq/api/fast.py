@@ -18,8 +18,8 @@ the common case on the event loop over ``redis.asyncio``, in **one** round trip 
 
 Anything else goes to FastAPI unchanged: a missing, unknown or revoked key, a lacking scope, an
 unknown or another key's job (FastAPI answers 401/403/404 as documented), an ``Idempotency-Key``
-header, and for POST a key with a rate limit, a job with a webhook (its destination is resolved and
-checked) or an idempotency key, which run the route's own code (``routes.submit_as``).
+header; and for POST a key with a rate limit or a body with an idempotency key run the route's own
+code (``routes.submit_as``) on a thread.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pixq.api.app import ApiState
 from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
+from pixq.client import check_webhook
 from pixq.errors import NotDurable, QueueFull
 from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
 from pixq.wire import queue_lists
@@ -185,7 +186,7 @@ class FastPath:
         try:
             content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
             request = routes.parse_job_body(self.state, content_type, bytes(body), None)
-            if key.rate or request.webhook is not None or request.idempotency_key is not None:
+            if key.rate or request.idempotency_key is not None:
                 record, created = await run_in_threadpool(self._submit_through_client, text, request)
             else:
                 record, created = await self._submit(key, key_hash, digest, request), True
@@ -210,9 +211,12 @@ class FastPath:
         return routes.submit_as(self.state, key, request)
 
     async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> JobRecord:
-        """``Client.submit_request`` without idempotency or webhook, over asyncio: one round trip."""
+        """``Client.submit_request`` without idempotency, over asyncio: one round trip (and, for a job
+        with a webhook, its destination resolved and checked on a thread first)."""
         state, client = self.state, self.state.client
         request = request.with_seed()
+        if request.webhook is not None:
+            await run_in_threadpool(check_webhook, request.webhook.url, state.settings.webhook_allow_networks())
         limit = state.settings.max_queue_depth
         if limit:
             async with state.aconn.pipeline(transaction=False) as pipe:
