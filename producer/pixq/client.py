@@ -164,7 +164,7 @@ class Client:
                 count = sum(1 for req in parsed if req.model_name == model)
                 if limit and self.queue_depth(model) + count > limit:
                     raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
-            pushes = self.messages.messages(jobs)
+            pushes = self._messages(jobs)
             pipe = self.conn.pipeline(transaction=True)
             for (job_id, req), message in zip(jobs, pushes, strict=True):
                 self.records.create(job_id, req, pipe=pipe, message=message)
@@ -205,6 +205,13 @@ class Client:
             self._served_until[model_name] = now + WORKER_KEY_TTL_S
         return served
 
+    def _messages(self, jobs: list[tuple[str, JobRequest]]) -> list[tuple[str, str]]:
+        if not all(self.messages.has(request) for _, request in jobs):
+            # A first message per model and priority is built through kombu's channel, which rides out
+            # ~9 s of its own reconnects against a Redis that is down: ask on our connection first.
+            self.conn.ping()
+        return self.messages.messages(jobs)
+
     def _enqueue(self, request: JobRequest, owner: str | None = None, max_in_flight: int = 0) -> Job:
         self._check_depth(request.model_name)
         job_id = uuid.uuid4().hex
@@ -222,7 +229,7 @@ class Client:
         try:
             durable = self.durability.required() > 0
             # The record and its Celery message in one script (one round trip, nothing half-written).
-            (message,) = self.messages.messages([(job_id, request)])
+            (message,) = self._messages([(job_id, request)])
             self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
             if durable:  # one more write on our connection, after them: WAIT then covers both (durable.py)
                 self.durability.run(f"the submit of job {job_id}",
