@@ -79,6 +79,29 @@ def test_refusals_on_the_fast_path(api: str, env_api: dict[str, str], slow_model
     assert job_keys(raw_redis) == before and raw_redis.zcard(OWNER_INDEX_PREFIX + owner["id"]) == index
 
 
+def test_idempotency_keys_on_the_fast_path(api: str, env_api: dict[str, str], slow_model: str,
+                                          raw_redis: redis.Redis) -> None:
+    key = make_key(env_api, "fast-idem", "--max-in-flight", "2")
+    body = {"prompt": "once only", "model_name": slow_model, **SMALL}
+    first = httpx.post(f"{api}/v1/jobs", json=body, headers={**auth(key), "Idempotency-Key": "i-1"})
+    again = httpx.post(f"{api}/v1/jobs", json={**body, "idempotency_key": "i-1"}, headers=auth(key))
+    assert (first.status_code, again.status_code) == (201, 200) and again.json() == first.json()
+    before = job_keys(raw_redis)
+    r = httpx.post(f"{api}/v1/jobs", json={**body, "idempotency_key": "i-2"},
+                   headers={**auth(key), "Idempotency-Key": "i-3"})
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "idempotency_key"
+    r = httpx.post(f"{api}/v1/jobs", json=body, headers={**auth(key), "Idempotency-Key": "x" * 201})
+    assert r.status_code == 422
+    assert job_keys(raw_redis) == before
+    assert httpx.post(f"{api}/v1/jobs", json=body, headers=auth(key)).status_code == 201  # 2 in flight now
+    r = httpx.post(f"{api}/v1/jobs", json=body, headers={**auth(key), "Idempotency-Key": "i-4"})
+    assert r.status_code == 429 and not raw_redis.exists(f"pixq:idem:{key['id']}/i-4")  # the quota: nothing kept
+    out = subprocess.run(pixq_argv("keys", "revoke", "fast-idem"), env=env_api, capture_output=True, timeout=60)
+    assert out.returncode == 0
+    r = httpx.post(f"{api}/v1/jobs", json=body, headers={**auth(key), "Idempotency-Key": "i-1"})
+    assert r.status_code == 401  # the earlier job is not handed to a revoked key
+
+
 @pytest.mark.slow
 def test_submit_waits_for_the_replica_it_must_reach(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
     primary, url = start_redis(tmp_path / "primary")

@@ -18,8 +18,8 @@ the common case on the event loop over ``redis.asyncio``, in **one** round trip 
 
 Anything else goes to FastAPI unchanged: a missing, unknown or revoked key, a lacking scope, an
 unknown or another key's job (FastAPI answers 401/403/404 as documented), an ``Idempotency-Key``
-header; and for POST a key with a rate limit or a body with an idempotency key run the route's own
-code (``routes.submit_as``) on a thread.
+header over 200 characters; and for POST a key with a rate limit runs the route's own code
+(``routes.submit_as``) on a thread (the ``limits`` library's limiter is synchronous).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from pixq.api.app import ApiState
 from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
-from pixq.client import check_webhook
-from pixq.errors import NotDurable, QueueFull
+from pixq.client import IDEMPOTENCY_PREFIX, check_webhook
+from pixq.errors import JobNotFound, QueueFull
 from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
 from pixq.wire import queue_lists
 
@@ -48,6 +48,7 @@ _READ_AS_KEY = KEY_OK_LUA + """
 if not pixq_key_ok(KEYS[1], ARGV[1]) then return -1 end
 return redis.call('HGETALL', KEYS[2])
 """
+IDEMPOTENCY_HEADER_MAX = 200  # the route's Header(max_length=200)
 ANSWERS_KEPT = 4096  # jobs whose last answer is kept (a few MB)
 UNAUTHORIZED = ApiError(401, "unauthorized", "unknown, wrong or revoked API key", {"WWW-Authenticate": "Bearer"})
 
@@ -170,8 +171,9 @@ class FastPath:
         return record.owner, body
 
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        if _header(scope, b"idempotency-key") is not None:
-            return False  # FastAPI validates the header itself
+        idempotency = _header(scope, b"idempotency-key")
+        if idempotency is not None and len(idempotency) > IDEMPOTENCY_HEADER_MAX:
+            return False  # FastAPI's header rule answers (422)
         auth = await self._key(scope, KeyScope.submit)
         if auth is None:
             return False
@@ -185,11 +187,12 @@ class FastPath:
                 break
         try:
             content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
-            request = routes.parse_job_body(self.state, content_type, bytes(body), None)
-            if key.rate or request.idempotency_key is not None:
+            request = routes.parse_job_body(self.state, content_type, bytes(body),
+                                            None if idempotency is None else idempotency.decode("latin-1"))
+            if key.rate:
                 record, created = await run_in_threadpool(self._submit_through_client, text, request)
             else:
-                record, created = await self._submit(key, key_hash, digest, request), True
+                record, created = await self._submit(key, key_hash, digest, request)
         except KeyRefused:
             self.keys.forget(text)
             await answer_for(UNAUTHORIZED)(scope, receive, send)  # type: ignore[misc]
@@ -210,16 +213,16 @@ class FastPath:
             raise KeyRefused("revoked")
         return routes.submit_as(self.state, key, request)
 
-    async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> JobRecord:
-        """``Client.submit_request`` without idempotency, over asyncio: one round trip (and, for a job
-        with a webhook, its destination resolved and checked on a thread first)."""
-        state, client = self.state, self.state.client
+    async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> tuple[JobRecord, bool]:
+        """``Client.submit_request`` over asyncio (its steps, in its order): one round trip, two with an
+        idempotency key; a job with a webhook has its destination resolved and checked on a thread."""
+        state, client, conn = self.state, self.state.client, self.state.aconn
         request = request.with_seed()
         if request.webhook is not None:
             await run_in_threadpool(check_webhook, request.webhook.url, state.settings.webhook_allow_networks())
         limit = state.settings.max_queue_depth
         if limit:
-            async with state.aconn.pipeline(transaction=False) as pipe:
+            async with conn.pipeline(transaction=False) as pipe:
                 for name in queue_lists(request.model_name):
                     pipe.llen(name)
                 if sum(await pipe.execute()) >= limit:
@@ -228,24 +231,44 @@ class FastPath:
         if not client.messages.has(request):  # the first job of its model and priority: Celery builds it
             await run_in_threadpool(client.messages.prototype, request)
         job_id = uuid.uuid4().hex
+        idem_key = None
+        if request.idempotency_key is not None:
+            idem_key = f"{IDEMPOTENCY_PREFIX}{key.id}/{request.idempotency_key}"
+            if not await conn.set(idem_key, job_id, nx=True, ex=state.settings.retention_s):
+                raw_id = await conn.get(idem_key)
+                existing = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                if existing is not None and existing != job_id:  # ours: a retried SET after a lost reply
+                    return await self._existing(key_hash, digest, existing), False
+                if existing is None:  # the key expired between the two calls: a new job
+                    await conn.set(idem_key, job_id, ex=state.settings.retention_s)
         (message,) = client.messages.messages([(job_id, request)])
         keys, args, record = client.records.create_call(job_id, request, owner=key.id,
                                                         max_in_flight=key.max_in_flight, message=message,
                                                         api_key=(key_hash, digest))
-        needed = await client.durability.required_async(state.aconn)
-        if not needed:
-            created = await self._create(keys=keys, args=args)
-        else:
-            async with state.aconn.pipeline(transaction=False) as pipe:
-                await self._create(keys=keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", needed, client.durability.timeout_ms)
-                created, confirmed = await pipe.execute()
-            if created == 1:
-                try:
+        try:
+            needed = await client.durability.required_async(conn)
+            if not needed:
+                created = await self._create(keys=keys, args=args)
+            else:
+                async with conn.pipeline(transaction=False) as pipe:
+                    await self._create(keys=keys, args=args, client=pipe)
+                    pipe.execute_command("WAIT", needed, client.durability.timeout_ms)
+                    created, confirmed = await pipe.execute()
+                if created == 1:
                     client.durability.check(f"the submit of job {job_id}", needed, int(confirmed))
-                except NotDurable:  # not reported done: no record left either (Client._undo does the same)
-                    with contextlib.suppress(Exception):
-                        await state.aconn.delete(RecordStore.key(job_id))
-                    raise
-        RecordStore.check_created(created, job_id, key.max_in_flight)
-        return record
+            RecordStore.check_created(created, job_id, key.max_in_flight)
+        except BaseException:
+            # Nothing half-written, as Client._undo: no record reported undone, no key without a job.
+            with contextlib.suppress(Exception):
+                await conn.delete(RecordStore.key(job_id), *([idem_key] if idem_key else []))
+            raise
+        return record, True
+
+    async def _existing(self, key_hash: str, digest: str, job_id: str) -> JobRecord:
+        """The job an idempotency key already named, read by the script that checks the key."""
+        raw = await self._read(keys=[key_hash, RecordStore.key(job_id)], args=[digest])
+        if raw == -1:
+            raise KeyRefused("revoked")
+        if not raw:
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
+        return decode_record(dict(zip(raw[::2], raw[1::2], strict=True)))
