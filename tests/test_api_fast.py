@@ -130,3 +130,23 @@ def test_submit_waits_for_the_replica_it_must_reach(tmp_path: Path, s3: S3Endpoi
         replica.stop()
         primary.stop()
 
+
+
+@pytest.mark.slow
+def test_redis_down_on_a_first_message_template_answers_503(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
+    redis_svc, url = start_redis(tmp_path / "redis")
+    env = api_env(stack_env(url, s3, slow_model))
+    api_svc = None
+    try:
+        key = make_key(env, "down")
+        api_svc, base = start_api(env, tmp_path / "api.log")
+        assert httpx.get(f"{base}/v1/jobs/{'f' * 32}", headers=auth(key)).status_code == 404  # the key is known
+        redis_svc.stop()
+        # The process's first job: its message is built through Celery (kombu connects), on a Redis that is down.
+        r = httpx.post(f"{base}/v1/jobs", json={"prompt": "down", **SMALL}, headers=auth(key), timeout=60)
+        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        if api_svc is not None:
+            api_svc.stop()
+        redis_svc.stop()

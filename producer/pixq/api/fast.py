@@ -37,7 +37,7 @@ from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
 from pixq.client import IDEMPOTENCY_PREFIX, check_webhook
-from pixq.errors import JobNotFound, QueueFull
+from pixq.errors import JobNotFound, QueueFull, service_errors
 from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
 from pixq.wire import queue_lists
 
@@ -229,7 +229,7 @@ class FastPath:
                     raise QueueFull(f"queue for {request.model_name} holds {limit} jobs or more "
                                     "(PIXQ_MAX_QUEUE_DEPTH)")
         if not client.messages.has(request):  # the first job of its model and priority: Celery builds it
-            await run_in_threadpool(client.messages.prototype, request)
+            await run_in_threadpool(self._prototype, request)
         job_id = uuid.uuid4().hex
         idem_key = None
         if request.idempotency_key is not None:
@@ -263,6 +263,12 @@ class FastPath:
                 await conn.delete(RecordStore.key(job_id), *([idem_key] if idem_key else []))
             raise
         return record, True
+
+    def _prototype(self, request: Any) -> None:
+        client = self.state.client
+        with service_errors("job not submitted"):  # kombu's errors too, as Client.submit maps them
+            client.conn.ping()  # kombu's channel rides out ~9 s of reconnects to a Redis that is down
+            client.messages.prototype(request)
 
     async def _existing(self, key_hash: str, digest: str, job_id: str) -> JobRecord:
         """The job an idempotency key already named, read by the script that checks the key."""
