@@ -230,3 +230,58 @@ def test_partitioned_primary_refuses_writes_it_cannot_replicate(ha: HA) -> None:
     print(f"\npartition: promoted {promoted_s:.1f} s after SIGSTOP; {len(ids)} submits during it returned an id "
           f"(all succeeded), {len(refused)} refused: {sorted(set(r.split(':')[0] for r in refused))}")
     isolated.close()
+
+
+def test_a_command_in_flight_when_the_primary_dies_is_retried_on_the_new_primary(ha: HA) -> None:
+    """A command whose connection breaks under it is retried, and the retry must reconnect to the
+    primary the sentinels name now, not to the dead one's address (redis/redis-py#3874,
+    ``pixq/sentinelconn.py``). A ``BLPOP`` is in flight on each client (the workers' records
+    client and the API's asyncio one) when the primary is killed; the value pushed on the new
+    primary must reach both. Before the fix both retried the dead address until their retries ran
+    out (a minute for workers: a worker stopped consuming after the failover) and raised."""
+    import asyncio
+
+    endpoint = Settings.from_env(ha.env).redis_endpoint()
+    conn = endpoint.client()  # as workers build it: 25 backoff steps (~1 min)
+    got: dict[str, object] = {}
+
+    def sync_pop() -> None:
+        try:
+            got["sync"] = conn.blpop(["follow:sync"], timeout=40)
+        except Exception as exc:  # reported by the assertion below
+            got["sync"] = exc
+
+    def async_pop() -> None:
+        async def pop() -> object:
+            aconn = endpoint.async_client()  # as the API builds it: 6 backoff steps (a few seconds)
+            try:
+                return await aconn.blpop(["follow:async"], timeout=40)
+            finally:
+                await aconn.aclose()
+
+        try:
+            got["async"] = asyncio.run(pop())
+        except Exception as exc:
+            got["async"] = exc
+
+    threads = [threading.Thread(target=sync_pop), threading.Thread(target=async_pop)]
+    for t in threads:
+        t.start()
+    primary = ha.node(ha.primary_port)
+    wait_for(lambda: primary.info("clients")["blocked_clients"] >= 2, 30, "both BLPOPs to block on the primary")
+    primary.close()
+    ha.primary.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: ha.master_port() == ha.replica_port, 60, "Sentinel to promote the replica", poll_s=0.1)
+    new = ha.node(ha.replica_port)
+    new.rpush("follow:sync", "after the failover")
+    new.rpush("follow:async", "after the failover")
+    for t in threads:
+        t.join(45)
+    took = time.monotonic() - killed
+    popped = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
+    assert popped == {"sync": [b"follow:sync", b"after the failover"],
+                      "async": [b"follow:async", b"after the failover"]}, got
+    print(f"\nBLPOPs in flight at the kill returned from the new primary {took:.1f} s after it")
+    conn.close()
+    new.close()

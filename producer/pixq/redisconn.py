@@ -13,9 +13,10 @@ the redis-py client (job records) and Celery's broker and result-backend setting
   sentinels and the servers, with the same ``ssl_cert_reqs`` / ``ssl_ca_certs`` rule.
 
 Every client built here reconnects by itself (Sentinel: to whichever server the sentinels now
-name primary) and retries a command on a connection error, a timeout or ``READONLY`` (a
-demoted primary) with exponential backoff (redis-py ``Retry``). That is safe because every write
-the records make is a Lua script that may be re-run after an unknown outcome (``records.py``).
+name primary, also inside a command's retries: ``sentinelconn.py``) and retries a command on a
+connection error, a timeout or ``READONLY`` (a demoted primary) with exponential backoff
+(redis-py ``Retry``). That is safe because every write the records make is a Lua script that may
+be re-run after an unknown outcome (``records.py``).
 Celery gets kombu's Sentinel transport (``sentinel://`` URLs and ``master_name``).
 """
 
@@ -151,8 +152,10 @@ class RedisEndpoint:
                              "socket_timeout": min(socket_timeout_s, 5)},
             **tls,
         )
+        from pixq.sentinelconn import connection_class
+
         return sentinel.master_for(self.master_name, redis_class=redis.Redis, db=self.db, username=self.username,
-                                   password=self.password, **common)
+                                   password=self.password, connection_class=connection_class(bool(tls)), **common)
 
     def async_client(self, connect_timeout_s: float = 2) -> Any:
         """The asyncio twin of ``client`` (the API's event streams)."""
@@ -168,8 +171,10 @@ class RedisEndpoint:
 
         tls = self._redis_tls()
         sentinel = AsyncSentinel(list(self.sentinels), sentinel_kwargs={**self.sentinel_auth, **tls}, **tls)
+        from pixq.sentinelconn import connection_class
+
         return sentinel.master_for(self.master_name or "", db=self.db, username=self.username, password=self.password,
-                                   **common)
+                                   connection_class=connection_class(bool(tls), asynchronous=True), **common)
 
     def limits_url(self) -> str:
         """The same Redis in the form the ``limits`` library (the API's rate limiter) takes."""
