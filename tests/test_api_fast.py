@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +148,27 @@ def test_redis_down_on_a_first_message_template_answers_503(tmp_path: Path, s3: 
         r = httpx.post(f"{base}/v1/jobs", json={"prompt": "down", **SMALL}, headers=auth(key), timeout=60)
         assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
         assert int(r.headers["retry-after"]) >= 1
+    finally:
+        if api_svc is not None:
+            api_svc.stop()
+        redis_svc.stop()
+
+
+@pytest.mark.slow
+def test_a_stuck_redis_answers_503_not_never(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
+    redis_svc, url = start_redis(tmp_path / "redis")
+    env = api_env(stack_env(url, s3, slow_model))
+    api_svc = None
+    try:
+        key = make_key(env, "stuck")
+        api_svc, base = start_api(env, tmp_path / "api.log")
+        assert httpx.post(f"{base}/v1/jobs", json={"prompt": "up", **SMALL}, headers=auth(key)).status_code == 201
+        os.kill(redis_svc.proc.pid, signal.SIGSTOP)  # alive, connected, answering nothing
+        try:
+            r = httpx.post(f"{base}/v1/jobs", json={"prompt": "stuck", **SMALL}, headers=auth(key), timeout=60)
+        finally:
+            os.kill(redis_svc.proc.pid, signal.SIGCONT)
+        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
     finally:
         if api_svc is not None:
             api_svc.stop()

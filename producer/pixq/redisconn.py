@@ -157,14 +157,17 @@ class RedisEndpoint:
         return sentinel.master_for(self.master_name, redis_class=redis.Redis, db=self.db, username=self.username,
                                    password=self.password, connection_class=connection_class(bool(tls)), **common)
 
-    def async_client(self, connect_timeout_s: float = 2) -> Any:
-        """The asyncio twin of ``client`` (the API's event streams)."""
+    def async_client(self, connect_timeout_s: float = 2, socket_timeout_s: float | None = None) -> Any:
+        """The asyncio twin of ``client`` (the API's event streams: no socket timeout, they block on
+        XREAD; its request path: ``socket_timeout_s``, as the sync client's)."""
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry as AsyncRetry
 
         if not self.is_sentinel:
-            return aioredis.Redis.from_url(self.url, socket_connect_timeout=connect_timeout_s, health_check_interval=10)
+            return aioredis.Redis.from_url(self.url, socket_connect_timeout=connect_timeout_s, health_check_interval=10,
+                                          socket_timeout=socket_timeout_s)
         common: dict[str, Any] = dict(socket_connect_timeout=connect_timeout_s, health_check_interval=10,
+                                      socket_timeout=socket_timeout_s,
                                       retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 6),
                                       retry_on_error=RETRY_ON)
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel

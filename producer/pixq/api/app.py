@@ -37,7 +37,8 @@ class ApiState:
     api: ApiSettings
     client: Client
     keys: KeyStore
-    aconn: aioredis.Redis
+    aconn: aioredis.Redis  # event streams (they block on XREAD: no socket timeout)
+    rconn: aioredis.Redis  # the fast path's requests (fast.py): a stuck Redis answers 503 after 5 s, as the sync path
     limiter: MovingWindowRateLimiter
     registry: CollectorRegistry
     public_url: str
@@ -67,7 +68,7 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
     registry = CollectorRegistry()
     state = ApiState(
         settings=settings, api=api, client=Client(settings, conn=conn), keys=KeyStore(conn, api.require_pepper()),
-        aconn=endpoint.async_client(),
+        aconn=endpoint.async_client(), rconn=endpoint.async_client(socket_timeout_s=5),
         limiter=MovingWindowRateLimiter(storage_from_string(endpoint.limits_url())),
         registry=registry, public_url=(api.public_url or public_url).rstrip("/"),
         webhook_outcomes=Counter("pixq_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
@@ -93,6 +94,7 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
             if relay is not None:
                 relay.stop()
             await state.aconn.aclose()
+            await state.rconn.aclose()
             state.client.close()
 
     app = FastAPI(

@@ -70,7 +70,7 @@ class KeyCache:
         key_id = store.key_id(text)
         if key_id is None:
             return None
-        raw: dict[bytes, bytes] = await self.state.aconn.hgetall(KEY_PREFIX + key_id)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = await self.state.rconn.hgetall(KEY_PREFIX + key_id)  # type: ignore[assignment]
         key = store.verify(text, raw)
         if key is None:
             return None
@@ -109,8 +109,8 @@ class FastPath:
         self.app, self.state = app, state
         self.keys = KeyCache(state)
         self.get_route, self.post_route = get_route, post_route  # for the metrics' route label
-        self._read = state.aconn.register_script(_READ_AS_KEY)
-        self._create = state.aconn.register_script(CREATE_LUA)
+        self._read = state.rconn.register_script(_READ_AS_KEY)
+        self._create = state.rconn.register_script(CREATE_LUA)
         self._answers: dict[str, tuple[list[bytes], str | None, bytes]] = {}  # job id -> (hash fields, owner, view)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -216,7 +216,7 @@ class FastPath:
     async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> tuple[JobRecord, bool]:
         """``Client.submit_request`` over asyncio (its steps, in its order): one round trip, two with an
         idempotency key; a job with a webhook has its destination resolved and checked on a thread."""
-        state, client, conn = self.state, self.state.client, self.state.aconn
+        state, client, conn = self.state, self.state.client, self.state.rconn
         request = request.with_seed()
         if request.webhook is not None:
             await run_in_threadpool(check_webhook, request.webhook.url, state.settings.webhook_allow_networks())
