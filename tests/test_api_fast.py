@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +105,20 @@ def test_idempotency_keys_on_the_fast_path(api: str, env_api: dict[str, str], sl
     assert out.returncode == 0
     r = httpx.post(f"{api}/v1/jobs", json=body, headers={**auth(key), "Idempotency-Key": "i-1"})
     assert r.status_code == 401  # the earlier job is not handed to a revoked key
+
+
+def test_a_client_gone_mid_body_submits_nothing(api: str, env_api: dict[str, str], raw_redis: redis.Redis) -> None:
+    key = make_key(env_api, "fast-gone")
+    before = job_keys(raw_redis)
+    host, port = api.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "half a request"}).encode()  # valid JSON: only the length says more comes
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key['key']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) + 50}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(head + body)
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert job_keys(raw_redis) == before
 
 
 @pytest.mark.slow

@@ -182,6 +182,8 @@ class FastPath:
         body = bytearray()
         while True:  # read through the body limit's receive: past the limit it raises, and it answers 413
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return True  # the client left mid-body: nothing to submit, nobody to answer
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
