@@ -22,6 +22,8 @@ from pixq.schema import parse_request
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, free_port
 
+from tests.conftest import wait_for
+
 # Runs several pixq command lines in one interpreter (a process each would cost a second apiece
 # here), each through pixq.cli.run as the console script runs it; prints one JSON result per line.
 _DRIVER = """
@@ -217,3 +219,43 @@ def test_readme_lists_each_errors_exit_code() -> None:
     for name, code in named.items():
         if name in classes:
             assert classes[name].exit_code == code, name
+
+
+def test_a_submit_whose_reply_is_lost_while_redis_stays_away_says_its_outcome_is_unknown(
+    tmp_path: Path, tiny_model: str
+) -> None:
+    """Redis stops answering (SIGSTOP) after the create script was sent: no reply, and the undo cannot
+    run either. The caller must not hear "not submitted" (the create may land): it gets the job id."""
+    import signal
+
+    from pixq.errors import OutcomeUnknown
+    from pixq.redisconn import RedisEndpoint
+    from pixq.worker.ops.stack import start_redis
+
+    redis_svc, url = start_redis(tmp_path / "redis")
+    settings = Settings.from_env({"PIXQ_REDIS_URL": url, "PIXQ_MODEL": tiny_model})
+    conn = RedisEndpoint.parse(url).client(retries=1, socket_timeout_s=0.5, connect_timeout_s=0.5)
+    client = Client(settings, conn=conn)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoWorkerWarning)
+            client.submit("the message template is built now", idempotency_key="warm")
+            redis_svc.signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(OutcomeUnknown, match="outcome is unknown: job [0-9a-f]{32} may be") as caught:
+                    client.submit("sent, then no reply")
+            finally:
+                redis_svc.signal(signal.SIGCONT)
+        assert "not submitted" not in str(caught.value)
+        assert "an idempotency key makes a repeated submit safe" in str(caught.value)
+        assert caught.value.exit_code == BrokerUnavailable.exit_code
+        job_id = str(caught.value).split("job ")[1].split()[0]
+        # Once Redis answers again the job is there (the create ran before the undo) or not (the undo
+        # ran after it); the id names it either way, and a record that is there is whole.
+        with redis.Redis.from_url(url) as check:
+            wait_for(lambda: check.ping(), 10, "Redis to answer again")
+            if check.exists(RecordStore.key(job_id)):
+                assert client.status(job_id).state is JobState.queued
+    finally:
+        client.close()
+        redis_svc.stop()

@@ -17,7 +17,16 @@ import redis
 
 from pixq.durable import Durability
 from pixq.egress import EgressRefused, Network, check_destination
-from pixq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, NoWorkerWarning, QueueFull, service_errors
+from pixq.errors import (
+    InvalidRequest,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    NoWorkerWarning,
+    OutcomeUnknown,
+    QueueFull,
+    service_errors,
+)
 from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.listing import decode_cursor, list_jobs
 from pixq.messages import MessageTemplates
@@ -226,27 +235,39 @@ class Client:
                     return Job(self, str(existing_id), created=False)
                 if existing_id is None:  # the key expired between the two calls: a new job
                     self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
+        sent = False
         try:
             durable = self.durability.required() > 0
             # The record and its Celery message in one script (one round trip, nothing half-written).
             (message,) = self._messages([(job_id, request)])
+            sent = True  # from here a lost reply leaves the outcome open until the undo succeeds
             self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
             if durable:  # one more write on our connection, after them: WAIT then covers both (durable.py)
                 self.durability.run(f"the submit of job {job_id}",
                                     lambda pipe: pipe.hset(RecordStore.key(job_id), "sent_at", repr(time.time())))
+        except redis.RedisError as exc:
+            if not self._undo(job_id, idem_key) and sent:
+                raise OutcomeUnknown(
+                    f"Redis unreachable: {' '.join(str(exc).split()) or type(exc).__name__}; the submit's outcome "
+                    f"is unknown: job {job_id} may be queued (pixq status {job_id}"
+                    + (", or repeat the submit with the same idempotency key: it cannot make a second job)"
+                       if idem_key else "; an idempotency key makes a repeated submit safe)")) from exc
+            raise
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
             self._undo(job_id, idem_key)
             raise
         return Job(self, job_id)
 
-    def _undo(self, job_id: str, idem_key: str | None) -> None:
+    def _undo(self, job_id: str, idem_key: str | None) -> bool:
+        """Remove what a failed submit may have written; ``False`` when Redis could not be asked."""
         try:
             self.records.delete(job_id)
             if idem_key:
                 self.conn.delete(idem_key)
         except redis.RedisError:
-            pass  # Redis is down: there is nothing written to undo either
+            return False
+        return True
 
     def _check_depth(self, model_name: str) -> None:
         limit = self.settings.max_queue_depth

@@ -78,6 +78,14 @@ class BrokerUnavailable(ServiceUnavailable):
     exit_code = 7
 
 
+class OutcomeUnknown(BrokerUnavailable):
+    """Redis went away after a submit was sent and before its reply, and stayed away for the undo: the
+    job may exist. The message names its id; ``pixq status ID`` tells, an idempotency key makes a
+    repeat safe."""
+
+    exit_code = 7
+
+
 class NotDurable(BrokerUnavailable):
     """Redis did not confirm a write on the required number of replicas (``WAIT``) in time: the
     operation is not reported done (it may still take effect; resubmit with an idempotency key)."""
