@@ -82,7 +82,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Off: the threads pool cannot terminate a job (Celery's terminate_job raises NotImplementedError
+        # before anything else happens), so "on" only logged a traceback per running job at every broker
+        # reconnect. A running job keeps going either way; its lease and record decide who finishes it.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_deduplicate_successful_tasks": False,
         "task_track_started": True,
         "task_send_sent_event": True,
