@@ -230,7 +230,8 @@ def test_compose_yields_valid_connected_settings(make_env: Any) -> None:
     assert f'requirepass "{redis_url.password}"' in redis_conf
     assert "appendonly yes" in redis_conf
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == redis_url.password
-    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == settings.redis_url
+    assert services["flower"]["environment"]["PIXQ_REDIS_URL"] == settings.redis_url
+    assert services["flower"]["entrypoint"] == ["celery", "-A", "pixq.celeryapp:app", "flower"]  # the workers' options
     # The S3 store the worker writes to is the bundled one, created with the worker's keys.
     assert urlsplit(settings.s3_endpoint_url or "").hostname == "seaweedfs"
     identity = json.loads(config["configs"]["s3-identities"]["content"])["identities"][0]
@@ -449,7 +450,8 @@ def test_flower_has_basic_auth_from_the_secret() -> None:
     (container,) = manifest("Deployment", "pixq-flower")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]["key"] in secret_data()
-    assert env["CELERY_BROKER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "PIXQ_REDIS_URL"
+    assert env["PIXQ_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "PIXQ_REDIS_URL"
+    assert container["command"] == ["celery", "-A", "pixq.celeryapp:app", "flower"]  # the workers' broker options
 
 
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|PIXQ_REDIS_URL|BASIC_AUTH|CELERY_BROKER_URL|TOKEN|PEPPER")

@@ -220,8 +220,8 @@ def test_credentials_stay_off_command_lines(flower: Flower) -> None:
     # `pixq flower` became Flower itself (exec): same process, Flower's own command line.
     proc = psutil.Process(flower.svc.pid)
     group = [proc, *proc.children(recursive=True)]
-    assert proc.cmdline() == flower_argv()  # [python, -P, -m, celery, -A, pixq.worker.ops.flower:celery_app, flower]
-    assert proc.cmdline()[-5:] == ["-m", "celery", "-A", "pixq.worker.ops.flower:celery_app", "flower"]
+    assert proc.cmdline() == flower_argv()  # [python, -P, -m, celery, -A, pixq.celeryapp:app, flower]
+    assert proc.cmdline()[-5:] == ["-m", "celery", "-A", "pixq.celeryapp:app", "flower"]
     for p in group:
         assert not any(flower.password in arg for arg in p.cmdline()), p.cmdline()
     assert proc.environ()["FLOWER_BASIC_AUTH"] == f"{flower.user}:{flower.password}"

@@ -280,11 +280,13 @@ def http(url: str, auth: str | None = None, body: dict[str, Any] | None = None) 
 def test_light_image_flower_answers_behind_basic_auth_and_sees_the_image_worker(
     light_box: Container, image_worker: Running, redis_url: str, tmp_path: Path
 ) -> None:
-    """Flower as compose runs it: the light image with entrypoint `celery flower`, settings by environment."""
+    """Flower as compose runs it: the light image with compose's entrypoint (`celery -A pixq.celeryapp:app
+    flower`), settings by environment; the worker answers its remote-control commands (its replies use
+    the workers' own broker options: a plain `celery flower` made the worker fail to parse them)."""
     flower = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["flower"]
     port = free_port()
     auth = f"operator:{secrets.token_urlsafe(12)}"
-    env = {"CELERY_BROKER_URL": redis_url, "FLOWER_BASIC_AUTH": auth, "FLOWER_ADDRESS": "127.0.0.1",
+    env = {"PIXQ_REDIS_URL": redis_url, "FLOWER_BASIC_AUTH": auth, "FLOWER_ADDRESS": "127.0.0.1",
            "FLOWER_PORT": str(port)}
     running = light_box.start("image flower", flower["entrypoint"], tmp_path / "flower.log", env=env)
     base = f"http://127.0.0.1:{port}"
@@ -300,6 +302,13 @@ def test_light_image_flower_answers_behind_basic_auth_and_sees_the_image_worker(
 
         wait_for(sees_worker, 60, "Flower in the light image to list the worker image's node")
         assert http(f"{base}/workers?json=1", "operator:wrong")[0] == 401
+
+        def worker_answers() -> bool:  # Flower's remote-control inspect: the worker's replies arrive
+            status, body = http(f"{base}/api/workers?refresh=1&workername={WORKER_NODE}", auth)
+            return status == 200 and WORKER_NODE in json.loads(body)
+
+        wait_for(worker_answers, 60, "the worker image's node to answer Flower's inspect")
+        assert "Control command error" not in image_worker.svc.log_path.read_text()
     finally:
         running.stop()
 

@@ -18,16 +18,14 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
-from celery import Celery
 from pixq.errors import ConfigError
 from pixq.settings import Settings, mask_url
-from pixq.wire import make_celery
 
 AUTH_ENV = "FLOWER_BASIC_AUTH"
-CELERY_APP = "pixq.worker.ops.flower:celery_app"  # what Flower's process loads (``celery -A``)
+CELERY_APP = "pixq.celeryapp:app"  # what Flower's process loads (``celery -A``): the workers' configuration
 # The tasks page's columns: Flower's default hides the arguments and the result.
 TASKS_COLUMNS = "name,uuid,state,kwargs,result,received,runtime,worker"
 
@@ -94,20 +92,6 @@ def flower_argv() -> list[str]:
     from pixq.worker.ops.stack import python_module_argv
 
     return python_module_argv("celery", "-A", CELERY_APP, "flower")
-
-
-def flower_celery(env: Mapping[str, str]) -> Celery:
-    """The Celery app Flower runs with: the workers' own configuration, so that its Broker tab
-    counts every priority list of a queue (kombu's default list names are not ours)."""
-    return make_celery(Settings.from_env(env), name="pixq-flower")
-
-
-def __getattr__(name: str) -> Any:
-    # ``celery -A pixq.worker.ops.flower:celery_app`` asks for this in Flower's process, its entry point;
-    # nothing is built when the module is imported.
-    if name == "celery_app":
-        return flower_celery(os.environ)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def exec_flower(settings: Settings, options: FlowerOptions, base_env: Mapping[str, str]) -> NoReturn:
