@@ -245,6 +245,10 @@ class JobRunner:
             raise pending.error
         if pending.images is None or pending.info is None:
             raise RuntimeError("the render ended without images")  # pragma: no cover - a batcher bug
+        if reported < total:
+            # The last steps can end between two progress writes: one more, so the record and the event
+            # stream name every step (the end decides the rest; its answer changes nothing now).
+            self.records.progress(record.id, self.worker_name, total, batch=pending.batch_images or None)
         if on_progress is not None:
             on_progress(total, total)
         return pending.images, pending.info
