@@ -186,6 +186,7 @@ def test_a_stuck_redis_answers_503_not_never(tmp_path: Path, s3: S3Endpoint, slo
         finally:
             os.kill(redis_svc.proc.pid, signal.SIGCONT)
         assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+        assert "outcome is unknown" in r.json()["message"]  # the create was sent; the undo could not run either
     finally:
         if api_svc is not None:
             api_svc.stop()

@@ -59,6 +59,15 @@ def check_webhook(url: str, allow: tuple[Network, ...]) -> None:
         raise InvalidRequest([("webhook.url", str(exc))]) from None
 
 
+def outcome_unknown(exc: BaseException, job_id: str, idem_key: str | None) -> OutcomeUnknown:
+    """A submit sent, its reply lost, and Redis away for the undo too: the job may be queued."""
+    return OutcomeUnknown(
+        f"Redis unreachable: {' '.join(str(exc).split()) or type(exc).__name__}; the submit's outcome "
+        f"is unknown: job {job_id} may be queued (pixq status {job_id}"
+        + (", or repeat the submit with the same idempotency key: it cannot make a second job)"
+           if idem_key else "; an idempotency key makes a repeated submit safe)"))
+
+
 class Job:
     """A thin handle on one job: its id and the client that submitted it."""
 
@@ -247,11 +256,7 @@ class Client:
                                     lambda pipe: pipe.hset(RecordStore.key(job_id), "sent_at", repr(time.time())))
         except redis.RedisError as exc:
             if not self._undo(job_id, idem_key) and sent:
-                raise OutcomeUnknown(
-                    f"Redis unreachable: {' '.join(str(exc).split()) or type(exc).__name__}; the submit's outcome "
-                    f"is unknown: job {job_id} may be queued (pixq status {job_id}"
-                    + (", or repeat the submit with the same idempotency key: it cannot make a second job)"
-                       if idem_key else "; an idempotency key makes a repeated submit safe)")) from exc
+                raise outcome_unknown(exc, job_id, idem_key) from exc
             raise
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.

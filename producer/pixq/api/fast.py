@@ -24,10 +24,10 @@ header over 200 characters; and for POST a key with a rate limit runs the route'
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from typing import Any
 
+import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,7 +36,7 @@ from pixq.api.app import ApiState
 from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
-from pixq.client import IDEMPOTENCY_PREFIX, check_webhook
+from pixq.client import IDEMPOTENCY_PREFIX, check_webhook, outcome_unknown
 from pixq.errors import JobNotFound, QueueFull, service_errors
 from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
 from pixq.wire import queue_lists
@@ -259,10 +259,14 @@ class FastPath:
                 if created == 1:
                     client.durability.check(f"the submit of job {job_id}", needed, int(confirmed))
             RecordStore.check_created(created, job_id, key.max_in_flight)
-        except BaseException:
-            # Nothing half-written, as Client._undo: no record reported undone, no key without a job.
-            with contextlib.suppress(Exception):
+        except BaseException as exc:
+            # Nothing half-written, as Client._enqueue: no record reported undone, no key without a job;
+            # a lost reply that Redis stayed away for the undo too leaves the outcome open (OutcomeUnknown).
+            try:
                 await conn.delete(RecordStore.key(job_id), *([idem_key] if idem_key else []))
+            except Exception:
+                if isinstance(exc, redis.RedisError):
+                    raise outcome_unknown(exc, job_id, idem_key) from exc
             raise
         return record, True
 
