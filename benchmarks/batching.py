@@ -2,15 +2,20 @@
 
 One run, one device, the full-size random-weight architecture (``benchmarks.fullsize``):
 
-card      the model card's plain pipeline (fp16, eager, batch 1) at the small size and at 1024²
-queue     one ``pixq worker --compile`` (real Redis, SeaweedFS, Celery) serving: a burst of unique-prompt
-          jobs at the small size, exact then fast, with batching on (the default policy) and off (the same
-          jobs made incompatible: each its own guidance scale, 4.5 + i·1e-6, so every job renders alone with
-          the same graphs); batch invariance (4 jobs alone, then the same 4 in one batch, pixels compared);
-          a mixed stream (small exact, small fast, 1024² exact, random order); 1024² exact burst and idle
-          single jobs (no regression)
-profile   in process: torch profiler of one small render (alone and in a batch of 8), seconds per image
-          by batch size, VAE decode per image vs batched
+Two checkpoints of the architecture: the 512 one (``TRANSFORMER_512``: a 512² job renders at 512²) and
+the 1024 one (on which a 512² job renders at a 1024² bin and is resized: never time "512²" on it).
+
+card      the model card's plain pipeline (fp16, eager, batch 1): 512² on the 512 checkpoint, 1024² on the
+          1024 one
+queue     ``pixq worker --compile --warmup 512x512`` on the 512 checkpoint (real Redis, SeaweedFS, Celery),
+          the per-size default batch policy: a burst of unique-prompt 512² jobs, exact then fast, with
+          batching on and off (the same jobs made incompatible: each its own guidance scale, 4.5 + i·1e-6,
+          so every job renders alone with the same graphs); batch invariance (4 jobs alone, then the same 4
+          in one batch, pixels compared); a mixed stream (512² and 768×512, exact and fast, random order);
+          idle single jobs. Then ``pixq worker --compile --warmup 1024x1024`` on the 1024 checkpoint: a
+          1024² exact burst and idle single jobs (no regression: one image per call there)
+profile   in process, 512 checkpoint: seconds per image by batch size, torch profiler of one render alone
+          and of a batch of 8, VAE decode per image vs batched
 
     python3 -m benchmarks.batching --out OUT [--tiny] [--phases build,card,queue,profile]
 
@@ -53,7 +58,8 @@ class Bench:
         self.device = "cpu" if self.tiny else "cuda:0"
         self.small = 128 if self.tiny else 512
         self.large = 256 if self.tiny else 1024
-        self.model_dir = Path(args.model_dir).resolve()
+        self.model_dir = Path(args.model_dir).resolve()  # the 1024 checkpoint
+        self.small_model = Path(args.model_dir + "-512").resolve() if not self.tiny else self.model_dir
         self.results: dict[str, Any] = {}
         self.services: list[Any] = []
         self.env: dict[str, str] = {}
@@ -79,10 +85,11 @@ def phase_card(b: Bench) -> None:
     from diffusers import PixArtSigmaPipeline
 
     dtype = torch.float16 if b.device.startswith("cuda") else torch.float32
-    pipe = PixArtSigmaPipeline.from_pretrained(b.model_dir, torch_dtype=dtype).to(b.device)
-    pipe.set_progress_bar_config(disable=True)
     res: dict[str, Any] = {"dtype": str(dtype)}
-    for size, n in ((b.small, b.args.card_images), (b.large, max(3, b.args.card_images // 2))):
+    for size, n, model in ((b.small, b.args.card_images, b.small_model),
+                           (b.large, max(3, b.args.card_images // 2), b.model_dir)):
+        pipe = PixArtSigmaPipeline.from_pretrained(model, torch_dtype=dtype).to(b.device)
+        pipe.set_progress_bar_config(disable=True)
         pipe(prompt(-1), width=size, height=size, generator=torch.Generator("cpu").manual_seed(0))  # warm
         times = []
         for i in range(n):
@@ -92,9 +99,9 @@ def phase_card(b: Bench) -> None:
             sync(b.device)
             times.append(time.perf_counter() - t0)
         res[str(size)] = summary(times)
+        del pipe
+        free_cuda()
     b.results["card"] = res
-    del pipe
-    free_cuda()
 
 
 # -- queue --------------------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ def _services(b: Bench) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _worker(b: Bench, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[Any, float]]:
+def _worker(b: Bench, model: Path, size: int, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[Any, float]]:
     from pixq.client import Client
     from pixq.settings import Settings
     from pixq.worker.ops.stack import start_worker
@@ -118,10 +125,10 @@ def _worker(b: Bench, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[A
     env = {**_services(b), "TORCH_LOGS": "recompiles"}
     log_path = Path("/tmp/pixq-batching") / f"{log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    args = ("--warmup", f"{b.small}x{b.small}", "--no-defer-warmup",
+    args = ("--warmup", f"{size}x{size}", "--no-defer-warmup",
             "--compile-cache", str(b.args.compile_cache)) + (() if b.tiny else ("--compile",)) + extra
     t0 = time.perf_counter()
-    svc = start_worker(env, str(b.model_dir), log_path, device=b.device, extra=args, timeout_s=b.args.worker_timeout_s)
+    svc = start_worker(env, str(model), log_path, device=b.device, extra=args, timeout_s=b.args.worker_timeout_s)
     start_s = time.perf_counter() - t0
     client = Client(Settings.from_env(env))
     try:
@@ -139,8 +146,9 @@ def _worker(b: Bench, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[A
 def _submit(client: Any, b: Bench, size: tuple[int, int], mode: str = "exact", **extra: Any) -> Any:
     i = extra.pop("index", None)
     i = b.index() if i is None else i
+    model = extra.pop("model", b.small_model)
     return client.submit(extra.pop("prompt", prompt(i)), seed=extra.pop("seed", 1000 + i), width=size[0],
-                         height=size[1], mode=mode, model_name=str(b.model_dir), **extra)
+                         height=size[1], mode=mode, model_name=str(model), **extra)
 
 
 def _burst(client: Any, b: Bench, kinds: list[tuple[tuple[int, int], str, dict[str, Any]]]) -> dict[str, Any]:
@@ -182,7 +190,7 @@ def _invariance(client: Any, b: Bench, n: int = 4) -> dict[str, Any]:
     for i in base:
         r = _submit(client, b, (b.small, b.small), index=i).wait(timeout_s=600, poll_s=0.01)
         alone.append(r)
-    blocker = _submit(client, b, (b.large, b.large))
+    blocker = _submit(client, b, (b.small, b.small), guidance_scale=4.25, num_inference_steps=60)  # alone
     together = [_submit(client, b, (b.small, b.small), index=i) for i in base]
     blocker.wait(timeout_s=600)
     batched = [j.wait(timeout_s=600, poll_s=0.01) for j in together]
@@ -193,11 +201,11 @@ def _invariance(client: Any, b: Bench, n: int = 4) -> dict[str, Any]:
             "diffs": diffs}
 
 
-def _idle(client: Any, b: Bench, size: tuple[int, int], rounds: int) -> list[dict[str, Any]]:
+def _idle(client: Any, b: Bench, size: tuple[int, int], rounds: int, **extra: Any) -> list[dict[str, Any]]:
     rows = []
     for _ in range(rounds):
         time.sleep(1.0)
-        r = _submit(client, b, size).wait(timeout_s=600, poll_s=0.005)
+        r = _submit(client, b, size, **extra).wait(timeout_s=600, poll_s=0.005)
         rows.append({"latency_s": r.finished_at - r.created_at, "render_s": r.render.render_s if r.render else None,
                      "overhead_s": r.finished_at - r.created_at - (r.render.render_s if r.render else 0)})
     return rows
@@ -208,11 +216,13 @@ def phase_queue(b: Bench) -> None:
     b.results["queue"] = res
     n = b.args.jobs
     small, large = (b.small, b.small), (b.large, b.large)
-    with _worker(b, ("--max-batch", str(b.args.max_batch)), "worker-batching") as (client, start_s):
-        res["worker_start_s"] = start_s
+    wide = (b.small * 3 // 2, b.small)  # 768×512: its own bin of the 512 checkpoint
+    policy = () if b.args.max_batch == 0 else ("--max-batch", str(b.args.max_batch))
+    with _worker(b, b.small_model, b.small, policy, "worker-512") as (client, start_s):
+        res["worker_512_start_s"] = start_s
         t0 = time.perf_counter()
-        _submit(client, b, large).wait(timeout_s=900)  # untimed: compiles the 1024² graph
-        _burst(client, b, [(small, "fast", {}) for _ in range(4)])  # untimed: first fast batch
+        _burst(client, b, [(small, "fast", {}) for _ in range(4)])  # untimed: first batches
+        _burst(client, b, [(small, "exact", {}) for _ in range(4)])
         res["untimed_warm_s"] = time.perf_counter() - t0
         b.save()
         for mode in ("exact", "fast"):
@@ -225,16 +235,22 @@ def phase_queue(b: Bench) -> None:
         b.save()
         rng = random.Random(7)
         choices: list[tuple[tuple[int, int], str, dict[str, Any]]] = [
-            (small, "exact", {}), (small, "fast", {}), (large, "exact", {})]
-        kinds = [rng.choice(choices)
-                 for _ in range(b.args.mixed)]
+            (small, "exact", {}), (small, "fast", {}), (wide, "exact", {}), (wide, "fast", {})]
+        kinds = [rng.choice(choices) for _ in range(b.args.mixed)]
         res["mixed"] = {**_burst(client, b, kinds),
                         "kinds": {k: sum(1 for s, m, _ in kinds if f"{s[0]}x{s[1]}/{m}" == k)
                                   for k in sorted({f"{s[0]}x{s[1]}/{m}" for s, m, _ in kinds})}}
-        b.save()
-        res["large_exact"] = _burst(client, b, [(large, "exact", {}) for _ in range(b.args.large_jobs)])
-        res["idle_large"] = _idle(client, b, large, 3)
         res["idle_small"] = _idle(client, b, small, 3)
+        b.save()
+    if b.left_s() < 200:
+        res["large_skipped"] = f"{b.left_s():.0f} s left"
+        return
+    with _worker(b, b.model_dir, b.large, policy, "worker-1024") as (client, start_s):
+        res["worker_1024_start_s"] = start_s
+        _submit(client, b, large, model=b.model_dir).wait(timeout_s=600)  # untimed: first job
+        res["large_exact"] = _burst(client, b, [(large, "exact", {"model": b.model_dir})
+                                                for _ in range(b.args.large_jobs)])
+        res["idle_large"] = _idle(client, b, large, 3, model=b.model_dir)
     b.save()
 
 
@@ -244,20 +260,20 @@ def phase_queue(b: Bench) -> None:
 def phase_profile(b: Bench) -> None:
     import torch
     from pixq.schema import JobRequest
-    from pixq.worker.gpu.batch import render_batch
+    from pixq.worker.gpu.batch import BatchPolicy, render_batch
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch.profiler import ProfilerActivity, profile
 
     res: dict[str, Any] = {}
     b.results["profile"] = res
-    loaded = load_pipeline(str(b.model_dir), b.device, "auto", accel=SpeedupOptions(compile=not b.tiny),
+    loaded = load_pipeline(str(b.small_model), b.device, "auto", accel=SpeedupOptions(compile=not b.tiny),
                            compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)],
-                           warmup_modes=("exact",), batch_for=lambda w, h: 4)
+                           warmup_modes=("exact",), batch=BatchPolicy(max_batch=4))
 
     def requests(k: int) -> list[Any]:
         return [JobRequest.model_validate({"prompt": prompt(b.index()), "seed": i, "width": b.small,
-                                           "height": b.small, "model_name": str(b.model_dir)}) for i in range(k)]
+                                           "height": b.small, "model_name": str(b.small_model)}) for i in range(k)]
 
     sizes = (1, 2, 4, 8, 16) if not b.tiny else (1, 2, 4)
     per_image = {}
@@ -364,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-cache", default="/tmp/pixq-batching/inductor")
     parser.add_argument("--phases", default="build,card,queue,profile")
     parser.add_argument("--jobs", type=int, default=32)
-    parser.add_argument("--max-batch", type=int, default=8, help="the worker's --max-batch for the 'on' runs")
+    parser.add_argument("--max-batch", type=int, default=0,
+                        help="the workers' --max-batch (default 0: the per-size default policy)")
     parser.add_argument("--mixed", type=int, default=48)
     parser.add_argument("--large-jobs", type=int, default=12)
     parser.add_argument("--card-images", type=int, default=8)
@@ -376,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         for phase in args.phases.split(","):
             t0 = time.perf_counter()
             if phase == "build":
-                from benchmarks.fullsize import ensure_model
+                from benchmarks.fullsize import ensure_model, ensure_model_512
 
                 b.results["build"] = ensure_model(b.model_dir, b.device, tiny=b.tiny)[1]
+                if not b.tiny:
+                    b.results["build"].update(ensure_model_512(b.model_dir, b.small_model, b.device)[1])
             else:
                 {"card": phase_card, "queue": phase_queue, "profile": phase_profile}[phase](b)
             b.results.setdefault("phase_s", {})[phase] = time.perf_counter() - t0

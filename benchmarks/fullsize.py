@@ -20,6 +20,8 @@ TRANSFORMER_1024: dict[str, Any] = dict(
     norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False,
     caption_channels=4096,
 )
+# PixArt-Σ-XL-2-512-MS: the same blocks on a 64×64 latent grid (its jobs bin to 512² sizes).
+TRANSFORMER_512: dict[str, Any] = {**TRANSFORMER_1024, "sample_size": 64, "interpolation_scale": 1}
 # PixArt-Σ-XL-2-2K-MS: the same blocks on a 256×256 latent grid.
 TRANSFORMER_2K: dict[str, Any] = {**TRANSFORMER_1024, "sample_size": 256, "interpolation_scale": 4}
 
@@ -121,6 +123,30 @@ def ensure_model(out_dir: Path, device: str = "cuda", tiny: bool = False) -> tup
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out_dir, {"build_s": built - started, "save_s": saved - built, "size_gb": size / 1e9}
+
+
+def ensure_model_512(base_dir: Path, out_dir: Path, device: str = "cuda") -> tuple[Path, dict[str, float]]:
+    """The 512 checkpoint beside ``base_dir`` (a saved 1024 pipeline): its own transformer (``TRANSFORMER_512``,
+    random weights), the T5, tokenizer, VAE and scheduler linked from ``base_dir`` (as the hub's 512-MS
+    repository shares them). Without it, a 512² job on the 1024 transformer renders at a 1024² bin."""
+    import torch
+
+    out_dir = out_dir.resolve()
+    if (out_dir / "model_index.json").exists():
+        return out_dir, {"reused": 1.0}
+    started = time.perf_counter()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for item in base_dir.resolve().iterdir():
+        if item.name != "transformer" and not (tmp / item.name).exists():
+            (tmp / item.name).symlink_to(item)
+    transformer = build_transformer(TRANSFORMER_512, device, torch.bfloat16)
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    tmp.rename(out_dir)
+    del transformer
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out_dir, {"build_512_s": time.perf_counter() - started}
 
 
 def parameter_counts(pipe: Any) -> dict[str, float]:

@@ -73,12 +73,18 @@ def test_batch_sizes_by_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     import pixq.worker.gpu.batch as batch
 
     policy = BatchPolicy()
-    assert policy.limit(512, 512) == 1 and policy.limit(1024, 1024) == 1  # measured default: one per call
+    assert policy.limit(512, 512) == 8 and policy.limit(1024, 1024) == 1  # measured default (docs/performance.md)
     assert BatchPolicy(max_batch=3).limit(1024, 1024) == 3
-    assert BatchPolicy(max_batch=2).largest(4096) == 2
+    assert BatchPolicy(max_batch=2).largest() == 2
+    assert BatchPolicy(by_size=False).limit(512, 512) == 1  # on a CPU: one image per call unless told
+    # Binned jobs render at the model's trained size, whatever they asked for: a 512² job on the 1024
+    # checkpoint renders 1024² (one per call), a 768×512 job on the 512 checkpoint about 512² (batched).
+    assert policy.for_model(128).limit(512, 512, binned=True) == 1
+    assert policy.for_model(128).limit(512, 512, binned=False) == 8
+    assert policy.for_model(64).limit(768, 512, binned=True) == 8
     monkeypatch.setattr(batch, "DEFAULT_MAX_BATCH", ((512 * 512, 8), (768 * 768, 4)))  # a per-size table
     assert policy.limit(512, 512) == 8 and policy.limit(768, 512) == 4 and policy.limit(1024, 1024) == 1
-    assert policy.largest(1024) == 8
+    assert policy.for_model(64).largest() == 8 and policy.for_model(128).largest() == 1
 
 
 # -- real worker processes --------------------------------------------------------------------
@@ -204,21 +210,26 @@ def test_a_lone_job_starts_at_once(cluster: Cluster) -> None:  # noqa: F811
 def test_worker_threads_follow_the_batch_size(tmp_path: Path) -> None:
     from pixq.worker.ops.serve import WorkerOptions
 
-    assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS").job_threads() == 2  # one per call
-    assert WorkerOptions(model="PixArt-alpha/PixArt-Sigma-XL-2-512-MS", max_batch=8).job_threads() == 16
-    assert WorkerOptions(model="/x", max_batch=1).job_threads() == 2
-    assert WorkerOptions(model="/x", max_batch=4).job_threads() == 8
+    def threads(sample_size: int, **kw: object) -> int:
+        options = WorkerOptions(model="/x", **kw)  # type: ignore[arg-type]
+        return options.job_threads(options.batch_policy().for_model(sample_size))
+
+    assert threads(64, device="cuda:0") == 16  # the 512 checkpoint on a GPU: batches of 8 by default
+    assert threads(128, device="cuda:0") == 2  # the 1024 one: one image per call
+    assert threads(64) == 2  # on the CPU: one per call unless told
+    assert threads(64, max_batch=8) == 16 and threads(128, max_batch=1) == 2 and threads(32, max_batch=4) == 8
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_batches_of_any_size_share_one_graph(tiny_model: str, scope: str) -> None:
-    """Batches of several images run one compiled graph whatever their size (the batch dimension is
-    symbolic), and stay within compile tolerance of the eager render."""
+    """With ``compile_batches``, batches of several images run one compiled graph whatever their size (the
+    batch dimension is symbolic), and stay within compile tolerance of the eager render."""
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
+    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False,
+                                                            compile_batches=True))
     assert loaded.accel is not None
 
     def requests(n: int) -> list[JobRequest]:
@@ -234,3 +245,26 @@ def test_compiled_batches_of_any_size_share_one_graph(tiny_model: str, scope: st
         compiled = render_batch(loaded, batch)
         assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, compiled, strict=True)) <= 2
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # no new graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_batches_run_eager_beside_compiled_single_images_by_default(tiny_model: str, scope: str) -> None:
+    """By default a compiled worker compiles nothing for a batch: its calls of several images run the eager
+    transformer (the same pixels as eager), while one image still runs its compiled graph."""
+    from pixq.worker.gpu.speedups import SpeedupOptions
+    from torch._dynamo.utils import counters
+
+    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
+    assert loaded.accel is not None
+    one = JobRequest.model_validate({"prompt": "graph one", "seed": 1, "model_name": tiny_model,
+                                     **{**SMALL, "num_inference_steps": 3}})
+    render_batch(loaded, [one])  # one image: compiles its graph
+    counters.clear()
+    batch = [one.model_copy(update={"prompt": f"graph {i}", "seed": i}) for i in range(4)]
+    with loaded.accel.eager():
+        eager = render_batch(loaded, batch)
+    batched = render_batch(loaded, batch)
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # nothing compiled
+    assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, batched, strict=True)) == 0  # the eager forward
+    assert loaded.accel.router.batched_eager_calls == 3  # one call of 8 rows (4 images, guided) per step

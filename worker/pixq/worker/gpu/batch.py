@@ -20,17 +20,23 @@ An image rendered in a batch equals the same job alone up to the arithmetic's ba
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pixq.schema import JobRequest, RenderMode
 
-# Default images per pipeline call, by pixels of the requested size: (most pixels, images). Empty: one
-# image per call at every size. Measured on an H200 (2026-12-01, docs/performance.md): with the compiled
-# transformer a batch of 8 at 512² took longer per image than 8 jobs alone (its symbolic-batch graph
-# recompiled at the first batch of a new size, 77 s, and later batches ran 5.3 s per 8 images against
-# ≈0.45 s per job alone), so batching stays opt-in (``--max-batch``) until a measured run shows it pays.
-DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ()
+# Default images per pipeline call, by the pixels the pipeline renders (most pixels, images); larger: one
+# image per call. Measured on an H200 (docs/performance.md, "Micro-batching"): at 512² one image leaves the
+# GPU half idle and 8 per call (the eager transformer) more than double the images per second; at 1024²
+# the GPU is already full (the transformer's time per image is flat from 1 to 8 images) and one image
+# runs its compiled graph, so batching there would only add waiting.
+DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ((512 * 512, 8),)
+
+
+def rendered_pixels(trained_side: int, width: int, height: int, binned: bool) -> int:
+    """Pixels one image of a job renders at: with resolution binning about the model's trained size
+    squared (the bins of a trained size all hold about as many pixels), else the size asked for."""
+    return trained_side * trained_side if binned and trained_side > 0 else width * height
 
 
 @dataclass(frozen=True)
@@ -39,19 +45,28 @@ class BatchPolicy:
 
     max_batch: int = 0
     gather_window_s: float = 0.0  # how long the first job of a batch may wait for partners
+    trained_side: int = 0  # the model's trained size in pixels (8 × the transformer's sample size); 0: unknown
+    # The per-size defaults were measured on a GPU; on a CPU one image already fills the device: one per call.
+    by_size: bool = True
 
-    def limit(self, width: int, height: int) -> int:
+    def for_model(self, sample_size: int) -> BatchPolicy:
+        """This policy for a model whose transformer works on a ``sample_size``² latent grid."""
+        return replace(self, trained_side=8 * int(sample_size))
+
+    def limit(self, width: int, height: int, binned: bool = False) -> int:
+        """Images per call for a job of this size (``binned``: rendered at a trained bin, not as asked)."""
         if self.max_batch > 0:
             return self.max_batch
-        pixels = width * height
+        if not self.by_size:
+            return 1
+        pixels = rendered_pixels(self.trained_side, width, height, binned)
         return next((n for most, n in DEFAULT_MAX_BATCH if pixels <= most), 1)
 
-    def largest(self, max_side: int) -> int:
-        """The largest batch this policy gives any size up to ``max_side`` × ``max_side``."""
-        if self.max_batch > 0:
-            return self.max_batch
-        return max([self.limit(side, side) for side in (256, min(max_side, 512), max_side)]
-                   + [n for _, n in DEFAULT_MAX_BATCH])
+    def largest(self) -> int:
+        """The most images a call gets for this model's usual job (binned: its trained size)."""
+        if self.max_batch > 0 or self.trained_side <= 0:
+            return self.limit(512, 512)
+        return self.limit(self.trained_side, self.trained_side, binned=True)
 
 
 BatchKey = tuple[Any, ...]

@@ -100,12 +100,14 @@ class CompiledBlocks:
     patch embedding, the timestep and caption embeddings and the final layer: a few kernels per step.
     The text length is marked dynamic (trimmed prompts share the graph); the first block's input
     (a transposed view out of the patch embedding) is made contiguous so every block sees the
-    same strides. One graph per batch size and image size, as with ``compile_forward``.
+    same strides. One graph per image size for one image, as with ``compile_forward``; batches run the
+    eager blocks unless ``compile_batches``.
     """
 
-    def __init__(self, transformer: Any, mode: str = "default"):
+    def __init__(self, transformer: Any, mode: str = "default", compile_batches: bool = False):
         self.blocks = list(transformer.transformer_blocks)
         self.eager = False
+        self.compile_batches = compile_batches  # else calls of more than 2 rows (batches) run eager
         for block in self.blocks:
             block.forward = self._wrap(block.forward, compile_fn(block.forward, mode))
 
@@ -113,7 +115,7 @@ class CompiledBlocks:
         import torch
 
         def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
-            if self.eager:
+            if self.eager or (hidden_states.shape[0] > 2 and not self.compile_batches):
                 return eager(hidden_states, *args, **kw)
             text = kw.get("encoder_hidden_states")
             if text is not None and text.ndim == 3:

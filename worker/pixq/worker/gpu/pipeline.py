@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pixq.models import BASE_COMPONENTS, is_local
+from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.compile import configure_compile_cache
 from pixq.worker.gpu.speedups import RenderSpeedups, SpeedupOptions
 
@@ -72,7 +73,7 @@ def load_pipeline(
     compile_cache: str | None = None,
     warmup: Sequence[tuple[int, int]] = (),
     warmup_modes: Sequence[str] = ("exact", "fast"),
-    batch_for: Callable[[int, int], int] | None = None,
+    batch: BatchPolicy | None = None,
     artefacts: str | None = None,
 ) -> LoadedPipeline:
     """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
@@ -149,7 +150,7 @@ def load_pipeline(
 
         warmup = [s for s in warmup if not set(rendered_sizes(pipe, [s])) <= set(loaded.artefacts.sizes)]
     if warmup:
-        warm_up(loaded, warmup, warmup_modes, batch_for)
+        warm_up(loaded, warmup, warmup_modes, batch)
     phases["warmup_s"] = loaded.warmup_s
     return loaded
 
@@ -187,10 +188,10 @@ def _from_pretrained(cls: Any, model_name: str, device: str, torch_dtype: Any, d
 
 
 def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str],
-            batch_for: Callable[[int, int], int] | None = None, steps: int = 20, native: bool = False) -> None:
+            batch: BatchPolicy | None = None, steps: int = 20, native: bool = False) -> None:
     """Render one job per size and mode (compiles the graphs those shapes need, selects kernels);
-    with a compiled transformer and ``batch_for(width, height)`` > 1, a batch of jobs too (their one
-    graph with a symbolic batch size serves every batch, pixq.worker.gpu.batch).
+    where ``batch`` gives the size more than one image per call, a batch of jobs too (eager: its first
+    call's allocations and kernel choices; with ``compile_batches``, the symbolic-batch graph they share).
 
     ``native``: render at exactly these sizes (the sizes AOT graphs were built for), not their bins."""
     from pixq.schema import JobRequest, RenderMode
@@ -198,6 +199,7 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
     from pixq.worker.gpu.render import render
 
     started = time.perf_counter()
+    policy = batch.for_model(loaded.pipe.transformer.config.sample_size) if batch is not None else None
     for width, height in sizes:
         for mode in modes:
             t0 = time.perf_counter()
@@ -207,9 +209,9 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
                 "use_resolution_binning": not native,
             })
             render(loaded, request)
-            batch = min(batch_for(width, height), 4) if batch_for is not None else 1
-            if batch > 1 and loaded.accel is not None and loaded.accel.options.compile:
-                render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(batch)])
+            images = min(policy.limit(width, height, not native), 4) if policy is not None else 1
+            if images > 1 and loaded.accel is not None:
+                render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(images)])
             loaded.warmed.append(f"{width}x{height}/{mode}")
             log.info("warm-up %dx%d %s: %.1f s", width, height, mode, time.perf_counter() - t0)
     loaded.warmup_s += time.perf_counter() - started

@@ -150,7 +150,8 @@ class Batcher:
                 while not self._waiting:
                     self._cond.wait()
                 head = min(self._waiting, key=lambda p: p.urgency)
-                limit = self.policy.limit(head.record.request.width, head.record.request.height)
+                request = head.record.request
+                limit = self.policy.limit(request.width, request.height, request.use_resolution_binning)
                 deadline = time.monotonic() + self.policy.gather_window_s
                 while head in self._waiting and self._images(head) < limit \
                         and (left := deadline - time.monotonic()) > 0:

@@ -65,6 +65,9 @@ def worker(
                                                 "(0: every decode)")] = VAE_TILE_ABOVE,
     compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
                                               help="With --compile: the VAE decoder too")] = True,
+    compile_batches: Annotated[bool, typer.Option("--compile-batches/--no-compile-batches",
+                                                  help="With --compile: batched calls too (one symbolic-batch "
+                                                  "graph; by default they run eager)")] = False,
     max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
                                            "(same size, steps, guidance, mode, format) [default 0: the measured "
                                            "default, one per call for now: docs/performance.md]")] = 0,
@@ -118,7 +121,7 @@ def worker(
                                   defer_warmup=defer_warmup,
                                   prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
                                   vae_tile_above=vae_tile_above, compile_vae=compile_vae,
-                                  metrics_port=metrics_port, max_batch=max_batch,
+                                  compile_batches=compile_batches, metrics_port=metrics_port, max_batch=max_batch,
                                   gather_window_s=gather_window))
 
 

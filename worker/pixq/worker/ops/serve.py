@@ -18,7 +18,6 @@ from types import FrameType
 
 import redis
 from pixq.durable import Durability
-from pixq.models import LOCAL_MAX_SIDE, model_spec
 from pixq.records import RecordStore
 from pixq.redisconn import check_memory_policy
 from pixq.settings import Settings
@@ -72,22 +71,23 @@ class WorkerOptions:
     encode_threads: int = 0  # PNG threads while the GPU is idle (0: automatic)
     vae_tile_above: int = VAE_TILE_ABOVE  # decodes of more pixels run tiled
     compile_vae: bool = True  # with compile: the VAE decoder too
+    compile_batches: bool = False  # with compile: batched calls too (else they run eager)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> SpeedupOptions:
         return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
                             prompt_cache=self.prompt_cache, trim_text=self.trim_text,
-                            vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae)
+                            vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae,
+                            compile_batches=self.compile_batches)
 
     def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(max_batch=self.max_batch, gather_window_s=self.gather_window_s)
+        return BatchPolicy(max_batch=self.max_batch, gather_window_s=self.gather_window_s,
+                           by_size=self.device.startswith("cuda"))
 
-    def job_threads(self) -> int:
+    def job_threads(self, policy: BatchPolicy) -> int:
         """Enough Celery threads (each holds one message) for a batch rendering while the next one
-        gathers: twice the largest batch this model's sizes get, at least ``concurrency``."""
-        spec = model_spec(self.model)
-        largest = self.batch_policy().largest(spec.max_side if spec else LOCAL_MAX_SIDE)
-        return max(self.concurrency, 2 * largest)
+        gathers: twice the largest batch ``policy`` (this model's) gives, at least ``concurrency``."""
+        return max(self.concurrency, 2 * policy.largest())
 
     def node_name(self) -> str:
         """``--name``, else the device, this process's id and the host (``cpu-4711@host``)."""
@@ -197,7 +197,7 @@ def warm_up_while_serving(
                             continue  # a job came in meanwhile: it goes first
                         try:
                             with gate.warming():  # this render may compile; jobs' renders may not
-                                warm_up(loaded, [size], [mode], runner.config.batch.limit)
+                                warm_up(loaded, [size], [mode], runner.config.batch)
                         except Exception:
                             log.exception("warm-up %dx%d %s failed; its first job compiles instead", *size, mode)
                         break
@@ -241,7 +241,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
-        warmup=sizes, warmup_modes=now_modes, batch_for=options.batch_policy().limit, artefacts=options.artefacts,
+        warmup=sizes, warmup_modes=now_modes, batch=options.batch_policy(), artefacts=options.artefacts,
     )
     if loaded.artefacts is not None:
         later_modes = ()  # every size of the set is warm in every mode; nothing compiles
@@ -262,7 +262,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         records, loaded, storage,
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
                      lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
-                     encode_threads=options.encode_threads, batch=options.batch_policy()),
+                     encode_threads=options.encode_threads,
+                     batch=options.batch_policy().for_model(loaded.pipe.transformer.config.sample_size)),
         leases, app, shutdown, metrics=metrics,
     )
     reservations = Reservations(conn, name)
@@ -325,7 +326,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
             [
                 "worker",
                 "--pool=threads",
-                f"--concurrency={options.job_threads()}",
+                f"--concurrency={options.job_threads(runner.config.batch)}",
                 f"--queues={queue_name(options.model)}",
                 f"--hostname={name}",
                 f"--loglevel={options.loglevel}",
