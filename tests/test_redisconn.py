@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
+from pixq.client import CLI_WRITE_RETRIES, READ_RETRIES, Client
+from pixq.commands import CLI_CONNECT_TIMEOUT_S, client_from_env
 from pixq.durable import Durability
-from pixq.errors import ConfigError, NotDurable
+from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import celery_config
@@ -80,3 +86,40 @@ def test_an_evicting_redis_is_refused(tmp_path: Path, s3: S3Endpoint, tiny_model
         conn.close()
     finally:
         svc.stop()
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose connects hang, as to a host behind a firewall that drops packets: its
+    one-place accept queue is filled and never accepted from, so the kernel ignores further SYNs."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            yield port
+
+
+def test_the_connect_timeout_is_the_callers_not_the_retry_counts() -> None:
+    with unanswered_port() as port:
+        client = Client(Settings.from_env({"PIXQ_REDIS_URL": f"redis://127.0.0.1:{port}/0"}), retries=0,
+                        connect_timeout_s=0.3)
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="Redis unreachable"):
+            client.status("f" * 32)
+        took = time.monotonic() - start
+        client.close()
+    assert 0.25 <= took < 1.5, took  # one attempt of 0.3 s (it was 2 s for any retries <= 3)
+
+
+def test_commands_keep_their_short_budget_and_the_library_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    def budget(client: Client) -> tuple[int, float]:
+        kwargs = client.conn.connection_pool.connection_kwargs
+        return client.conn.get_retry().get_retries(), kwargs["socket_connect_timeout"]  # type: ignore[union-attr]
+
+    monkeypatch.setenv("PIXQ_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert CLI_CONNECT_TIMEOUT_S == 2
+    assert budget(client_from_env(read_only=True)) == (READ_RETRIES, 2) == (1, 2)
+    assert budget(client_from_env()) == (CLI_WRITE_RETRIES, 2)
+    settings = Settings.from_env({"PIXQ_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert budget(Client(settings, retries=READ_RETRIES)) == (1, 5)  # fewer retries, the same connect timeout

@@ -93,12 +93,15 @@ class Job:
 class Client:
     """Talks to Redis (records, queues) and, for URLs, to S3. Build one per process."""
 
-    def __init__(self, settings: Settings, conn: redis.Redis | None = None, retries: int = CLIENT_RETRIES):
+    def __init__(self, settings: Settings, conn: redis.Redis | None = None, retries: int = CLIENT_RETRIES,
+                 connect_timeout_s: float = 5):
+        """``retries`` backoff steps and ``connect_timeout_s`` (each attempt's TCP/TLS connect) for the
+        client built from ``settings``; both are ignored when ``conn`` is given."""
         self.settings = settings
         # A few seconds of retries: a Redis failover or restart is ridden out, a Redis that is down
-        # is reported soon (redisconn.py). ``retries=READ_RETRIES`` for a one-shot read.
-        self.conn = conn or settings.redis_endpoint().client(
-            retries=retries, connect_timeout_s=5 if retries > CLI_WRITE_RETRIES else 2)
+        # is reported soon (redisconn.py). The CLI passes READ_RETRIES / CLI_WRITE_RETRIES and a
+        # shorter connect timeout (commands.client_from_env); 5 s is RedisEndpoint.client's default.
+        self.conn = conn or settings.redis_endpoint().client(retries=retries, connect_timeout_s=connect_timeout_s)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen

@@ -45,18 +45,22 @@ def _console(stderr: bool = False) -> Console:
 out = _console()
 err = _console(stderr=True)
 
+CLI_CONNECT_TIMEOUT_S = 2  # each connect attempt of a command's Redis client (the library's is 5)
+
 
 def client_from_env(read_only: bool = False) -> Client:
     """The entry point's one settings object, and a client over it.
 
     A read-only command fails within about a second when Redis is unreachable (``READ_RETRIES``), a
-    write within about two (``CLI_WRITE_RETRIES``): a person at a prompt is told, and re-runs it. A
-    long-lived service keeps the library's default, a few seconds that ride out a restart.
+    write within about two (``CLI_WRITE_RETRIES``), and an address that answers nothing is given up
+    after ``CLI_CONNECT_TIMEOUT_S`` an attempt: a person at a prompt is told, and re-runs it. A
+    long-lived service keeps the library's defaults, a few seconds that ride out a restart.
     """
     from pixq.client import CLI_WRITE_RETRIES, READ_RETRIES, Client
     from pixq.settings import Settings
 
-    return Client(Settings.from_env(os.environ), retries=READ_RETRIES if read_only else CLI_WRITE_RETRIES)
+    return Client(Settings.from_env(os.environ), retries=READ_RETRIES if read_only else CLI_WRITE_RETRIES,
+                  connect_timeout_s=CLI_CONNECT_TIMEOUT_S)
 
 
 def print_json(data: Any) -> None:
