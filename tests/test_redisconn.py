@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import celery_config
-from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_redis
+from pixq.worker.ops.stack import S3Endpoint, Service, pixq_argv, start_redis, start_sentinel
 
 from tests.conftest import stack_env
 
@@ -123,3 +124,38 @@ def test_commands_keep_their_short_budget_and_the_library_its_own(monkeypatch: p
     assert budget(client_from_env()) == (CLI_WRITE_RETRIES, 2)
     settings = Settings.from_env({"PIXQ_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert budget(Client(settings, retries=READ_RETRIES)) == (1, 5)  # fewer retries, the same connect timeout
+
+
+@pytest.mark.parametrize("via", ["plain", "sentinel"])
+def test_an_async_client_with_a_wrong_password_fails_at_once(via: str, tmp_path: Path) -> None:
+    """A refused login is not retried (redis-py makes AuthenticationError a ConnectionError, which the
+    API's asyncio clients retry through Sentinel): before, it was said after 6 backoff steps, 8 s."""
+    redis_svc, url = start_redis(tmp_path / "redis", password="the-right-one")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    services: list[Service] = [redis_svc]
+    try:
+        if via == "plain":
+            url = f"redis://:wrong@127.0.0.1:{port}/0"
+        else:
+            sentinel, sentinel_port = start_sentinel(tmp_path / "sentinel", port, password="the-right-one", quorum=1)
+            services.append(sentinel)
+            url = f"redis+sentinel://:wrong@127.0.0.1:{sentinel_port}/pixq/0"
+
+        async def log_in() -> float:
+            aconn = RedisEndpoint.parse(url).async_client(socket_timeout_s=5)  # as the API's request path
+            start = time.monotonic()
+            try:
+                with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
+                    await aconn.ping()
+                return time.monotonic() - start
+            finally:
+                await aconn.aclose()
+                if via == "sentinel":  # the sentinels' connections too: left open, they warn in a later test's loop
+                    for sentinel_conn in aconn.connection_pool.sentinel_manager.sentinels:
+                        await sentinel_conn.aclose()
+
+        took = asyncio.run(log_in())
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+    assert took < 0.5, f"a refused login took {took:.1f} s"

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -42,19 +44,29 @@ _SSL_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError]
 
 
-def _retryable(error: Exception) -> bool:
-    # redis-py's AuthenticationError is a ConnectionError; a wrong password stays wrong, so it is said at once.
-    return not isinstance(error, redis.AuthenticationError)
+def _login_final(is_retryable: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
+    """redis-py's ``is_retryable`` predicate (``None``: every supported error), less a refused login."""
+
+    def retryable(error: Exception) -> bool:
+        # redis-py's AuthenticationError is a ConnectionError; a wrong password stays wrong, so it is said at once.
+        return not isinstance(error, redis.AuthenticationError) and (is_retryable is None or is_retryable(error))
+
+    return retryable
 
 
 class LoginFinalRetry(Retry):
     """redis-py's ``Retry`` that never retries a refused login (the rest as redis-py does it)."""
 
     def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
-        def retryable(error: Exception) -> bool:
-            return _retryable(error) and (is_retryable is None or is_retryable(error))
+        return super().call_with_retry(do, fail, _login_final(is_retryable), with_failure_count)
 
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+class AsyncLoginFinalRetry(AsyncRetry):
+    """The asyncio twin of ``LoginFinalRetry``."""
+
+    async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
+                              with_failure_count: bool = False) -> Any:
+        return await super().call_with_retry(do, fail, _login_final(is_retryable), with_failure_count)
 
 
 def mask_url(url: str) -> str:
@@ -161,14 +173,14 @@ class RedisEndpoint:
         """The asyncio twin of ``client`` (the API's event streams: no socket timeout, they block on
         XREAD; its request path: ``socket_timeout_s``, as the sync client's)."""
         import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry as AsyncRetry
 
         if not self.is_sentinel:
+            # No retry here: redis-py's from_url gives the pool none, a failed command fails at once.
             return aioredis.Redis.from_url(self.url, socket_connect_timeout=connect_timeout_s, health_check_interval=10,
                                           socket_timeout=socket_timeout_s)
         common: dict[str, Any] = dict(socket_connect_timeout=connect_timeout_s, health_check_interval=10,
                                       socket_timeout=socket_timeout_s,
-                                      retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 6),
+                                      retry=AsyncLoginFinalRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), 6),
                                       retry_on_error=RETRY_ON)
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
