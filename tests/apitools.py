@@ -1,4 +1,8 @@
-"""Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver."""
+"""Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver.
+
+``env_api`` and ``api`` are fixtures: a test module binds them (``api = apitools.api``) and gets its own
+API process over the session's Redis, S3 and worker (scope ``module``).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,19 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import redis
 from pixq.worker.ops.stack import Service, free_port, pixq_argv
 
 PEPPER = "test-pepper-0123456789abcdef"
+SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
 
 
 def api_env(env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -33,6 +40,22 @@ def start_api(env: dict[str, str], log_path: Path, *extra: str, port: int | None
     base = f"http://127.0.0.1:{port}"
     svc.wait_until(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 60)
     return svc, base
+
+
+@pytest.fixture(scope="module")
+def env_api(env: dict[str, str]) -> dict[str, str]:
+    return api_env(env)
+
+
+@pytest.fixture(scope="module")
+def api(env_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    svc, base = start_api(env_api, tmp_path_factory.mktemp("api") / "api.log")
+    yield base
+    svc.stop()
+
+
+def job_keys(conn: redis.Redis) -> set[bytes]:
+    return set(conn.scan_iter("pixq:job:*", count=1000))
 
 
 def start_relay(env: dict[str, str], log_path: Path) -> Service:

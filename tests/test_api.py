@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,22 +19,13 @@ from pixq.settings import Settings
 from pixq.worker.ops.stack import Service, pixq_argv
 from standardwebhooks.webhooks import Webhook
 
-from tests.apitools import Receiver, api_env, auth, make_key, sse_events, start_api
+from tests import apitools
+from tests.apitools import SMALL, Receiver, auth, job_keys, make_key, sse_events
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
 
-
-@pytest.fixture(scope="module")
-def env_api(env: dict[str, str]) -> dict[str, str]:
-    return api_env(env)
-
-
-@pytest.fixture(scope="module")
-def api(env_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    svc, base = start_api(env_api, tmp_path_factory.mktemp("api") / "api.log")
-    yield base
-    svc.stop()
+env_api = apitools.env_api  # this module's API process, over the session's services
+api = apitools.api
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +36,6 @@ def key_a(env_api: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def key_b(env_api: dict[str, str]) -> dict[str, str]:
     return make_key(env_api, "tenant-b")
-
-
-def job_keys(conn: redis.Redis) -> set[bytes]:
-    return set(conn.scan_iter("pixq:job:*", count=1000))
 
 
 def test_openapi_document_matches_the_committed_file() -> None:

@@ -3,40 +3,51 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from pixq.records import OWNER_INDEX_PREFIX
-from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_redis, start_replica
+from pixq.worker.ops.stack import S3Endpoint, Service, pixq_argv, start_redis, start_replica
 
-from tests.apitools import api_env, auth, make_key, start_api
+from tests import apitools
+from tests.apitools import SMALL, api_env, auth, job_keys, make_key, start_api
 from tests.conftest import stack_env
 
-SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
+env_api = apitools.env_api  # this module's API process, over the session's services
+api = apitools.api
 
 
-@pytest.fixture(scope="module")
-def env_api(env: dict[str, str]) -> dict[str, str]:
-    return api_env(env)
+@dataclass
+class OwnRedisApi:
+    """An API over a Redis of its own, which the test may stop or freeze; ``key`` is known to the API."""
+
+    redis: Service
+    base: str
+    key: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def api(env_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    svc, base = start_api(env_api, tmp_path_factory.mktemp("api") / "api.log")
-    yield base
-    svc.stop()
-
-
-def job_keys(conn: redis.Redis) -> set[bytes]:
-    return set(conn.scan_iter("pixq:job:*", count=1000))
+@pytest.fixture()
+def own_redis_api(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> Iterator[OwnRedisApi]:
+    redis_svc, url = start_redis(tmp_path / "redis")
+    try:
+        env = api_env(stack_env(url, s3, slow_model))
+        key = make_key(env, "own-redis")
+        api_svc, base = start_api(env, tmp_path / "api.log")
+        try:
+            assert httpx.get(f"{base}/v1/jobs/{'f' * 32}", headers=auth(key)).status_code == 404  # the key is known
+            yield OwnRedisApi(redis_svc, base, key)
+        finally:
+            api_svc.stop()
+    finally:
+        redis_svc.stop()
 
 
 def test_submit_answers_the_record_that_a_read_returns(api: str, env_api: dict[str, str], slow_model: str) -> None:
@@ -152,42 +163,23 @@ def test_submit_waits_for_the_replica_it_must_reach(tmp_path: Path, s3: S3Endpoi
 
 
 @pytest.mark.slow
-def test_redis_down_on_a_first_message_template_answers_503(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
-    redis_svc, url = start_redis(tmp_path / "redis")
-    env = api_env(stack_env(url, s3, slow_model))
-    api_svc = None
-    try:
-        key = make_key(env, "down")
-        api_svc, base = start_api(env, tmp_path / "api.log")
-        assert httpx.get(f"{base}/v1/jobs/{'f' * 32}", headers=auth(key)).status_code == 404  # the key is known
-        redis_svc.stop()
-        # The process's first job: its message is built through Celery (kombu connects), on a Redis that is down.
-        r = httpx.post(f"{base}/v1/jobs", json={"prompt": "down", **SMALL}, headers=auth(key), timeout=60)
-        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
-        assert int(r.headers["retry-after"]) >= 1
-    finally:
-        if api_svc is not None:
-            api_svc.stop()
-        redis_svc.stop()
+def test_redis_down_on_a_first_message_template_answers_503(own_redis_api: OwnRedisApi) -> None:
+    own_redis_api.redis.stop()
+    # The process's first job: its message is built through Celery (kombu connects), on a Redis that is down.
+    r = httpx.post(f"{own_redis_api.base}/v1/jobs", json={"prompt": "down", **SMALL}, headers=auth(own_redis_api.key),
+                   timeout=60)
+    assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+    assert int(r.headers["retry-after"]) >= 1
 
 
 @pytest.mark.slow
-def test_a_stuck_redis_answers_503_not_never(tmp_path: Path, s3: S3Endpoint, slow_model: str) -> None:
-    redis_svc, url = start_redis(tmp_path / "redis")
-    env = api_env(stack_env(url, s3, slow_model))
-    api_svc = None
+def test_a_stuck_redis_answers_503_not_never(own_redis_api: OwnRedisApi) -> None:
+    jobs, headers = f"{own_redis_api.base}/v1/jobs", auth(own_redis_api.key)
+    assert httpx.post(jobs, json={"prompt": "up", **SMALL}, headers=headers).status_code == 201
+    own_redis_api.redis.signal(signal.SIGSTOP)  # alive, connected, answering nothing
     try:
-        key = make_key(env, "stuck")
-        api_svc, base = start_api(env, tmp_path / "api.log")
-        assert httpx.post(f"{base}/v1/jobs", json={"prompt": "up", **SMALL}, headers=auth(key)).status_code == 201
-        os.kill(redis_svc.proc.pid, signal.SIGSTOP)  # alive, connected, answering nothing
-        try:
-            r = httpx.post(f"{base}/v1/jobs", json={"prompt": "stuck", **SMALL}, headers=auth(key), timeout=60)
-        finally:
-            os.kill(redis_svc.proc.pid, signal.SIGCONT)
-        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
-        assert "outcome is unknown" in r.json()["message"]  # the create was sent; the undo could not run either
+        r = httpx.post(jobs, json={"prompt": "stuck", **SMALL}, headers=headers, timeout=60)
     finally:
-        if api_svc is not None:
-            api_svc.stop()
-        redis_svc.stop()
+        own_redis_api.redis.signal(signal.SIGCONT)
+    assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+    assert "outcome is unknown" in r.json()["message"]  # the create was sent; the undo could not run either
