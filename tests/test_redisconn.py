@@ -19,7 +19,7 @@ from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import celery_config
-from pixq.worker.ops.stack import S3Endpoint, Service, pixq_argv, start_redis, start_sentinel
+from pixq.worker.ops.stack import S3Endpoint, Service, free_ports, pixq_argv, start_redis, start_sentinel
 
 from tests.conftest import stack_env
 
@@ -159,3 +159,72 @@ def test_an_async_client_with_a_wrong_password_fails_at_once(via: str, tmp_path:
         for svc in reversed(services):
             svc.stop()
     assert took < 0.5, f"a refused login took {took:.1f} s"
+
+
+def api_limiter_hits(redis_url: str, n: int) -> list[bool]:
+    """``n`` hits of a 2-a-minute rate on the rate limiter that ``pixq api`` builds for ``redis_url``."""
+    from limits import parse as parse_limit
+    from pixq.api.app import create_app
+    from pixq.api.config import ApiSettings
+
+    from tests.apitools import PEPPER
+
+    state = create_app(Settings.from_env({"PIXQ_REDIS_URL": redis_url}), ApiSettings(key_pepper=PEPPER)).state.pixq
+    try:
+        return [state.limiter.hit(parse_limit("2/minute"), "pixq-key", "k") for _ in range(n)]
+    finally:
+        state.client.close()
+
+
+def test_the_api_rate_limiter_logs_in_to_sentinels_that_ask_their_own_password(tmp_path: Path) -> None:
+    """The API's rate limiter (the ``limits`` library) reaches the primary through sentinels with a
+    password of their own (``?sentinel_password=``), in the URL's database. Before, it sent the data
+    servers' password to the sentinels: every rate-limited submit answered 503 (MasterNotFoundError)."""
+    redis_svc, url = start_redis(tmp_path / "redis", password="data-pw")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    services: list[Service] = [redis_svc]
+    try:
+        sentinel, sentinel_port = start_sentinel(tmp_path / "sentinel", port, password="data-pw", quorum=1,
+                                                 sentinel_password="sentinel-pw")
+        services.append(sentinel)
+        sentinel_url = f"redis+sentinel://:data-pw@127.0.0.1:{sentinel_port}/pixq/2?sentinel_password=sentinel-pw"
+        assert api_limiter_hits(sentinel_url, 3) == [True, True, False]
+        with redis.Redis(port=port, password="data-pw", db=2) as conn:
+            assert conn.keys("LIMITS:*"), "the limiter's window is not in the URL's database"
+    finally:
+        for svc in reversed(services):
+            svc.stop()
+
+
+def test_the_api_rate_limiter_speaks_tls_to_a_tls_sentinel_set(tmp_path: Path) -> None:
+    """``rediss+sentinel://``: the limiter used plain TCP to TLS sentinels (MasterNotFoundError, a 503)."""
+    from tests.test_redis_security import make_certs
+
+    make_certs(tmp_path)
+    tls = [("tls-cert-file", tmp_path / "server.crt"), ("tls-key-file", tmp_path / "server.key"),
+           ("tls-ca-cert-file", tmp_path / "ca.crt"), ("tls-auth-clients", "no")]
+    port, sentinel_port = free_ports(2)
+    argv = ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(tmp_path), "--requirepass", "data-pw"]
+    services = [Service("redis-tls", argv + [f"{x}" for k, v in tls for x in (f"--{k}", v)],
+                        tmp_path / "redis.log").start()]
+    try:
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text("\n".join([
+            "port 0", f"tls-port {sentinel_port}", "bind 127.0.0.1", f"dir {tmp_path}", "tls-replication yes",
+            *(f"{k} {v}" for k, v in tls),
+            f"sentinel monitor pixq 127.0.0.1 {port} 1", "sentinel auth-pass pixq data-pw"]) + "\n")
+        services.append(Service("sentinel-tls", ["redis-server", str(conf), "--sentinel"],
+                                tmp_path / "sentinel.log").start())
+        url = (f"rediss+sentinel://:data-pw@127.0.0.1:{sentinel_port}/pixq/0"
+               f"?ssl_cert_reqs=required&ssl_ca_certs={tmp_path}/ca.crt")
+
+        def answers() -> bool:  # the records client reaches the primary through the sentinel
+            with RedisEndpoint.parse(url).client(retries=0, connect_timeout_s=1) as conn:
+                return bool(conn.ping())
+
+        services[-1].wait_until(answers, 20)
+        assert api_limiter_hits(url, 3) == [True, True, False]
+    finally:
+        for svc in reversed(services):
+            svc.stop()

@@ -192,12 +192,27 @@ class RedisEndpoint:
                                    connection_class=connection_class(bool(tls), asynchronous=True), **common)
 
     def limits_url(self) -> str:
-        """The same Redis in the form the ``limits`` library (the API's rate limiter) takes."""
+        """The same Redis in the form the ``limits`` library (the API's rate limiter) takes, with
+        ``limits_options()``: ``storage_from_string(url, **options)``."""
         if not self.is_sentinel:
             return self.url
         auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@" if self.password else ""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
         return f"redis+sentinel://{auth}{hosts}/{quote(self.master_name or '', safe='')}"
+
+    def limits_options(self) -> dict[str, Any]:
+        """What a ``limits`` Sentinel URL cannot say: the sentinels' own login, TLS (to the sentinels
+        and the servers) and the database.
+
+        The limiter's client retries nothing, so redis/redis-py#3874 (``sentinelconn.py``) does not
+        reach it: a connection that broke asks the sentinels again when the pool hands it out next.
+        """
+        if not self.is_sentinel:
+            return {}
+        tls = self._redis_tls()
+        # As ``client`` logs in to the sentinels: with their own login only (limits would send the data servers').
+        sentinel_login = {k: self.sentinel_auth.get(k) for k in ("username", "password")}
+        return {"db": self.db, **tls, "sentinel_kwargs": {**sentinel_login, **tls}}
 
     def _redis_tls(self) -> dict[str, Any]:
         if not self.tls:

@@ -69,7 +69,7 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
     state = ApiState(
         settings=settings, api=api, client=Client(settings, conn=conn), keys=KeyStore(conn, api.require_pepper()),
         aconn=endpoint.async_client(), rconn=endpoint.async_client(socket_timeout_s=5),
-        limiter=MovingWindowRateLimiter(storage_from_string(endpoint.limits_url())),
+        limiter=MovingWindowRateLimiter(storage_from_string(endpoint.limits_url(), **endpoint.limits_options())),
         registry=registry, public_url=(api.public_url or public_url).rstrip("/"),
         webhook_outcomes=Counter("pixq_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                  registry=registry),

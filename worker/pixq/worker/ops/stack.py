@@ -203,8 +203,9 @@ def start_replica(data_dir: Path, primary_port: int, password: str | None = None
 
 def start_sentinel(data_dir: Path, master_port: int, password: str | None = None, quorum: int = 2,
                    down_after_ms: int = 1000, failover_timeout_ms: int = 3000, master_name: str = "pixq",
-                   port: int | None = None) -> tuple[Service, int]:
-    """``redis-server --sentinel`` watching the primary on ``master_port`` as ``master_name``."""
+                   port: int | None = None, sentinel_password: str | None = None) -> tuple[Service, int]:
+    """``redis-server --sentinel`` watching the primary on ``master_port`` as ``master_name``
+    (``password``: the data servers'; ``sentinel_password``: the one this sentinel asks of clients)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own
@@ -215,6 +216,8 @@ def start_sentinel(data_dir: Path, master_port: int, password: str | None = None
              f"sentinel parallel-syncs {master_name} 1"]
     if password:
         lines.append(f"sentinel auth-pass {master_name} {password}")
+    if sentinel_password:
+        lines.append(f"requirepass {sentinel_password}")
     conf.write_text("\n".join(lines) + "\n")
     binary = shutil.which("redis-server")
     if binary is None:
@@ -222,7 +225,7 @@ def start_sentinel(data_dir: Path, master_port: int, password: str | None = None
     svc = Service(f"sentinel {port}", [binary, str(conf), "--sentinel"], data_dir / "sentinel.log").start()
 
     def watching() -> bool:
-        with redis.Redis(port=port, socket_connect_timeout=1) as conn:
+        with redis.Redis(port=port, password=sentinel_password, socket_connect_timeout=1) as conn:
             return conn.execute_command("SENTINEL", "get-master-addr-by-name", master_name) is not None
 
     svc.wait_until(watching, 20)
