@@ -217,7 +217,8 @@ def phase_queue(b: Bench) -> None:
     n = b.args.jobs
     small, large = (b.small, b.small), (b.large, b.large)
     wide = (b.small * 3 // 2, b.small)  # 768×512: its own bin of the 512 checkpoint
-    policy = () if b.args.max_batch == 0 else ("--max-batch", str(b.args.max_batch))
+    policy = (() if b.args.max_batch == 0 else ("--max-batch", str(b.args.max_batch))) \
+        + (("--compile-batches",) if b.args.compile_batches else ())
     with _worker(b, b.small_model, b.small, policy, "worker-512") as (client, start_s):
         res["worker_512_start_s"] = start_s
         t0 = time.perf_counter()
@@ -227,6 +228,8 @@ def phase_queue(b: Bench) -> None:
         b.save()
         for mode in ("exact", "fast"):
             res[f"{mode}_on"] = _burst(client, b, [(small, mode, {}) for _ in range(n)])
+            if b.args.skip_off:
+                continue
             # Off: every job its own guidance scale, so no two share a call (same graphs, same work).
             res[f"{mode}_off"] = _burst(client, b, [(small, mode, {"guidance_scale": 4.5 + k * 1e-6})
                                                     for k in range(n)])
@@ -267,15 +270,19 @@ def phase_profile(b: Bench) -> None:
 
     res: dict[str, Any] = {}
     b.results["profile"] = res
-    loaded = load_pipeline(str(b.small_model), b.device, "auto", accel=SpeedupOptions(compile=not b.tiny),
+    if b.left_s() < 100:
+        res["skipped"] = f"{b.left_s():.0f} s left"
+        return
+    loaded = load_pipeline(str(b.small_model), b.device, "auto",
+                           accel=SpeedupOptions(compile=not b.tiny, compile_batches=b.args.compile_batches),
                            compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)],
-                           warmup_modes=("exact",), batch=BatchPolicy(max_batch=4))
+                           warmup_modes=("exact",), batch=BatchPolicy(max_batch=8))
 
     def requests(k: int) -> list[Any]:
         return [JobRequest.model_validate({"prompt": prompt(b.index()), "seed": i, "width": b.small,
                                            "height": b.small, "model_name": str(b.small_model)}) for i in range(k)]
 
-    sizes = (1, 2, 4, 8, 16) if not b.tiny else (1, 2, 4)
+    sizes = tuple(int(k) for k in b.args.profile_sizes.split(",") if k) if not b.tiny else (1, 2, 4)
     per_image = {}
     for k in sizes:
         render_batch(loaded, requests(k))  # a new batch size: its first call (allocations)
@@ -290,7 +297,7 @@ def phase_profile(b: Bench) -> None:
         if b.left_s() < 60:
             break
     res["render_s_per_image_by_batch"] = per_image
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.startswith("cuda") else [])
     for k in (1, 8):
         reqs = requests(k)
         sync(b.device)
@@ -300,18 +307,18 @@ def phase_profile(b: Bench) -> None:
             sync(b.device)
         wall = time.perf_counter() - t0
         events = prof.key_averages()
-        key = "device_time_total" if b.device == "cuda" else "cpu_time_total"
+        key = "device_time_total" if b.device.startswith("cuda") else "cpu_time_total"
         top = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
         gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
         res[f"batch{k}"] = {
-            "wall_s": wall, "gpu_busy_s": gpu_total if b.device == "cuda" else None,
+            "wall_s": wall, "gpu_busy_s": gpu_total if b.device.startswith("cuda") else None,
             "top": [{"name": e.key[:80], "count": e.count, "cpu_total_ms": e.cpu_time_total / 1e3,
                      "self_cpu_ms": e.self_cpu_time_total / 1e3,
                      "device_total_ms": getattr(e, "device_time_total", 0) / 1e3,
                      "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in top],
         }
         (b.out / f"profile-batch{k}.txt").write_text(
-            events.table(sort_by="self_device_time_total" if b.device == "cuda" else "self_cpu_time_total",
+            events.table(sort_by="self_device_time_total" if b.device.startswith("cuda") else "self_cpu_time_total",
                          row_limit=40))
     # VAE: one decode per image (the compiled decoder's way) vs one batched eager decode.
     vae = loaded.pipe.vae
@@ -382,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=0,
                         help="the workers' --max-batch (default 0: the per-size default policy)")
+    parser.add_argument("--compile-batches", action="store_true", help="the workers' --compile-batches")
+    parser.add_argument("--skip-off", action="store_true", help="no batching-off bursts")
+    parser.add_argument("--profile-sizes", default="1,2,4,8,16", help="batch sizes timed in the profile phase")
     parser.add_argument("--mixed", type=int, default=48)
     parser.add_argument("--large-jobs", type=int, default=12)
     parser.add_argument("--card-images", type=int, default=8)

@@ -221,30 +221,31 @@ def test_worker_threads_follow_the_batch_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["blocks", "model"])
-def test_compiled_batches_of_any_size_share_one_graph(tiny_model: str, scope: str) -> None:
-    """With ``compile_batches``, batches of several images run one compiled graph whatever their size (the
-    batch dimension is symbolic), and stay within compile tolerance of the eager render."""
+def test_compile_batches_compiles_the_full_batch_only(tiny_model: str) -> None:
+    """With ``compile_batches`` the policy's full batch runs a static compiled graph (within compile tolerance
+    of eager), built by its first call; a smaller batch runs eager and nothing compiles after."""
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False,
-                                                            compile_batches=True))
-    assert loaded.accel is not None
+    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_vae=False, compile_batches=True),
+                           batch=BatchPolicy(max_batch=4))
+    assert loaded.accel is not None and loaded.accel.router.batch_images == 4
 
     def requests(n: int) -> list[JobRequest]:
         return [JobRequest.model_validate({"prompt": f"graph {i}", "seed": i, "model_name": tiny_model,
                                            **{**SMALL, "num_inference_steps": 3}}) for i in range(n)]
 
-    render_batch(loaded, requests(3))
+    render_batch(loaded, requests(4))  # the full batch: compiles its graph (8 rows, guided)
     counters.clear()
-    for n in (5, 4, 3):
+    before = loaded.accel.router.batched_eager_calls
+    for n in (4, 3):
         batch = requests(n)
         with loaded.accel.eager():
             eager = render_batch(loaded, batch)
         compiled = render_batch(loaded, batch)
         assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, compiled, strict=True)) <= 2
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # no new graph
+    assert loaded.accel.router.batched_eager_calls - before == 3  # the batch of 3 only: eager, 3 steps
 
 
 @pytest.mark.slow

@@ -56,8 +56,8 @@ def compile_fn(fn: Any, mode: str) -> Any:
 
 
 def compile_forward(forward: Any, mode: str = "default") -> Any:
-    """``torch.compile`` one transformer forward: one full graph per image size for one image, one with a
-    symbolic batch size for batches (``mark_batch_dynamic``)."""
+    """``torch.compile`` one transformer forward: one static graph per image size and row count (the
+    router lets only one image's rows and the full batch's through: pixq.worker.gpu.routing)."""
     import torch
 
     compiled = compile_fn(forward, mode)
@@ -68,27 +68,9 @@ def compile_forward(forward: Any, mode: str = "default") -> Any:
             value = kw.get(name)
             if value is not None and value.ndim >= 2 and value.shape[1] > 1:
                 torch._dynamo.mark_dynamic(value, 1)
-        mark_batch_dynamic(hidden_states, args, kw)
         return compiled(hidden_states, *args, **kw)
 
     return call
-
-
-def mark_batch_dynamic(hidden_states: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-    """Batches of several jobs (more than the 2 rows of one guided image) share one graph whose batch
-    dimension is symbolic, instead of one compile per batch size (pixq.worker.gpu.batch). One image
-    (1 or 2 rows) keeps its static graph, as before batching. Strict ``mark_dynamic``: where the model
-    specializes the batch size, dynamo raises an error naming the line (the batch is then rendered one job
-    at a time) instead of compiling a graph per size; ``maybe_mark_dynamic`` did the latter silently on
-    an H200 (docs/performance.md, 2026-12-01)."""
-    rows = int(hidden_states.shape[0])
-    if rows <= 2:
-        return
-    import torch
-
-    for value in (hidden_states, *args, *kw.values()):
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
-            torch._dynamo.mark_dynamic(value, 0)
 
 
 class CompiledBlocks:
@@ -100,14 +82,13 @@ class CompiledBlocks:
     patch embedding, the timestep and caption embeddings and the final layer: a few kernels per step.
     The text length is marked dynamic (trimmed prompts share the graph); the first block's input
     (a transposed view out of the patch embedding) is made contiguous so every block sees the
-    same strides. One graph per image size for one image, as with ``compile_forward``; batches run the
-    eager blocks unless ``compile_batches``.
+    same strides. One graph per image size for one image, as with ``compile_forward``; calls of several
+    images (batches) run the eager blocks.
     """
 
-    def __init__(self, transformer: Any, mode: str = "default", compile_batches: bool = False):
+    def __init__(self, transformer: Any, mode: str = "default"):
         self.blocks = list(transformer.transformer_blocks)
         self.eager = False
-        self.compile_batches = compile_batches  # else calls of more than 2 rows (batches) run eager
         for block in self.blocks:
             block.forward = self._wrap(block.forward, compile_fn(block.forward, mode))
 
@@ -115,7 +96,7 @@ class CompiledBlocks:
         import torch
 
         def call(hidden_states: Any, *args: Any, **kw: Any) -> Any:
-            if self.eager or (hidden_states.shape[0] > 2 and not self.compile_batches):
+            if self.eager or hidden_states.shape[0] > 2:
                 return eager(hidden_states, *args, **kw)
             text = kw.get("encoder_hidden_states")
             if text is not None and text.ndim == 3:
@@ -125,7 +106,6 @@ class CompiledBlocks:
                 # Same length as the text: may be tied to its symbol rather than get its own.
                 torch._dynamo.maybe_mark_dynamic(mask, mask.ndim - 1)
             hidden_states = hidden_states.contiguous()
-            mark_batch_dynamic(hidden_states, args, kw)
             return compiled(hidden_states, *args, **kw)
 
         return call

@@ -139,6 +139,8 @@ def load_pipeline(
     loaded.accel = RenderSpeedups(pipe, options)
     if loaded.artefacts is not None:
         loaded.accel.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
+    if loaded.accel is not None and loaded.accel.options.compile_batches and batch is not None:
+        loaded.accel.router.batch_images = batch.for_model(pipe.transformer.config.sample_size).largest()
     loaded.load_s = time.perf_counter() - started
     log.info("loaded %s on %s as %s in %.1f s (imports %.1f s, CUDA wait %.1f s, weights %.1f s)", model_name,
              device, torch_dtype, loaded.load_s, phases["import_s"], phases["cuda_init_wait_s"], phases["weights_s"])
@@ -191,7 +193,7 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
             batch: BatchPolicy | None = None, steps: int = 20, native: bool = False) -> None:
     """Render one job per size and mode (compiles the graphs those shapes need, selects kernels);
     where ``batch`` gives the size more than one image per call, a batch of jobs too (eager: its first
-    call's allocations and kernel choices; with ``compile_batches``, the symbolic-batch graph they share).
+    call's allocations and kernel choices; with ``compile_batches``, the full batch's static graphs).
 
     ``native``: render at exactly these sizes (the sizes AOT graphs were built for), not their bins."""
     from pixq.schema import JobRequest, RenderMode
@@ -209,7 +211,9 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
                 "use_resolution_binning": not native,
             })
             render(loaded, request)
-            images = min(policy.limit(width, height, not native), 4) if policy is not None else 1
+            images = policy.limit(width, height, not native) if policy is not None else 1
+            if loaded.accel is not None and images != loaded.accel.router.batch_images:
+                images = min(images, 4)  # eager: a small batch brings up its kernels
             if images > 1 and loaded.accel is not None:
                 render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(images)])
             loaded.warmed.append(f"{width}x{height}/{mode}")

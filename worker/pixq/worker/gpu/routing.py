@@ -58,11 +58,12 @@ class CompileGate:
 class ShapeRouter:
     """The transformer's forward for the step controller: AOT graph by image size, else compiled, else eager."""
 
-    def __init__(self, eager: Any, compiled: Any, gate: CompileGate, compile_batches: bool = False):
+    def __init__(self, eager: Any, compiled: Any, gate: CompileGate):
         self.eager = eager
         self.compiled = compiled
         self.gate = gate
-        self.compile_batches = compile_batches
+        # Images of the full batch whose static graphs may be compiled (``compile_batches``); 0: none.
+        self.batch_images = 0
         self.batched_eager_calls = 0  # calls of several images that ran eager by policy (not for want of a graph)
         self.graphs: dict[tuple[int, int], list[Graph]] = {}  # (latent height, latent width) -> graphs
 
@@ -77,14 +78,15 @@ class ShapeRouter:
                     if graph.accepts(tensors, text_dim=1):
                         sample = graph(*tensors)
                         return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
-        # Rows 1 and 2 (one image, fast / exact) are graphs of their own. More rows (batched jobs, several
-        # images of a prompt) run eager unless ``compile_batches``: then they share the symbolic-batch graph
-        # that the batch warm-up compiles (pixq.worker.gpu.batch).
+        # Rows 1 and 2 (one image, fast / exact) have static graphs of their own. More rows (batched jobs,
+        # several images of a prompt) run eager, except a full batch (``batch_images`` images: its guided and
+        # its conditional-only rows) when ``compile_batches`` gave one: a static graph each, compiled by the
+        # warm-up. A symbolic batch size did not hold on an H200: every new size compiled again.
         rows = int(hidden_states.shape[0])
-        if rows > 2 and not self.compile_batches:
+        if rows > 2 and (self.compiled is None or rows not in (self.batch_images, 2 * self.batch_images)):
             self.batched_eager_calls += 1
             return self.eager(hidden_states, *args, **kw)
-        key = ("transformer", min(rows, 3), *size)
+        key = ("transformer", rows, *size)
         if self.compiled is not None and self.gate.may_compile(key):
             return self.compiled(hidden_states, *args, **kw)
         if self.compiled is not None or self.graphs:

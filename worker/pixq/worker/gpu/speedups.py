@@ -49,9 +49,8 @@ class SpeedupOptions:
     prompt_cache: int = 64  # prompts whose embeddings stay on the device (≈2.4 MB each at full size)
     vae_tile_above: int = VAE_TILE_ABOVE  # pixels; 0: tile every decode the VAE can tile
     compile_vae: bool = True  # with ``compile``: the VAE decoder too
-    # With ``compile``: batched calls (more rows than one guided image) compiled too, one symbolic-batch
-    # graph. Off by default: on an H200 every new batch size still compiled (77-130 s each) and the eager
-    # transformer at 8 images per call is within ~20 % of the compiled one (docs/performance.md).
+    # With ``compile`` (model scope): the full batch of the batch policy gets static graphs too (compiled by
+    # the warm-up; other batch sizes run eager). Off: every batched call runs the eager transformer.
     compile_batches: bool = False
     fast_plan: FastPlan = field(default_factory=FastPlan)
 
@@ -89,14 +88,13 @@ class RenderSpeedups:
         compiled = None
         if self.options.compile:
             if self.options.compile_scope == "blocks":
-                self.blocks = CompiledBlocks(pipe.transformer, self.options.compile_mode,
-                                             self.options.compile_batches)
+                self.blocks = CompiledBlocks(pipe.transformer, self.options.compile_mode)
             else:
                 compiled = compile_forward(forward, self.options.compile_mode)
             if self.options.compile_mode in CUDAGRAPH_MODES:
                 before_call = cudagraph_step_begin
         # Per call: an AOT graph for its shape (``use_graphs``), else the compiled forward, else eager.
-        self.router = ShapeRouter(forward, compiled, self.gate, compile_batches=self.options.compile_batches)
+        self.router = ShapeRouter(forward, compiled, self.gate)
         self.controller = StepController.install(pipe.transformer, self.router, before_call=before_call)
         setattr(pipe, self.ATTRIBUTE, self)
 

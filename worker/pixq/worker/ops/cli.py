@@ -66,8 +66,8 @@ def worker(
     compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
                                               help="With --compile: the VAE decoder too")] = True,
     compile_batches: Annotated[bool, typer.Option("--compile-batches/--no-compile-batches",
-                                                  help="With --compile: batched calls too (one symbolic-batch "
-                                                  "graph; by default they run eager)")] = False,
+                                                  help="With --compile: static graphs for full batches too "
+                                                  "(compiled at warm-up; other batches run eager)")] = False,
     max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
                                            "(same size, steps, guidance, mode, format) [default 0: the measured "
                                            "default, one per call for now: docs/performance.md]")] = 0,
