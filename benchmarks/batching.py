@@ -228,6 +228,9 @@ def phase_queue(b: Bench) -> None:
         b.save()
         for mode in ("exact", "fast"):
             res[f"{mode}_on"] = _burst(client, b, [(small, mode, {}) for _ in range(n)])
+            if b.args.long_burst:  # steady state: the lone first job and the last partial batch matter less
+                res[f"{mode}_on_{b.args.long_burst}"] = _burst(client, b, [(small, mode, {})
+                                                                        for _ in range(b.args.long_burst)])
             if b.args.skip_off:
                 continue
             # Off: every job its own guidance scale, so no two share a call (same graphs, same work).
@@ -357,7 +360,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"card {size}: p50 {card[size]['p50_s']:.3f} s/image")
     small_card = next((card[s]["p50_s"] for s in ("512", "128") if s in card), None)
     large_card = next((card[s]["p50_s"] for s in ("1024", "256") if s in card), None)
-    for key in ("exact_on", "exact_off", "fast_on", "fast_off", "mixed", "large_exact"):
+    keys = [k for k in q if k.startswith(("exact_on", "exact_off", "fast_on", "fast_off"))]
+    for key in keys + ["mixed", "large_exact"]:
         if key in q:
             r = q[key]
             ref = large_card if key == "large_exact" else small_card
@@ -391,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the workers' --max-batch (default 0: the per-size default policy)")
     parser.add_argument("--compile-batches", action="store_true", help="the workers' --compile-batches")
     parser.add_argument("--skip-off", action="store_true", help="no batching-off bursts")
+    parser.add_argument("--long-burst", type=int, default=0, help="also a burst of this many jobs per mode")
     parser.add_argument("--profile-sizes", default="1,2,4,8,16", help="batch sizes timed in the profile phase")
     parser.add_argument("--mixed", type=int, default=48)
     parser.add_argument("--large-jobs", type=int, default=12)

@@ -269,3 +269,27 @@ def test_batches_run_eager_beside_compiled_single_images_by_default(tiny_model: 
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # nothing compiled
     assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, batched, strict=True)) == 0  # the eager forward
     assert loaded.accel.router.batched_eager_calls == 3  # one call of 8 rows (4 images, guided) per step
+
+
+def test_a_serving_worker_never_recompiles_a_seen_shape() -> None:
+    """Once serving, a compiled call whose shape was seen but whose inputs fail another guard (here the
+    dtype) runs eager instead of compiling in front of the job (dynamo's eager_on_recompile stance)."""
+    import torch
+    from pixq.worker.gpu.compile import compile_fn
+    from pixq.worker.gpu.routing import CompileGate, ShapeRouter
+    from torch._dynamo.utils import counters
+
+    def forward(hidden_states: torch.Tensor, **kw: object) -> torch.Tensor:
+        return torch.sin(hidden_states) * 2
+
+    gate = CompileGate()
+    router = ShapeRouter(forward, compile_fn(forward, "default"), gate)
+    router(torch.ones(2, 4, 8, 8))  # before serving: compiles this shape
+    gate.serving = True
+    counters.clear()
+    x = torch.full((2, 4, 8, 8), 0.5, dtype=torch.float64)  # seen shape, another dtype: a guard fails
+    assert torch.equal(router(x), forward(x))
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
+    with gate.warming():  # the deferred warm-up may compile it
+        router(x)
+    assert counters["stats"].get("unique_graphs", 0) == 1, dict(counters["stats"])

@@ -45,6 +45,24 @@ class CompileGate:
             self._eager.add(key)
         self.eager_calls += 1
 
+    def compiles_now(self) -> bool:
+        """Whether a compiled call on this thread may compile (before serving, or in the deferred warm-up)."""
+        return not self.serving or getattr(self._warming, "on", False)
+
+    def run(self, compiled: Any, *args: Any, **kw: Any) -> Any:
+        """Call a ``torch.compile`` function; once serving, under dynamo's ``eager_on_recompile`` stance.
+
+        The shape keys of ``may_compile`` do not cover every guard: a seen shape whose inputs differ in
+        something else (a slice's storage offset, a dtype) would make dynamo compile again, tens of seconds
+        in front of a waiting job (seen on an H200). With the stance such a call runs eager instead.
+        The stance is process-wide: calls are serialised by the worker's GPU lock."""
+        if self.compiles_now():
+            return compiled(*args, **kw)
+        import torch
+
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return compiled(*args, **kw)
+
     @contextmanager
     def warming(self) -> Iterator[None]:
         """Inside the block this thread may compile new shapes (the deferred warm-up, between jobs)."""
@@ -88,10 +106,11 @@ class ShapeRouter:
             return self.eager(hidden_states, *args, **kw)
         key = ("transformer", rows, *size)
         if self.compiled is not None and self.gate.may_compile(key):
-            return self.compiled(hidden_states, *args, **kw)
+            return self.gate.run(self.compiled, hidden_states, *args, **kw)
         if self.compiled is not None or self.graphs:
             self.gate.ran_eager(key)
-        return self.eager(hidden_states, *args, **kw)
+        # With the blocks scope the "eager" forward runs the compiled blocks: the same stance applies.
+        return self.gate.run(self.eager, hidden_states, *args, **kw)
 
 
 def _plain_conditions(added: Any) -> bool:

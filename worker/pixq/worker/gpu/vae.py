@@ -67,7 +67,7 @@ class VaeDecode:
         if not self.gate.may_compile(("vae", *size)):
             self.gate.ran_eager(("vae", *size))
             return self._decoder_forward(sample, *args, **kw)
-        return self._per_image(self._compiled, sample, *args, **kw)
+        return self.gate.run(self._per_image, self._compiled, sample, *args, **kw)
 
     @staticmethod
     def _per_image(fn: Any, sample: Any, *args: Any, **kw: Any) -> Any:
