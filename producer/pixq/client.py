@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from pixq.batch import BatchCreate, parse_many
 from pixq.durable import Durability
 from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import (
@@ -104,6 +105,7 @@ class Client:
         self.conn = conn or settings.redis_endpoint().client(retries=retries, connect_timeout_s=connect_timeout_s)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
+        self._batch = BatchCreate(self.conn, settings.retention_s)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen
         self._s3: Any = None
 
@@ -155,29 +157,16 @@ class Client:
             return self._enqueue(request, owner, max_in_flight)
 
     def submit_many(self, requests: list[JobRequest | dict[str, Any]]) -> list[Job]:
-        """Validate, record and enqueue many jobs in one round trip (one MULTI/EXEC pipeline: all or
-        none). Each message is Celery's protocol-v2 message (from a template, messages.py), pushed with its record.
-        Errors name the request's index (``3.prompt``). A batch
-        may not use idempotency keys (use ``submit``)."""
-        parsed: list[JobRequest] = []
-        errors: list[tuple[str, str]] = []
-        for i, item in enumerate(requests):
-            try:
-                if isinstance(item, JobRequest):
-                    req = item
-                else:
-                    data = dict(item)
-                    data.setdefault("model_name", self.settings.model)
-                    req = parse_request(data)
-                if req.idempotency_key is not None:
-                    raise InvalidRequest([("idempotency_key", "not allowed in submit_many (use submit)")])
-                if req.webhook is not None:
-                    check_webhook(req.webhook.url, self.settings.webhook_allow_networks())
-                parsed.append(req.with_seed())
-            except InvalidRequest as exc:
-                errors += [(f"{i}.{field}", message) for field, message in exc.errors]
-        if errors:
-            raise InvalidRequest(errors)
+        """Validate, record and enqueue many jobs in one round trip (one Lua script writes every job's
+        record and Celery message: all or none; pixq/batch.py). Errors name the request's index
+        (``3.prompt``). A batch may not use idempotency keys (use ``submit``)."""
+        def check(req: JobRequest) -> None:
+            if req.idempotency_key is not None:
+                raise InvalidRequest([("idempotency_key", "not allowed in submit_many (use submit)")])
+            if req.webhook is not None:
+                check_webhook(req.webhook.url, self.settings.webhook_allow_networks())
+
+        parsed = parse_many(requests, self.settings.model, check)
         jobs = [(uuid.uuid4().hex, req) for req in parsed]
         with service_errors("jobs not submitted"):
             for model in {req.model_name for req in parsed}:
@@ -185,17 +174,12 @@ class Client:
                 count = sum(1 for req in parsed if req.model_name == model)
                 if limit and self.queue_depth(model) + count > limit:
                     raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
-            pushes = self._messages(jobs)
-            pipe = self.conn.pipeline(transaction=True)
-            for (job_id, req), message in zip(jobs, pushes, strict=True):
-                self.records.create(job_id, req, pipe=pipe, message=message)
-            replies = pipe.execute()
+            if jobs:
+                self._batch.create(jobs, self._messages(jobs))
             if jobs and self.durability.required():  # a later write: WAIT then covers the batch (durable.py)
                 last = RecordStore.key(jobs[-1][0])
                 self.durability.run(f"the submit of {len(jobs)} jobs",
                                     lambda p: p.hset(last, "sent_at", repr(time.time())))
-        if any(created != 1 for created in replies):  # a uuid4 collision: never in practice
-            raise RuntimeError("submit_many: a job id existed already")
         return [Job(self, job_id) for job_id, _ in jobs]
 
     def jobs(self, state: JobState | None = None, page_size: int = 100,

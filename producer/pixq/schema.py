@@ -189,10 +189,32 @@ class JobRequest(BaseModel):
         """This request with ``seed`` -1 replaced by a freshly drawn seed."""
         if self.seed != RANDOM_SEED:
             return self
-        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES_PER_PROMPT)})
+        return self.model_copy(update={"seed": draw_seed()})
 
     def image_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images_per_prompt)]
+
+    def with_prompt(self, prompt: object) -> JobRequest | None:
+        """This (validated) request with another prompt and a fresh seed if ``seed`` is -1, when
+        validating it in full would accept it: no other rule reads the prompt, so only the prompt's own
+        rules are checked here. ``None`` when the prompt breaks or may break them (the caller then
+        validates in full, for the errors). ``Client.submit_many``'s path: one validation per shape."""
+        if type(prompt) is not str or len(prompt) > MAX_PROMPT_CHARS or not _visible(prompt):
+            return None
+        if not prompt.isascii():
+            try:
+                prompt.encode()
+            except UnicodeEncodeError:  # a lone surrogate: pydantic refuses it
+                return None
+        update: dict[str, Any] = {"prompt": prompt}
+        if self.seed == RANDOM_SEED:
+            update["seed"] = draw_seed()
+        return self.model_copy(update=update)
+
+
+def draw_seed() -> int:
+    """A random seed that leaves room for every image's ``seed + i``."""
+    return secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES_PER_PROMPT)
 
 
 def _visible(text: str) -> bool:
