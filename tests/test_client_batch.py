@@ -115,3 +115,12 @@ def test_a_batch_run_again_after_a_lost_reply_writes_it_once(client: Client, raw
     assert client._batch.script(keys=keys, args=args) == 0  # the same call again: it is done already
     assert client.queue_depth(DEFAULT_MODEL) == 3
     assert [len(raw_redis.xrange(f"pixq:events:{job_id}")) for job_id, _ in jobs] == [1, 1, 1]
+
+
+def test_a_batch_larger_than_one_redis_call_takes_is_written_whole(client: Client, raw_redis: redis.Redis,
+                                                                   idle_queue: list[str]) -> None:
+    jobs = client.submit_many([{"prompt": f"many {i}", **IDLE} for i in range(4001)])  # the script's chunks: 4,000
+    assert client.queue_depth(DEFAULT_MODEL) == 4001
+    scores = raw_redis.zmscore(QUEUED_KEY, [j.id for j in jobs])
+    assert None not in scores and scores == sorted(scores)
+    assert client.status(jobs[-1].id).request.prompt == "many 4000"

@@ -21,50 +21,57 @@ from pixq.errors import InvalidRequest
 from pixq.records import KEY_PREFIX, NO_OWNER, OWNER_INDEX_PREFIX, QUEUED_KEY
 from pixq.schema import JobRequest, parse_request
 
-# KEYS: the queued index, the job index of jobs without an owner, then per job its hash and the
-# queue list its message goes on. ARGV: retention in seconds, then per job its id, created_at,
+# KEYS: the queued index, the job index of jobs without an owner, each job's hash, then the queue list
+# each job's message goes on. ARGV: retention in seconds, then per job its id, created_at,
 # total_steps, request (JSON) and message. Returns 0 when every job was written, or the position
 # (from 1) of a job whose id another job has: then nothing is written. Safe to re-run after an
 # unknown outcome: a first run wrote every job (one script), with our created_at, and that is done.
 # The hash's fields, in their order, are ``records.queued_fields``' for a job without an owner.
+# One EXISTS for all the jobs, one ZADD per index and one LPUSH per queue list for the batch (in
+# chunks: unpack's limit): the state the per-job script leaves, job after job, with fewer calls.
 _CREATE_MANY = """
 local retention = tonumber(ARGV[1])
 local n = (#KEYS - 2) / 2
-local ours = false
-for j = 1, n do
-  local key = KEYS[1 + 2 * j]
-  if redis.call('EXISTS', key) == 1 then
-    if redis.call('HGET', key, 'created_at') ~= ARGV[3 + 5 * (j - 1)] then return j end
-    ours = true
+if n == 0 then return 0 end
+local function in_chunks(command, key, items, first, last)
+  local total = 0
+  for i = first, last, 4000 do
+    local upto = math.min(i + 3999, last)
+    if key then total = total + redis.call(command, key, unpack(items, i, upto))
+    else total = total + redis.call(command, unpack(items, i, upto)) end
   end
+  return total
 end
-if ours or n == 0 then return 0 end
--- One ZADD per index and one LPUSH per queue list for the whole batch (in chunks: unpack's limit):
--- the state the per-job script leaves, job after job, with fewer calls.
-local function in_chunks(command, key, items)
-  for i = 1, #items, 4000 do redis.call(command, key, unpack(items, i, math.min(i + 3999, #items))) end
+if in_chunks('EXISTS', nil, KEYS, 3, 2 + n) > 0 then
+  for j = 1, n do
+    local key = KEYS[2 + j]
+    if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'created_at') ~= ARGV[3 + 5 * (j - 1)] then
+      return j
+    end
+  end
+  return 0  -- each one there has our created_at: this call ran before and wrote them all
 end
 local scored, lists, pushes, latest = {}, {}, {}, -math.huge
 for j = 1, n do
-  local key, queue, at = KEYS[1 + 2 * j], KEYS[2 + 2 * j], 2 + 5 * (j - 1)
+  local key, queue, at = KEYS[2 + j], KEYS[2 + n + j], 2 + 5 * (j - 1)
   local id, created = ARGV[at], ARGV[at + 1]
   redis.call('HSET', key, 'id', id, 'state', 'queued', 'created_at', created, 'attempts', '0', 'step', '0',
     'total_steps', ARGV[at + 2], 'cancel_requested', '0', 'batch', '0', 'request', ARGV[at + 3])
-  redis.call('EXPIRE', key, retention)
+  redis.call('EXPIRE', key, ARGV[1])
   local stream = 'pixq:events:' .. id
   redis.call('XADD', stream, 'MAXLEN', '~', '1000', '*', 'type', 'queued', 'step', '0')
-  if retention > 0 then redis.call('EXPIRE', stream, retention) end
+  if retention > 0 then redis.call('EXPIRE', stream, ARGV[1]) end
   scored[#scored + 1] = created
   scored[#scored + 1] = id
   if not pushes[queue] then pushes[queue] = {}; lists[#lists + 1] = queue end
   table.insert(pushes[queue], ARGV[at + 4])
   latest = math.max(latest, tonumber(created))
 end
-for _, queue in ipairs(lists) do in_chunks('LPUSH', queue, pushes[queue]) end
-in_chunks('ZADD', KEYS[1], scored)
-in_chunks('ZADD', KEYS[2], scored)
+for _, queue in ipairs(lists) do in_chunks('LPUSH', queue, pushes[queue], 1, #pushes[queue]) end
+in_chunks('ZADD', KEYS[1], scored, 1, #scored)
+in_chunks('ZADD', KEYS[2], scored, 1, #scored)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', latest - retention)
-redis.call('EXPIRE', KEYS[2], retention)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 0
 """
 
@@ -130,10 +137,10 @@ class BatchCreate:
 
     def call(self, jobs: list[tuple[str, JobRequest]], messages: list[tuple[str, str]]) -> tuple[list[str], list[Any]]:
         """The script's keys and arguments for each ``(job_id, request)`` with its ``(queue list, message)``."""
-        keys: list[str] = [QUEUED_KEY, OWNER_INDEX_PREFIX + NO_OWNER]
+        keys = [QUEUED_KEY, OWNER_INDEX_PREFIX + NO_OWNER, *(KEY_PREFIX + job_id for job_id, _ in jobs)]
         args: list[Any] = [self.retention_s]
         for (job_id, request), (queue, message) in zip(jobs, messages, strict=True):
-            keys += (KEY_PREFIX + job_id, queue)
+            keys.append(queue)
             args += (job_id, repr(time.time()), request.num_inference_steps, request.model_dump_json(), message)
         return keys, args
 
