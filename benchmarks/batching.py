@@ -215,10 +215,13 @@ def phase_queue(b: Bench) -> None:
     res: dict[str, Any] = {}
     b.results["queue"] = res
     n = b.args.jobs
-    small, large = (b.small, b.small), (b.large, b.large)
+    small = (b.small, b.small)
     wide = (b.small * 3 // 2, b.small)  # 768×512: its own bin of the 512 checkpoint
     policy = (() if b.args.max_batch == 0 else ("--max-batch", str(b.args.max_batch))) \
         + (("--compile-batches",) if b.args.compile_batches else ())
+    if b.args.only_large:
+        _large(b, res, policy)
+        return
     with _worker(b, b.small_model, b.small, policy, "worker-512") as (client, start_s):
         res["worker_512_start_s"] = start_s
         t0 = time.perf_counter()
@@ -251,6 +254,11 @@ def phase_queue(b: Bench) -> None:
     if b.left_s() < 200:
         res["large_skipped"] = f"{b.left_s():.0f} s left"
         return
+    _large(b, res, policy)
+
+
+def _large(b: Bench, res: dict[str, Any], policy: tuple[str, ...]) -> None:
+    large = (b.large, b.large)
     with _worker(b, b.model_dir, b.large, policy, "worker-1024") as (client, start_s):
         res["worker_1024_start_s"] = start_s
         _submit(client, b, large, model=b.model_dir).wait(timeout_s=600)  # untimed: first job
@@ -395,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the workers' --max-batch (default 0: the per-size default policy)")
     parser.add_argument("--compile-batches", action="store_true", help="the workers' --compile-batches")
     parser.add_argument("--skip-off", action="store_true", help="no batching-off bursts")
+    parser.add_argument("--only-large", action="store_true", help="queue: only the 1024 checkpoint's worker")
     parser.add_argument("--long-burst", type=int, default=0, help="also a burst of this many jobs per mode")
     parser.add_argument("--profile-sizes", default="1,2,4,8,16", help="batch sizes timed in the profile phase")
     parser.add_argument("--mixed", type=int, default=48)
