@@ -26,10 +26,10 @@ from typing import Any
 from pixq.schema import JobRequest, RenderMode
 
 # Default images per pipeline call, by the pixels the pipeline renders (most pixels, images); larger: one
-# image per call. Measured on an H200 (docs/performance.md, "Micro-batching"): at 512² one image leaves the
-# GPU half idle and 8 per call (the eager transformer) more than double the images per second; at 1024²
-# the GPU is already full (the transformer's time per image is flat from 1 to 8 images) and one image
-# runs its compiled graph, so batching there would only add waiting.
+# image per call. Measured on an H200 (2026-12-01, docs/performance.md, "Micro-batching"): at 512² one
+# image keeps the GPU busy for about half its render, and 8 per call (their static compiled graphs) give
+# 4.1-4.5x the model card exact, 6.2-6.6x fast, against 1.5x / 2.0x one at a time; at 1024² the GPU is
+# already full (the transformer's time per image is flat from 1 to 8 images), so one image per call.
 DEFAULT_MAX_BATCH: tuple[tuple[int, int], ...] = ((512 * 512, 8),)
 
 

@@ -67,10 +67,10 @@ def worker(
                                               help="With --compile: the VAE decoder too")] = True,
     compile_batches: Annotated[bool, typer.Option("--compile-batches/--no-compile-batches",
                                                   help="With --compile: static graphs for full batches too "
-                                                  "(compiled at warm-up; other batches run eager)")] = False,
+                                                  "(compiled at warm-up; other batches run eager)")] = True,
     max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
-                                           "(same size, steps, guidance, mode, format) [default 0: the measured "
-                                           "default, one per call for now: docs/performance.md]")] = 0,
+                                           "(same size, steps, guidance, mode, format) [default 0: by size, "
+                                           "8 up to 512² rendered on a GPU, else 1]")] = 0,
     gather_window: Annotated[float, typer.Option(help="Seconds the first job of a batch may wait for "
                                                  "partners [default 0: batch only what already waits]")] = 0.0,
 ) -> None:

@@ -71,7 +71,7 @@ class WorkerOptions:
     encode_threads: int = 0  # PNG threads while the GPU is idle (0: automatic)
     vae_tile_above: int = VAE_TILE_ABOVE  # decodes of more pixels run tiled
     compile_vae: bool = True  # with compile: the VAE decoder too
-    compile_batches: bool = False  # with compile: full batches' static graphs too (else batches run eager)
+    compile_batches: bool = True  # with compile: full batches' static graphs too (else batches run eager)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
     def accel_options(self) -> SpeedupOptions:
