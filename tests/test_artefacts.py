@@ -38,6 +38,7 @@ def test_set_folder_names_what_the_graphs_depend_on() -> None:
     assert folder.startswith("pixart-nvidia-h200-bfloat16-torch2.11.0-")
     assert key(torch="2.12.0").folder() != folder
     assert key(architecture="b" * 64).folder() != folder
+    assert key(cpu_isa="avx2").folder() != key(cpu_isa="avx2 avx512").folder()  # the wrapper's host code
     assert key(device_kind="NVIDIA H100").folder() != folder
     assert key(model="/elsewhere/fine-tune").folder() == folder  # same architecture: the same graphs
 
@@ -140,6 +141,33 @@ def test_a_matching_set_serves_every_mode_without_compiling(artefact_set: tuple[
         assert np.abs(aot - eager).max() <= 1, mode
     assert (dict(counters["stats"]), dict(counters["frames"])) == before  # dynamo traced nothing
     assert loaded.accel.gate.eager_calls == 0
+
+
+LOAD_PROBE = """
+import json, sys, time
+from pixq.worker.gpu.pipeline import load_pipeline
+import torch._inductor.cpu_vec_isa as isa
+loaded = load_pipeline(sys.argv[1], "cpu", artefacts=sys.argv[2])
+print(json.dumps({"graphs": len(loaded.artefacts.graphs()) if loaded.artefacts else 0,
+                  "package_s": [g.timings["package"] for g in loaded.artefacts.graphs()] if loaded.artefacts else [],
+                  "isa_probes": isa.valid_vec_isa_list.cache_info().currsize}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_fresh_worker_loads_the_packages_without_probing_the_cpu(artefact_set: tuple[Path, Path, float],
+                                                                   tiny_model: str) -> None:
+    """A new process loads each package in milliseconds: no ``aoti_load_package`` device check, whose CPU-ISA
+    probe (ten child Pythons; on torch 2.11 each imports torch) took 47.8 s of an H200 start."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LOAD_PROBE, tiny_model, str(artefact_set[0])], capture_output=True,
+                          text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["graphs"] == 2 and out["isa_probes"] == 0, out
+    assert max(out["package_s"]) < 0.5, out  # 2.2 s for the first with aoti_load_package on this machine
 
 
 @pytest.mark.slow

@@ -180,6 +180,29 @@ def _constants(module: Any) -> dict[str, Any]:
     return named
 
 
+def load_package(path: Path, device_index: int) -> Any:
+    """``aoti_load_package`` without its device check: the package's runner, callable like it.
+
+    ``aoti_load_package`` first compares the package's device information with this machine's and only
+    warns on a mismatch; to get the CPU's vector ISA for that, inductor compiles and loads ten probe
+    libraries, each in a child Python (on torch 2.11 each child imports torch): the 47.8 s of the first
+    H200 start with artefacts, for a warning. Our set's key already names the GPU kind, the CPU's vector
+    extensions and the versions (``artefacts.ArtefactKey``), so the loader is made directly, as
+    ``load_package`` does itself for packages it cannot read the metadata of. 4-8 ms a package on a CPU
+    (``aoti_load_package``: 2.2 s for the first).
+    """
+    import torch
+
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+    except ImportError:  # another torch layout: the documented entry point, with its check
+        import torch._inductor
+
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
+    return AOTICompiledModel(loader)
+
+
 class Graph:
     """One loaded package, bound to the loaded model's own weights; callable like the eager forward."""
 
@@ -189,15 +212,12 @@ class Graph:
         self.input_dtypes = input_dtypes
         self.device = device
         self.calls = 0
-        self.timings: dict[str, float] = {}  # seconds: "package" (aoti_load_package), "bind" (load_constants)
+        self.timings: dict[str, float] = {}  # seconds: "package" (load_package), "bind" (load_constants)
 
     @classmethod
     def load(cls, spec: GraphSpec, path: Path, module: Any, recorded: dict[str, Any]) -> Graph:
         """Load ``path`` and bind ``module``'s tensors (no copy). ``recorded`` is the manifest entry:
         every constant must exist in the model with the recorded shape and dtype, or this raises."""
-        import torch
-        import torch._inductor
-
         state = _constants(module)
         needed: dict[str, list[Any]] = recorded["constants"]
         wrong = [name for name, (shape, dtype) in needed.items()
@@ -209,7 +229,7 @@ class Graph:
         device, _ = _param_device_dtype(module)
         index = device.index if device.type == "cuda" and device.index is not None else -1
         t0 = time.perf_counter()
-        compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+        compiled = load_package(path, index)
         t1 = time.perf_counter()
         fqns = compiled.get_constant_fqns()
         missing = [name for name in fqns if name not in state]

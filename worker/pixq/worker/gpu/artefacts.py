@@ -32,7 +32,7 @@ from pixq.worker.gpu.aot import MAX_TEXT, Graph, GraphSpec, build_graph, decoder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # the layout of the set and the call signature the graphs were traced with
+FORMAT = 2  # the layout of the set and the call signature the graphs were traced with (2: the CPU's ISA in the key)
 MANIFEST = "manifest.json"
 # Where torch.export cannot keep the row count dynamic (CUDA), one graph per row count: exact mode's CFG pair
 # and fast mode's conditional row, for one image per call; other counts (several images, batches) run eager.
@@ -51,6 +51,7 @@ class ArtefactKey:
     dtype: str
     torch: str
     diffusers: str
+    cpu_isa: str = ""  # the host's vector extensions the packages' C++ wrapper may use ("avx2 avx512 ...")
     format: int = FORMAT
 
     def folder(self) -> str:
@@ -89,13 +90,24 @@ def device_kind(device: str) -> str:
     return device.split(":")[0]
 
 
+def cpu_isa() -> str:
+    """The CPU's vector extensions as inductor sees them (read from the CPU, nothing compiled)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return platform.machine()
+    from torch._inductor.cpu_vec_isa import x86_isa_checker
+
+    return " ".join(sorted(x86_isa_checker()))
+
+
 def artefact_key(pipe: Any, model: str, device: str) -> ArtefactKey:
     import diffusers
     import torch
 
     dtype = str(pipe.transformer.dtype).removeprefix("torch.")
     return ArtefactKey(model=model, architecture=architecture_digest(pipe), device_kind=device_kind(device),
-                       dtype=dtype, torch=torch.__version__, diffusers=diffusers.__version__)
+                       dtype=dtype, torch=torch.__version__, diffusers=diffusers.__version__, cpu_isa=cpu_isa())
 
 
 def _sha256(path: Path) -> str:
