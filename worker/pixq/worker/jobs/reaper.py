@@ -12,8 +12,8 @@ Two passes, both cheap when nothing is wrong:
   more than it can run), a message lost with a failed-over primary's tail, or a re-queue whose
   send failed. A job must still be orphaned one pass interval after a pass first found it so
   before it is re-sent (a message between a worker's pop and its reservation is not orphaned); a
-  second delivery is harmless, since claims are conditional (``records._CLAIM``). One worker at a time does this pass
-  (``pixq:reconcile`` lock), since it reads every waiting message.
+  second delivery is harmless, since claims are conditional (``recordscripts.CLAIM``). One worker at a
+  time does this pass (``pixq:reconcile`` lock), since it reads every waiting message.
 """
 
 from __future__ import annotations

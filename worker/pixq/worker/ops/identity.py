@@ -1,6 +1,6 @@
 """One identity per worker process: the Celery node name, which also names its leases.
 
-Leases (``records._CLAIM``), reservations and the presence key all name their holder by this
+Leases (``recordscripts.CLAIM``), reservations and the presence key all name their holder by this
 name, so two live processes must never share one. The default adds the process id
 (``cpu-4711@host``); a name given with ``--name`` is refused while a live worker holds it. A
 holder on this host whose process is gone (a crashed worker restarted by its supervisor, within

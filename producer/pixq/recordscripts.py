@@ -1,0 +1,227 @@
+"""The Lua scripts that change a job record in Redis, each one atomic change (pixq.records runs them).
+
+A state change happens only from the states it is allowed from, and its per-job event (SSE) and, for
+jobs with a webhook asking for it, its outbox entry are written by the same script: together or not at
+all. Kept apart from ``records.py`` (the record's model and the store that calls these) because they
+are one language and one concern: what may change, atomically, in the hash and its indexes.
+"""
+
+# Lua helpers prepended to every script that changes a job's state: the per-job event stream
+# (SSE) and, for jobs with a webhook asking for the event, the outbox entry. One script, one
+# atomic change: a state change and its webhook are written together or not at all.
+EMIT = """
+local function pixq_event(job_key, event, step)
+  local id = redis.call('HGET', job_key, 'id')
+  local stream = 'pixq:events:' .. id
+  redis.call('XADD', stream, 'MAXLEN', '~', '1000', '*', 'type', event,
+    'step', step or redis.call('HGET', job_key, 'step') or '0')
+  if event ~= 'running' then
+    local ttl = redis.call('TTL', job_key)
+    if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  end
+end
+local function pixq_emit(job_key, event)
+  pixq_event(job_key, event)
+  if event == 'queued' then return end
+  local ok, req = pcall(cjson.decode, redis.call('HGET', job_key, 'request') or '{}')
+  if not ok or type(req['webhook']) ~= 'table' then return end
+  for _, wanted in ipairs(req['webhook']['events'] or {}) do
+    if wanted == event then
+      redis.call('XADD', 'pixq:outbox', '*', 'event', event, unpack(redis.call('HGETALL', job_key)))
+      return
+    end
+  end
+end
+"""
+
+# Whether an API key (its hash's Redis key, '' for none) is live and has this HMAC: a revoked key is
+# refused by the same script that would have acted for it (pixq/api/fast.py).
+KEY_OK = """
+local function pixq_key_ok(key, hmac)
+  if key == '' then return true end
+  if redis.call('HGET', key, 'hash') ~= hmac then return false end
+  local revoked = redis.call('HGET', key, 'revoked_at')
+  return (not revoked) or revoked == ''
+end
+"""
+
+# KEYS[1]: the job hash. ARGV[1]: allowed current states, comma-joined ("*": any).
+# ARGV[2..]: field, value pairs to set. Returns {1, old_state} if set, {0, state} if not
+# (state false when the job does not exist).
+TRANSITION = EMIT + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, false} end
+if ARGV[1] ~= '*' then
+  local allowed = false
+  for s in string.gmatch(ARGV[1], '[^,]+') do
+    if s == state then allowed = true end
+  end
+  if not allowed then return {0, state} end
+end
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+local now_state = redis.call('HGET', KEYS[1], 'state')
+if now_state ~= state then pixq_emit(KEYS[1], now_state) end
+return {1, state}
+"""
+
+# KEYS: the job hash, the queued index, the owner's job index, the owner's in-flight set, the
+# queue list its message goes on (or ''), and the submitting API key's hash (or ''). ARGV: retention in
+# seconds, job id, created_at, max in flight (0: no quota), the message (pushed with the record: one
+# atomic step), the API key's HMAC (checked against the key's record: the API's fast path), field/value
+# pairs. Returns 1; 0 when another job has the id; -1 when the owner already has max-in-flight
+# unfinished jobs; -2 when the API key is unknown, changed or revoked (nothing written in either case).
+# Safe to re-run after an unknown outcome (a retry after a lost reply): the record written by the first
+# run has our created_at, and that counts as created.
+CREATE = EMIT + KEY_OK + """
+if not pixq_key_ok(KEYS[6], ARGV[6]) then return -2 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'created_at') == ARGV[3] then return 1 end
+  return 0
+end
+local quota = tonumber(ARGV[4])
+if quota > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    local s = redis.call('HGET', 'pixq:job:' .. id, 'state')
+    if not s or s == 'succeeded' or s == 'failed' or s == 'canceled' then redis.call('ZREM', KEYS[4], id) end
+  end
+  if redis.call('ZCARD', KEYS[4]) >= quota then return -1 end
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if KEYS[5] ~= '' then redis.call('LPUSH', KEYS[5], ARGV[5]) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3] - ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+pixq_emit(KEYS[1], 'queued')
+return 1
+"""
+
+# Shared by claim and reap: a running job whose lease lapsed and that has used all its attempts
+# ends failed and goes on the dead list. KEYS: job, lease, running, dead.
+# ARGV: job id, now, max attempts, retention, [worker, lease ms].
+DEAD_IF_SPENT = """
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[3]) then
+  local message = 'worker lost ' .. attempts .. ' times'
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[2],
+    'error', cjson.encode({type = 'WorkerLost', message = message}))
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  pixq_emit(KEYS[1], 'failed')
+  return {'dead', message}
+end
+"""
+
+# Take a job to run: a queued one, or a running one whose worker's lease lapsed. KEYS: job, lease,
+# running, dead, queued. ARGV[7]: a token drawn for this claim: a re-run of the same claim after an
+# unknown outcome finds its own token and answers 'claimed' again (a second delivery has another).
+CLAIM = EMIT + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then redis.call('ZREM', KEYS[5], ARGV[1]) return {'missing', ''} end
+if state == 'running' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder == ARGV[5] and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+    return {'claimed', redis.call('HGET', KEYS[1], 'attempts')}
+  end
+  if holder then return {'busy', holder} end
+elseif state ~= 'queued' then
+  return {'settled', state}
+end
+""" + DEAD_IF_SPENT + """
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0',
+  'batch', '0', 'claim', ARGV[7])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+pixq_emit(KEYS[1], 'running')
+return {'claimed', tostring(n)}
+"""
+
+# A running job whose lease lapsed goes back to queued (the caller sends a new message) or,
+# out of attempts, to the dead list. A re-run after an unknown outcome answers 'settled queued'
+# and sends nothing; the reconciliation re-sends that job (reaper.py).
+REAP = EMIT + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then redis.call('ZREM', KEYS[3], ARGV[1]) return {'gone', ''} end
+if state ~= 'running' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'settled', state} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', ''} end
+""" + DEAD_IF_SPENT + """
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'step', '0', 'batch', '0')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+pixq_emit(KEYS[1], 'queued')
+return {'requeued', ''}
+"""
+
+# KEYS: lease. ARGV: worker, lease ms. Extend the lease only while we hold it.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job, lease. ARGV: worker, step[, batch]. Record progress if we still hold the job; answer
+# 'cancel' when a cancel was asked for, 'lost' when the job is no longer ours.
+PROGRESS = EMIT + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
+   or redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 'lost'
+end
+local previous = tonumber(redis.call('HGET', KEYS[1], 'step') or '0') or 0
+redis.call('HSET', KEYS[1], 'step', ARGV[2])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'batch', ARGV[3]) end
+-- The worker writes progress every few steps: one event per step done since the last write.
+for done = previous + 1, tonumber(ARGV[2]) do pixq_event(KEYS[1], 'running', tostring(done)) end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
+return 'ok'
+"""
+
+# KEYS: job, lease, running, queued. ARGV: worker, job id, retention, attempts delta, new state, now,
+# field/value pairs. End (or give back) a job we hold: set fields, drop the lease and the running
+# entry. A re-run after an unknown outcome finds the end it wrote (same state, same claim) and
+# answers 1 again.
+RELEASE = EMIT + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  if state == ARGV[5] and state ~= 'queued' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
+    return {1, state}
+  end
+  return {0, state or false}
+end
+redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[4]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+local now_state = redis.call('HGET', KEYS[1], 'state')
+if now_state ~= 'queued' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[2])
+end
+if now_state ~= 'running' then pixq_emit(KEYS[1], now_state) end
+return {1, 'running'}
+"""
+
+# KEYS: job, dead, queued. ARGV: job id, retention, now. A failed or canceled job goes back to
+# queued with fresh attempts (the caller sends the message). A re-run after an unknown outcome
+# finds it queued with no attempt and answers 1 again (one extra message: harmless).
+RETRY = EMIT + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' and redis.call('HGET', KEYS[1], 'attempts') == '0' then return {1, state} end
+if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'batch', '0', 'worker', '',
+  'error', '', 'images', '[]', 'render', '', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+pixq_emit(KEYS[1], 'queued')
+return {1, state}
+"""
