@@ -41,6 +41,7 @@ class LoadedPipeline:
     warmed: list[str] = field(default_factory=list)  # "1024x1024/exact", ...
     artefacts: LoadedArtefacts | None = None  # the AOT graphs it runs (pixq compile), when a set matched
     phases: dict[str, float] = field(default_factory=dict)  # start-up phase -> seconds (logged, published)
+    batch: BatchPolicy | None = None  # the batch policy for this model (``BatchPolicy.for_model``), when given
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -139,8 +140,10 @@ def load_pipeline(
     loaded.accel = RenderSpeedups(pipe, options)
     if loaded.artefacts is not None:
         loaded.accel.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
-    if loaded.accel is not None and loaded.accel.options.compile_batches and batch is not None:
-        loaded.accel.router.batch_images = batch.for_model(pipe.transformer.config.sample_size).largest()
+    if batch is not None:
+        loaded.batch = batch.for_model(pipe.transformer.config.sample_size)
+        if loaded.accel is not None and loaded.accel.options.compile_batches:
+            loaded.accel.router.batch_images = loaded.batch.largest()
     loaded.load_s = time.perf_counter() - started
     log.info("loaded %s on %s as %s in %.1f s (imports %.1f s, CUDA wait %.1f s, weights %.1f s)", model_name,
              device, torch_dtype, loaded.load_s, phases["import_s"], phases["cuda_init_wait_s"], phases["weights_s"])
@@ -152,7 +155,7 @@ def load_pipeline(
 
         warmup = [s for s in warmup if not set(rendered_sizes(pipe, [s])) <= set(loaded.artefacts.sizes)]
     if warmup:
-        warm_up(loaded, warmup, warmup_modes, batch)
+        warm_up(loaded, warmup, warmup_modes, loaded.batch)
     phases["warmup_s"] = loaded.warmup_s
     return loaded
 
@@ -192,8 +195,9 @@ def _from_pretrained(cls: Any, model_name: str, device: str, torch_dtype: Any, d
 def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Sequence[str],
             batch: BatchPolicy | None = None, steps: int = 20, native: bool = False) -> None:
     """Render one job per size and mode (compiles the graphs those shapes need, selects kernels);
-    where ``batch`` gives the size more than one image per call, a batch of jobs too (eager: its first
-    call's allocations and kernel choices; with ``compile_batches``, the full batch's static graphs).
+    where ``batch`` (the model's policy: ``LoadedPipeline.batch``) gives more than one image per call, a
+    batch of jobs too (eager: its first call's allocations and kernel choices; with ``compile_batches``,
+    the full batch's static graphs).
 
     ``native``: render at exactly these sizes (the sizes AOT graphs were built for), not their bins."""
     from pixq.schema import JobRequest, RenderMode
@@ -201,7 +205,6 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
     from pixq.worker.gpu.render import render
 
     started = time.perf_counter()
-    policy = batch.for_model(loaded.pipe.transformer.config.sample_size) if batch is not None else None
     for width, height in sizes:
         for mode in modes:
             t0 = time.perf_counter()
@@ -211,7 +214,7 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
                 "use_resolution_binning": not native,
             })
             render(loaded, request)
-            images = policy.limit(width, height, not native) if policy is not None else 1
+            images = batch.limit(width, height, not native) if batch is not None else 1
             if loaded.accel is not None and images != loaded.accel.router.batch_images:
                 images = min(images, 4)  # eager: a small batch brings up its kernels
             if images > 1 and loaded.accel is not None:

@@ -263,7 +263,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         RunnerConfig(worker_name=name, model_name=options.model, job_timeout_s=settings.job_timeout_s,
                      lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
                      encode_threads=options.encode_threads,
-                     batch=options.batch_policy().for_model(loaded.pipe.transformer.config.sample_size)),
+                     batch=loaded.batch or BatchPolicy()),
         leases, app, shutdown, metrics=metrics,
     )
     reservations = Reservations(conn, name)
