@@ -7,33 +7,25 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from pixq.worker.ops.stack import pixq_argv
 from standardwebhooks.webhooks import Webhook
 
-from tests.apitools import Hit, Receiver, api_env, auth, make_key, start_api
+from tests import apitools
+from tests.apitools import Hit, Receiver, auth, make_key
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def env_hooks(env: dict[str, str]) -> dict[str, str]:
-    return api_env(env)
+env_api = apitools.env_api  # this module's API process, over the session's services
+api = apitools.api
 
 
 @pytest.fixture(scope="module")
-def api(env_hooks: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    svc, base = start_api(env_hooks, tmp_path_factory.mktemp("hooks-api") / "api.log")
-    yield base
-    svc.stop()
-
-
-@pytest.fixture(scope="module")
-def key(env_hooks: dict[str, str]) -> dict[str, str]:
-    return make_key(env_hooks, "hooks")
+def key(env_api: dict[str, str]) -> dict[str, str]:
+    return make_key(env_api, "hooks")
 
 
 def canceled_job(api: str, key: dict[str, str], url: str, model: str) -> str:
@@ -106,7 +98,7 @@ def test_410_stops_and_redeliver_sends_again(api: str, key: dict[str, str], slow
 
 
 def test_exhausted_deliveries_are_listed_and_redeliverable(api: str, key: dict[str, str], slow_model: str,
-                                                           env_hooks: dict[str, str]) -> None:
+                                                           env_api: dict[str, str]) -> None:
     answers = {"status": 500}
     receiver = Receiver(plan=lambda n: answers["status"])
     try:
@@ -114,11 +106,11 @@ def test_exhausted_deliveries_are_listed_and_redeliverable(api: str, key: dict[s
         receiver.wait(lambda h: len(h) == 5, 30, "five attempts (the test schedule has four waits)")
         time.sleep(1.0)
         assert len(receiver.hits) == 5 and delivery(api, key, job_id)["state"] == "failed"
-        listed = subprocess.run(pixq_argv("webhooks", "failed", "--json"), env=env_hooks, capture_output=True,
+        listed = subprocess.run(pixq_argv("webhooks", "failed", "--json"), env=env_api, capture_output=True,
                                 text=True, timeout=60)
         assert f"{job_id}:canceled" in [d["webhook_id"] for d in json.loads(listed.stdout)]
         answers["status"] = 200
-        again = subprocess.run(pixq_argv("webhooks", "redeliver", job_id, "canceled"), env=env_hooks,
+        again = subprocess.run(pixq_argv("webhooks", "redeliver", job_id, "canceled"), env=env_api,
                                capture_output=True, text=True, timeout=60)
         assert again.returncode == 0, again.stderr
         receiver.wait(lambda h: h[-1].answered == 200, 30, "the redelivery")
