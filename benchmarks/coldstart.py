@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -180,7 +181,7 @@ def image_of(c: Any, record: Any) -> Any:
 
 
 def worker_start(run: Run, label: str, model: Path, size: int, extra: tuple[str, ...], stream: int,
-                 fidelity: bool) -> dict[str, Any]:
+                 fidelity: bool, burst: int = 0) -> dict[str, Any]:
     """Start a worker with one exact job waiting; then first fast job, streams, fidelity jobs."""
     from pixq.wire import WORKER_KEY_PREFIX
     from pixq.worker.ops.stack import start_worker
@@ -216,6 +217,15 @@ def worker_start(run: Run, label: str, model: Path, size: int, extra: tuple[str,
             item[f"steady_{mode}"] = {"images_per_s": (len(ends) - 1) / (ends[-1] - ends[0]),
                                       "render_p50_s": renders[len(renders) // 2],
                                       "failed": sum(r.state.value != "succeeded" for r in recs)}
+        for mode in ("exact", "fast"):  # jobs submitted at once: the batch policy's full batches
+            if burst <= 0 or run.left_s() < 60:
+                break
+            t1 = time.time()
+            jobs = [submit(run, c, model, size, mode, steps=steps) for _ in range(burst)]
+            recs = [c.wait(j.id, timeout_s=600, poll_s=0.02) for j in jobs]
+            item[f"burst_{mode}"] = {"jobs": burst, "s_per_image": (max(r.finished_at for r in recs) - t1) / burst,
+                                     "failed": sum(r.state.value != "succeeded" for r in recs),
+                                     "batch_jobs": sorted({r.render.batch_jobs for r in recs if r.render})}
         if fidelity:
             images = {}
             for i in range(2):
@@ -250,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-timeout-s", type=float, default=300)
     p.add_argument("--small", action=argparse.BooleanOptionalAction, default=True, help="the 512 model too")
     p.add_argument("--skip-today", action="store_true", help="no torch.compile worker (cold and warm cache)")
+    p.add_argument("--phases", default="compile,starts",
+                   help="compile: build the models and pixq compile them (the sets are copied to OUT/sets); "
+                        "starts: the worker starts (on the sets of an earlier compile phase in --work, or "
+                        "--sets-from)")
+    p.add_argument("--sets-from", type=Path, help="artefact sets to copy in before the starts (OUT/sets of a run)")
+    p.add_argument("--burst-small", type=int, default=0, help="jobs per mode in a burst on the 512 worker")
     args = p.parse_args(argv)
+    phases = set(args.phases.split(","))
     run = Run(args)
     big, small = build_models(run)
     root = run.work / "artefacts"
@@ -258,16 +275,23 @@ def main(argv: list[str] | None = None) -> int:
     empty.mkdir(exist_ok=True)
     size_big, size_small = sizes(run)
     try:
+        if "compile" in phases:
+            compile_all(run, big, small, root)
+            shutil.copytree(root, run.out / "sets", dirs_exist_ok=True)
+        if args.sets_from:
+            shutil.copytree(args.sets_from, root, dirs_exist_ok=True)
+        if "starts" not in phases:
+            return 0
         services(run)
         import_breakdown(run)
-        compile_all(run, big, small, root)
         starts: dict[str, Any] = {}
         run.results["starts"] = starts
         aot = ("--compile", "--compile-cache", str(run.work / "cache-aot"), "--artefacts", str(root))
         starts["aot_1024"] = worker_start(run, "aot-1024", big, size_big, aot, args.stream, True)
         run.save()
         if args.small:
-            starts["aot_512"] = worker_start(run, "aot-512", small, size_small, aot, 0, False)
+            starts["aot_512"] = worker_start(run, "aot-512", small, size_small, aot, 0, False,
+                                             burst=args.burst_small)
             run.save()
         if not args.skip_today and run.left_s() > 120:
             today = ("--compile", "--compile-cache", str(run.work / "cache-today"), "--artefacts", str(empty))
@@ -297,8 +321,9 @@ def table(results: dict[str, Any]) -> str:
                      f" s  first fast {item.get('first_fast_service_s', 0):.2f} s  artefacts {item.get('artefacts')}")
         lines.append(f"            phases {item.get('phases')}")
         for mode in ("exact", "fast"):
-            if f"steady_{mode}" in item:
-                lines.append(f"            steady {mode}: {item[f'steady_{mode}']}")
+            for kind in ("steady", "burst"):
+                if f"{kind}_{mode}" in item:
+                    lines.append(f"            {kind} {mode}: {item[f'{kind}_{mode}']}")
     lines.append(f"pixels aot vs today: {results.get('aot_vs_today_pixels')}")
     return "\n".join(lines)
 

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 from pixq.schema import JobRequest
-from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, find_artefacts
+from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, batch_rows, covered, find_artefacts
 from pixq.worker.ops.stack import pixq_argv, start_worker
 
 from tests.conftest import stack_env, wait_for
 
 SIZE = 256  # the tiny model's trained bin
+BATCH = 6  # the set's full batch (``pixq compile --max-batch``): 12 transformer rows exact, 6 fast
 
 
 def key(**changes: Any) -> ArtefactKey:
@@ -59,12 +60,33 @@ def test_find_says_why_no_set_is_used(tmp_path: Path) -> None:
     assert manifest is None and "dtype: 'float16' -> 'bfloat16'" in why
 
 
+def test_a_set_covers_a_size_only_with_graphs_for_its_full_batch() -> None:
+    def graph(component: str, rows: int = 0, max_rows: int = 8) -> dict[str, Any]:
+        return {"component": component, "width": 512, "height": 512, "rows": rows, "max_rows": max_rows}
+
+    assert batch_rows(1) == (2, 1) and batch_rows(8) == (2, 1, 16, 8)
+    eight = {(512, 512): 8}.get
+    # Dynamic rows (the CPU): the range must reach the full batch's guided rows.
+    assert covered({"graphs": [graph("transformer"), graph("vae")]}, [(512, 512)], 8)
+    assert not covered({"graphs": [graph("transformer"), graph("vae")]}, [(512, 512)], 8, lambda w, h: 8)
+    assert covered({"graphs": [graph("transformer", max_rows=16), graph("vae")]}, [(512, 512)], 8,
+                   lambda w, h: eight((w, h), 1))
+    # Static rows (CUDA): one graph per row count, the full batch's in each mode among them.
+    single = [graph("transformer", 2), graph("transformer", 1), graph("vae", 1)]
+    assert covered({"graphs": single}, [(512, 512)], 8)
+    assert not covered({"graphs": single}, [(512, 512)], 8, lambda w, h: 8)
+    full = single + [graph("transformer", 16), graph("transformer", 8)]
+    assert covered({"graphs": full}, [(512, 512)], 8, lambda w, h: 8)
+    assert not covered({"graphs": full}, [(512, 512), (1024, 1024)], 8)  # a size it has no graph for
+
+
 @pytest.fixture(scope="session")
 def artefact_set(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
     """``pixq compile`` on the CPU: (root, set folder, seconds it took)."""
     root = tmp_path_factory.mktemp("artefacts")
     t0 = time.perf_counter()
-    done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}"),
+    done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}",
+                                    "--max-batch", str(BATCH)),
                           capture_output=True, text=True, timeout=1500, env={**_env(), "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
     return root, Path(done.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
@@ -104,13 +126,15 @@ def test_pixq_compile_writes_a_versioned_set_without_the_weights(
     assert {(g["component"], g["width"], g["height"]) for g in manifest["graphs"]} == {
         ("transformer", SIZE, SIZE), ("vae", SIZE, SIZE)}
     for graph in manifest["graphs"]:
-        assert graph["max_rows"] == 8 and graph["constants"]
+        # The transformer's rows reach the full batch's guided rows; the decoder's, its images (at least 8).
+        assert graph["max_rows"] == (2 * BATCH if graph["component"] == "transformer" else 8) and graph["constants"]
         names = zipfile.ZipFile(folder / graph["file"]).namelist()
         # Code only: no serialized weights inside (they stay in the model's safetensors).
         assert not [n for n in names if "/data/weights/" in n or "/data/constants/" in n], names
     # Once per model: a second run finds the set and builds nothing.
     t0 = time.perf_counter()
-    again = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}"),
+    again = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}",
+                                     "--max-batch", str(BATCH)),
                            capture_output=True, text=True, timeout=600, env=_env())
     assert again.returncode == 0 and again.stdout.strip() == str(folder), again.stderr[-2000:]
     assert "up to date" in again.stderr
@@ -141,6 +165,40 @@ def test_a_matching_set_serves_every_mode_without_compiling(artefact_set: tuple[
         assert np.abs(aot - eager).max() <= 1, mode
     assert (dict(counters["stats"]), dict(counters["frames"])) == before  # dynamo traced nothing
     assert loaded.accel.gate.eager_calls == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_full_batch_runs_on_the_set_and_is_warmed_before_serving(artefact_set: tuple[Path, Path, float],
+                                                                    tiny_model: str) -> None:
+    """The set's graphs cover the full batch (``--max-batch``): the warm-up renders one on them, and a served
+    batch in either mode runs them (nothing eager), each image as its job alone up to the compile tolerance."""
+    import torch._dynamo.utils
+    from pixq.worker.gpu.batch import BatchPolicy, render_batch
+    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.speedups import SpeedupOptions
+
+    counters = torch._dynamo.utils.counters
+    before = dict(counters["stats"])
+    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]),
+                           batch=BatchPolicy(max_batch=BATCH, by_size=False))
+    assert loaded.artefacts is not None and loaded.artefacts.batch_of(SIZE, SIZE) == BATCH
+    assert loaded.accel is not None
+    transformer = next(iter(loaded.artefacts.transformer.values()))
+    warm_calls = sum(g.calls for g in transformer)
+    assert warm_calls >= 2 * 2 * 2  # 2 steps, exact and fast, one image and the full batch
+    loaded.accel.gate.serving = True
+    for mode in ("exact", "fast"):
+        requests = [_request(mode, seed=20 + i, prompt=f"a cube number {i}") for i in range(BATCH)]
+        calls = sum(g.calls for g in transformer)
+        images = render_batch(loaded, requests)
+        # Exact: one call a step, all six on the graph; fast: fewer (its plan reuses some steps).
+        assert (sum(g.calls for g in transformer) - calls == 6) if mode == "exact" else sum(
+            g.calls for g in transformer) > calls
+        alone = _pixels(loaded, requests[2])
+        assert np.abs(np.asarray(images[2][0]).astype(np.int16) - alone).max() <= 1, mode
+    assert loaded.accel.router.batched_eager_calls == 0 and loaded.accel.gate.eager_calls == 0
+    assert dict(counters["stats"]) == before  # dynamo traced nothing
 
 
 LOAD_PROBE = """

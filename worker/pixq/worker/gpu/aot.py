@@ -78,6 +78,7 @@ class GraphSpec:
     rows: int = 0  # 0: a dynamic row count (1 .. max_rows); else exactly this many (see build_artefacts)
     min_rows: int = 1  # what the exported graph accepts (read back from the export)
     min_text: int = 1
+    batch: int = 1  # images of the full batch the workers' policy gives this size (the transformer's rows)
 
     @property
     def name(self) -> str:

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # the layout of the set and the call signature the graphs were traced with (2: the CPU's ISA in the key)
 MANIFEST = "manifest.json"
 # Where torch.export cannot keep the row count dynamic (CUDA), one graph per row count: exact mode's CFG pair
-# and fast mode's conditional row, for one image per call; other counts (several images, batches) run eager.
+# and fast mode's conditional row, for one image per call, and the same two for the full batch of jobs the
+# worker's batch policy gives that size (``batch_rows``); other counts (several images per prompt, partial
+# batches) run eager.
 STATIC_ROWS = {"transformer": (2, 1), "vae": (1,)}
 # Transformer rows per call a set covers: CFG's 2 rows × 4 images per prompt (the schema's maximum).
 DEFAULT_MAX_ROWS = 8
@@ -136,23 +138,53 @@ def rendered_sizes(pipe: Any, sizes: Sequence[tuple[int, int]], native: bool = F
     return list(dict.fromkeys(out))
 
 
-def _specs(sizes: Sequence[tuple[int, int]], max_rows: int) -> list[GraphSpec]:
-    return [GraphSpec(part, w, h, max_rows) for w, h in dict.fromkeys(sizes) for part in ("transformer", "vae")]
+def batch_rows(images: int) -> tuple[int, ...]:
+    """The transformer's static row counts for a size whose full batch is ``images`` images: one image
+    (exact: 2 rows, fast: 1) and, when the policy batches that size, the full batch in each mode."""
+    rows = list(STATIC_ROWS["transformer"])
+    if images > 1:
+        rows += [2 * images, images]
+    return tuple(dict.fromkeys(rows))
+
+
+def _specs(sizes: Sequence[tuple[int, int]], max_rows: int, images: Callable[[int, int], int] | None = None
+           ) -> list[GraphSpec]:
+    """One spec per (size, component); the transformer's covers the size's full batch (``images``) too."""
+    out = []
+    for w, h in dict.fromkeys(sizes):
+        full = images(w, h) if images is not None else 1
+        out.append(GraphSpec("transformer", w, h, max(max_rows, 2 * full), batch=full))
+        out.append(GraphSpec("vae", w, h, max(max_rows, full)))
+    return out
 
 
 def _module(pipe: Any, spec: GraphSpec) -> Any:
     return transformer_call(pipe.transformer) if spec.component == "transformer" else decoder_call(pipe.vae.decoder)
 
 
-def covered(manifest: dict[str, Any], sizes: Sequence[tuple[int, int]], max_rows: int) -> bool:
-    """Whether a set's manifest already has a graph of every component for these sizes and rows."""
-    have = {(g["component"], g["width"], g["height"]) for g in manifest.get("graphs", [])}
-    return all(spec_key in have for spec_key in ((s.component, s.width, s.height) for s in _specs(sizes, max_rows)))
+def covered(manifest: dict[str, Any], sizes: Sequence[tuple[int, int]], max_rows: int,
+            images: Callable[[int, int], int] | None = None) -> bool:
+    """Whether a set's manifest already has a graph of every component for these sizes, whose rows cover
+    ``max_rows`` and each size's full batch (``images``: images per call for a rendered size)."""
+    graphs = manifest.get("graphs", [])
+    for spec in _specs(sizes, max_rows, images):
+        mine = [g for g in graphs if (g["component"], g["width"], g["height"]) == (spec.component, spec.width,
+                                                                                   spec.height)]
+        dynamic = any(not g.get("rows") and int(g.get("max_rows", 0)) >= spec.max_rows for g in mine)
+        static = {int(g["rows"]) for g in mine if g.get("rows")}
+        needed = set(batch_rows(spec.batch)) if spec.component == "transformer" else set(STATIC_ROWS["vae"])
+        if not dynamic and not (static and needed <= static):
+            return False
+    return True
 
 
 def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Sequence[tuple[int, int]],
-                    max_rows: int = DEFAULT_MAX_ROWS, say: Callable[[str], None] = log.info) -> Path:
+                    max_rows: int = DEFAULT_MAX_ROWS, say: Callable[[str], None] = log.info,
+                    images: Callable[[int, int], int] | None = None) -> Path:
     """Compile every (component, size) graph into a new set under ``root``; returns its folder.
+
+    ``images(width, height)``: the images per call the workers' batch policy gives a rendered size (the
+    transformer's graphs then cover that full batch in both modes); ``None``: one.
 
     Written to a temporary folder and renamed into place, so a reader never sees half a set.
     """
@@ -164,7 +196,7 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
     started = time.perf_counter()
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     graphs: list[dict[str, Any]] = []
-    queue = _specs(sizes, max_rows)
+    queue = _specs(sizes, max_rows, images)
     while queue:
         spec = queue.pop(0)
         t0 = time.perf_counter()
@@ -177,7 +209,8 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
         except Exception as exc:  # torch.export: the code fixes the row count (seen on CUDA: SDPA's mask)
             if spec.rows or "specialized" not in str(exc):
                 raise
-            fixed = [r for r in STATIC_ROWS[spec.component] if r <= spec.max_rows]
+            fixed = [r for r in (batch_rows(spec.batch) if spec.component == "transformer"
+                                 else STATIC_ROWS[spec.component]) if r <= spec.max_rows]
             say(f"{spec.name}: the row count cannot be dynamic here ({str(exc).splitlines()[0][:80]}); "
                 f"one graph per row count: {', '.join(map(str, fixed))}")
             queue[:0] = [replace(spec, rows=r) for r in fixed]
@@ -209,6 +242,11 @@ class LoadedArtefacts:
 
     def graphs(self) -> list[Graph]:
         return [g for table in (self.transformer, self.vae) for graphs in table.values() for g in graphs]
+
+    def batch_of(self, width: int, height: int) -> int:
+        """Images of the full batch whose graphs the set holds for this size (1: one image per call)."""
+        return max([g.spec.batch for graphs in self.transformer.values() for g in graphs
+                    if (g.spec.width, g.spec.height) == (width, height)] or [1])
 
 
 def find_artefacts(root: Path, key: ArtefactKey) -> tuple[dict[str, Any] | None, str]:
@@ -251,7 +289,7 @@ def load_artefacts(pipe: Any, model: str, device: str, root: Path) -> tuple[Load
         for entry in manifest["graphs"]:
             spec = GraphSpec(entry["component"], int(entry["width"]), int(entry["height"]), int(entry["max_rows"]),
                              int(entry.get("max_text", MAX_TEXT)), int(entry.get("rows", 0)),
-                             int(entry.get("min_rows", 1)), int(entry.get("min_text", 1)))
+                             int(entry.get("min_rows", 1)), int(entry.get("min_text", 1)), int(entry.get("batch", 1)))
             path = folder / entry["file"]
             t0 = time.perf_counter()
             if _sha256(path) != entry["sha256"]:

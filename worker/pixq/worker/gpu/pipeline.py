@@ -148,8 +148,12 @@ def load_pipeline(
     log.info("loaded %s on %s as %s in %.1f s (imports %.1f s, CUDA wait %.1f s, weights %.1f s)", model_name,
              device, torch_dtype, loaded.load_s, phases["import_s"], phases["cuda_init_wait_s"], phases["weights_s"])
     if loaded.artefacts is not None:
-        # Nothing compiles: touch every graph in every mode so the first job finds kernels loaded.
-        warm_up(loaded, loaded.artefacts.sizes, ("exact", "fast"), None, steps=2, native=True)
+        # Nothing compiles: touch every graph in every mode (and each size's full batch) so that the first
+        # job finds its kernels loaded.
+        for width, height in loaded.artefacts.sizes:
+            full = loaded.artefacts.batch_of(width, height)
+            warm_up(loaded, [(width, height)], ("exact", "fast"), BatchPolicy(max_batch=full) if full > 1 else None,
+                    steps=2, native=True)
     if warmup and loaded.artefacts is not None:  # sizes whose rendered size the set covers are warm already
         from pixq.worker.gpu.artefacts import rendered_sizes
 
@@ -215,7 +219,8 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
             })
             render(loaded, request)
             images = batch.limit(width, height, not native) if batch is not None else 1
-            if loaded.accel is not None and images != loaded.accel.router.batch_images:
+            graphs = loaded.artefacts is not None and loaded.artefacts.batch_of(width, height) == images
+            if loaded.accel is not None and images != loaded.accel.router.batch_images and not graphs:
                 images = min(images, 4)  # eager: a small batch brings up its kernels
             if images > 1 and loaded.accel is not None:
                 render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(images)])

@@ -139,16 +139,21 @@ def compile_command(
                                          "(jobs with use_resolution_binning=false)")] = False,
     max_rows: Annotated[int, typer.Option(help="Transformer rows per call the graphs cover: 2 per image with "
                                           "guidance, times images per prompt (and per batch)")] = 8,
+    max_batch: Annotated[int, typer.Option(help="As the workers' --max-batch: jobs per call whose full batch gets "
+                                           "graphs (0: the per-size default on a GPU, one on the CPU)")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a matching set covers these sizes")] = False,
 ) -> None:
     """Build the worker's compiled artefacts once per (model, GPU kind, torch version): one AOT graph per size."""
     from pixq.worker.gpu.artefacts import artefact_key, build_artefacts, covered, find_artefacts, rendered_sizes
+    from pixq.worker.gpu.batch import BatchPolicy
     from pixq.worker.gpu.pipeline import load_pipeline
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
     if max_rows < 1:
         raise ConfigError("--max-rows: must be 1 or more")
+    if max_batch < 0:
+        raise ConfigError("--max-batch: must be 0 (per size) or more")
     try:
         sizes = [parse_size(s) for s in size or ["1024x1024"]]
     except ValueError as exc:
@@ -158,15 +163,23 @@ def compile_command(
     name = model or Settings.from_env(os.environ).model
     loaded = load_pipeline(name, device, dtype)
     targets = rendered_sizes(loaded.pipe, sizes, native)
+    policy = BatchPolicy(max_batch=max_batch, by_size=device.startswith("cuda")).for_model(
+        loaded.pipe.transformer.config.sample_size)
+    bins = set(rendered_sizes(loaded.pipe, sizes))  # the trained bins jobs of these sizes render at
+
+    def images(width: int, height: int) -> int:  # a full batch, as the worker's policy sizes it
+        return policy.limit(width, height, binned=(width, height) in bins)
+
     key = artefact_key(loaded.pipe, name, device)
     found, _ = find_artefacts(out, key)
-    if found is not None and not force and covered(found, targets, max_rows):
+    if found is not None and not force and covered(found, targets, max_rows, images):
         err.print(f"up to date: {out / key.folder()} covers {', '.join(f'{w}x{h}' for w, h in targets)}")
         typer.echo(str(out / key.folder()))
         return
     err.print(f"compiling {', '.join(f'{w}x{h}' for w, h in targets)} for {name} on {device} ...")
     try:
-        folder = build_artefacts(loaded.pipe, name, device, out, targets, max_rows=max_rows, say=err.print)
+        folder = build_artefacts(loaded.pipe, name, device, out, targets, max_rows=max_rows, say=err.print,
+                                 images=images)
     except Exception as exc:  # an export or inductor failure: one line, nothing half-written in place
         raise PixqError(f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
             from None
