@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile: build the models and pixq compile them (the sets are copied to OUT/sets); "
                         "starts: the worker starts (on the sets of an earlier compile phase in --work, or "
                         "--sets-from)")
-    p.add_argument("--sets-from", type=Path, help="artefact sets to copy in before the starts (OUT/sets of a run)")
+    p.add_argument("--sets-from", type=Path, action="append",
+                   help="a root of artefact sets to copy in first (OUT/sets of an earlier run); repeatable")
     p.add_argument("--burst-small", type=int, default=0, help="jobs per mode in a burst on the 512 worker")
     args = p.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -275,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     empty.mkdir(exist_ok=True)
     size_big, size_small = sizes(run)
     try:
+        for source in args.sets_from or []:  # sets built by an earlier run: pixq compile finds them up to date
+            shutil.copytree(source, root, dirs_exist_ok=True)
         if "compile" in phases:
             compile_all(run, big, small, root)
-            shutil.copytree(root, run.out / "sets", dirs_exist_ok=True)
-        if args.sets_from:
-            shutil.copytree(args.sets_from, root, dirs_exist_ok=True)
+            if not args.sets_from:
+                shutil.copytree(root, run.out / "sets", dirs_exist_ok=True)
         if "starts" not in phases:
             return 0
         services(run)

@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "startup-profile")))
     p.add_argument("--runs", type=int, default=2, help="fresh interpreters per probe (the minimum is reported)")
     p.add_argument("--cpu", action="store_true", help="skip the CUDA probes")
+    p.add_argument("--probes", help="comma-separated probe names (default: all)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": host_facts(), "probes": {}}
     for name, code in PROBES.items():
-        if args.cpu and "cuda" in code:
+        if (args.cpu and "cuda" in code) or (args.probes and name not in args.probes.split(",")):
             continue
         results["probes"][name] = timed(code, env, args.runs)
         print(f"{name:20s} {results['probes'][name].get('s', results['probes'][name])}", flush=True)

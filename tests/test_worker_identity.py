@@ -76,3 +76,21 @@ def test_a_second_worker_with_a_live_workers_name_refuses_to_start(
     assert len(errors) == 1 and "worker name 'cpu-main@test' is held by a live worker" in errors[0], taken.stderr
     assert f"pid {worker.pid}" in errors[0] and "Traceback" not in taken.stderr
     assert worker.alive()
+
+
+def test_the_start_runs_without_cyclic_gc_and_serving_resumes_it_with_the_start_frozen() -> None:
+    """``pixq worker`` turns the collector off before its imports; ``resume_gc`` (run when Celery is ready) turns
+    it on again, with what the start made in the permanent generation, which later collections skip."""
+    import gc
+
+    from pixq.worker.ops.serve import resume_gc
+
+    gc.disable()
+    try:
+        made = [[object()] for _ in range(1000)]  # what a start makes: long-lived, tracked objects
+        resume_gc()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(made)
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -2,26 +2,38 @@
 # Issue 14's device runs (one H200): what each call of docs/performance.md's cold-start runs did.
 #   bash benchmarks/device/issue14.sh compile   # kit, models, pixq compile of both sizes, then the start-up profile
 #   bash benchmarks/device/issue14.sh starts    # the worker starts on those sets (needs weed: the .kit/s3 call first)
+#   bash benchmarks/device/issue14.sh lean      # the starts in a venv of the worker image's packages only
+#                                               # (benchmarks/leanenv.py), on sets carried in .sets/*
 # Everything comes back as at most 8 files: the sets as 15 MiB tar parts, the rest in one tgz.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .kit/py/wheels/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD:$PWD/producer:$PWD/worker PATH=$PWD/.kit/py/bin:/root/kit:$PATH PYTHONUNBUFFERED=1
-python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
 t0=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - t0) )); }
 mkdir -p "$OUT/r"
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader | tee "$OUT/r/gpu.txt"
-case "$1" in
+mode=$1; shift
+case "$mode" in
   compile)
+    python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
     timeout "$(left 530)" python3 -m benchmarks.coldstart --out "$OUT/r/c" --phases compile --deadline-s "$(left 520)" \
       2>&1 | tail -25
     if [ -d "$OUT/r/c/sets" ]; then (cd "$OUT/r/c" && tar cf - sets | split -b 15m - "$OUT/sets.tar."); rm -rf "$OUT/r/c/sets"; fi
     [ "$(left 580)" -gt 120 ] && timeout "$(left 580)" python3 -m benchmarks.startup_profile --runs 1 --out "$OUT/r/p" 2>&1 | tail -30
     ;;
   starts)
-    shift
+    python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
     timeout "$(left 575)" python3 -m benchmarks.coldstart --out "$OUT/r/s" --phases starts --deadline-s "$(left 560)" "$@" \
       2>&1 | tail -40
+    ;;
+  lean)
+    lean=$(python3 -m benchmarks.leanenv /tmp/lean) || exit 4
+    export PYTHONPATH=$PWD:$PWD/producer:$PWD/worker
+    sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+    timeout 120 "$lean" -m benchmarks.startup_profile --runs 2 --probes torch,torch+cuda,t5,diffusers_pipeline,queue_side,worker_imports \
+      --out "$OUT/r/p" 2>&1 | tail -20
+    timeout "$(left 575)" "$lean" -m benchmarks.coldstart --out "$OUT/r/s" --phases compile,starts "${sets[@]}" \
+      --deadline-s "$(left 560)" "$@" 2>&1 | tail -40
     ;;
 esac
 (cd "$OUT" && tar czf logs.tgz r && rm -rf r)

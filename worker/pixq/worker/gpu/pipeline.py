@@ -98,8 +98,8 @@ def load_pipeline(
     phases: dict[str, float] = {}
     import torch
 
-    # CUDA's context comes up on a thread while diffusers and transformers import.
-    cuda_init = start_cuda_init(device) if device.startswith("cuda") else None
+    # CUDA's context and its libraries' first kernels come up on a thread while diffusers and transformers import.
+    cuda_init = start_cuda_init(device, resolve_dtype(device, dtype)) if device.startswith("cuda") else None
     from diffusers import PixArtSigmaPipeline
 
     phases["import_s"] = time.perf_counter() - started
@@ -164,20 +164,43 @@ def load_pipeline(
     return loaded
 
 
-def start_cuda_init(device: str) -> threading.Thread:
-    """Create ``device``'s CUDA context on a thread (it overlaps the imports that follow)."""
+def start_cuda_init(device: str, dtype: Any = None) -> threading.Thread:
+    """Create ``device``'s CUDA context on a thread (it overlaps the imports that follow), then load what
+    the first render would load in front of its job: cuBLAS(Lt), cuDNN and the attention kernels
+    (``first_kernels``). Those calls leave the GIL while the libraries load, so the imports go on."""
     import torch
 
     def init() -> None:
         try:
             torch.cuda.set_device(torch.device(device))
             torch.empty(1, device=device)
+            if dtype is not None:
+                first_kernels(device, dtype)
         except Exception as exc:  # reported by the load that follows, which needs the device anyway
             log.warning("CUDA init on %s: %s", device, exc)
 
     thread = threading.Thread(target=init, name="pixq-cuda-init", daemon=True)
     thread.start()
     return thread
+
+
+def first_kernels(device: str, dtype: Any) -> None:
+    """One small call of each library a render uses, in the model's dtype: on an H200 the first bf16
+    convolution took 0.45 s (cuDNN's libraries load), the first attention 0.59 s (its kernels' module),
+    the first matrix product 0.08 s (cuBLAS's handle), each paid once per process
+    (``benchmarks/startup_profile.py``). The attention's head size is PixArt's (72)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        a = torch.randn(64, 64, device=device, dtype=dtype)
+        _ = a @ a
+        x = torch.randn(1, 8, 16, 16, device=device, dtype=dtype)
+        _ = F.conv2d(x, torch.randn(8, 8, 3, 3, device=device, dtype=dtype), padding=1)
+        q = torch.randn(2, 16, 64, 72, device=device, dtype=dtype)
+        _ = F.scaled_dot_product_attention(q, q, q)
+        _ = F.layer_norm(a, (64,))
+        torch.cuda.synchronize(device)
 
 
 def _from_pretrained(cls: Any, model_name: str, device: str, torch_dtype: Any, direct: bool, **extra: Any) -> Any:

@@ -7,6 +7,7 @@ producer's app).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -76,8 +77,6 @@ def worker(
 ) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render its jobs, waiting
     compatible ones together in one pipeline call."""
-    from pixq.worker.ops.serve import WorkerOptions, serve
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
     if compile_mode not in COMPILE_MODES:
@@ -111,6 +110,9 @@ def worker(
         child_args = option_argv(ctx.command.params, {**ctx.params, "model": model or settings.model})
         raise typer.Exit(run_gpu_workers(gpus, child_args, loglevel=loglevel, ready_file=ready_file,
                                          metrics_port=metrics_port))
+    gc.disable()  # the start runs without cyclic GC; serve turns it on, the start's objects frozen, when ready
+    from pixq.worker.ops.serve import WorkerOptions, serve
+
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
                                   offload=offload, loglevel=loglevel,
                                   ready_file=str(ready_file) if ready_file else None,

@@ -4,6 +4,7 @@ through Celery, and stop in two stages on SIGTERM (finish the job, then give it 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -210,6 +211,18 @@ def warm_up_while_serving(
     return thread
 
 
+def resume_gc() -> None:
+    """Turn the cyclic garbage collector back on after a start that ran without it (``pixq worker``).
+
+    A start makes some 700,000 objects (3,400 modules' functions, classes and constants, the model's
+    modules) and almost no cyclic garbage (10,000 objects): the collector's passes over them cost 16 % of
+    the import time (3.83 s -> 3.22 s for the worker's imports on a 2-core VM). What the start made is
+    frozen (``gc.freeze``: the permanent generation), so collections while serving skip it too; the
+    start's little garbage stays, as in a forking server that freezes before it forks."""
+    gc.freeze()
+    gc.enable()
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux ``/proc``), or ``None`` where that cannot be read."""
     try:
@@ -290,6 +303,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
     def on_ready(**_: object) -> None:
+        resume_gc()
         install_second_stop(shutdown)
         leases.start()
         reaper.start()
@@ -337,3 +351,5 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         )
     finally:
         presence.stop()  # also when the start fails: the claimed name is given back at once
+        if not gc.isenabled():
+            gc.enable()

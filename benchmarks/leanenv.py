@@ -1,0 +1,110 @@
+"""A Python environment that holds only what the worker image installs, made from a host's packages.
+
+A benchmark host may hold many more packages than ``docker/Dockerfile.worker`` installs, and
+transformers and diffusers import what they find: on the H200 host (2026-12-01) a worker's imports
+pulled in scipy, pandas, scikit-learn, torchvision, torchaudio, peft and pyarrow, 5,300 modules where
+the image's imports are 3,400. That host also sets ``PYTHONDONTWRITEBYTECODE`` and its torch has no
+bytecode, so every new process compiled torch from source (``builtins.compile``: 7.5 of 22.9 s).
+Neither is true of the image: pip writes bytecode when it installs, and only the worker's dependency
+closure is there. To time the image's start on such a host, this builds a venv whose site-packages
+links exactly the distributions of that closure (pixart-queue's and pixart-queue-worker's
+dependencies, resolved on the host's ``sys.path``), and writes the bytecode of the modules a worker
+imports, as pip would have.
+
+    python3 -m benchmarks.leanenv /tmp/lean      # prints /tmp/lean/bin/python3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+IMPORTS = ("import pixq.cli, pixq.worker.ops.cli, pixq.worker.ops.serve, pixq.worker.jobs.tasks, torch; "
+           "from diffusers import PixArtSigmaPipeline; import torch._inductor.package.package")
+
+
+def _name(text: str) -> str:
+    return re.sub(r"[-_.]+", "-", text).lower()
+
+
+def requirements(pyproject: Path) -> list[str]:
+    return list(tomllib.loads(pyproject.read_text())["project"].get("dependencies", []))
+
+
+def closure(roots: list[str]) -> dict[str, md.Distribution]:
+    """Every installed distribution the requirement strings need (extras off; other markers evaluated)."""
+    from packaging.requirements import Requirement
+
+    found: dict[str, md.Distribution] = {}
+    todo = list(roots)
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = _name(req.name)
+        if key in found or key == "pixart-queue":  # ours: on PYTHONPATH, from the checkout
+            continue
+        try:
+            dist = md.distribution(req.name)
+        except md.PackageNotFoundError:
+            print(f"leanenv: {req.name} is not installed here; skipped", file=sys.stderr)
+            continue
+        found[key] = dist
+        todo.extend(dist.requires or [])
+    return found
+
+
+def top_level(dist: md.Distribution) -> set[Path]:
+    """The site-packages entries a distribution owns: its packages, modules, .libs and .dist-info."""
+    site = Path(str(dist.locate_file(""))).resolve()
+    entries: set[Path] = set()
+    for file in dist.files or []:
+        parts = Path(str(file)).parts
+        if parts and parts[0] != ".." and not str(file).startswith("/"):
+            entries.add(site / parts[0])
+    return entries
+
+
+def build(target: Path) -> Path:
+    python = target / "bin" / "python3"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    roots = requirements(REPO / "pyproject.toml") + requirements(REPO / "worker" / "pyproject.toml")
+    dists = closure(roots)
+    linked = 0
+    for dist in dists.values():
+        for entry in top_level(dist):
+            link = site / entry.name
+            if entry.exists() and not link.exists():
+                link.symlink_to(entry)
+                linked += 1
+    # The bytecode pip would have written: import what a worker imports once, allowed to write it.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO, REPO / "producer", REPO / "worker"))
+    done = subprocess.run([str(python), "-c", IMPORTS], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"leanenv: the worker's imports fail in {target}: {done.stderr.strip()[-800:]}")
+    print(f"leanenv: {len(dists)} distributions, {linked} entries linked into {site}", file=sys.stderr)
+    return python
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("target", type=Path)
+    args = p.parse_args(argv)
+    print(build(args.target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
