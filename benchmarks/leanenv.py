@@ -7,9 +7,10 @@ the image's imports are 3,400. That host also sets ``PYTHONDONTWRITEBYTECODE`` a
 bytecode, so every new process compiled torch from source (``builtins.compile``: 7.5 of 22.9 s).
 Neither is true of the image: pip writes bytecode when it installs, and only the worker's dependency
 closure is there. To time the image's start on such a host, this builds a venv whose site-packages
-links exactly the distributions of that closure (pixart-queue's and pixart-queue-worker's
-dependencies, resolved on the host's ``sys.path``), and writes the bytecode of the modules a worker
-imports, as pip would have.
+links the host's site-packages less what only distributions outside that closure own (the closure of
+pixart-queue's and pixart-queue-worker's dependencies, resolved on the host's ``sys.path``), and writes
+the bytecode of the modules a worker imports, as pip would have. (A first version linked only the
+closure's own entries: AOTInductor's package loader crashed in it, 2026-12-01; unowned files stay now.)
 
     python3 -m benchmarks.leanenv /tmp/lean      # prints /tmp/lean/bin/python3
 """
@@ -73,19 +74,40 @@ def top_level(dist: md.Distribution) -> set[Path]:
     return entries
 
 
+def owners() -> dict[Path, set[str]]:
+    """Each site-packages entry on this host's path -> the distributions that own it."""
+    owned: dict[Path, set[str]] = {}
+    for dist in md.distributions():
+        name = _name(dist.metadata["Name"] or "")
+        for entry in top_level(dist):
+            owned.setdefault(entry, set()).add(name)
+    return owned
+
+
 def build(target: Path) -> Path:
+    """The venv at ``target``: every entry of this host's site-packages (and of ``PYTHONPATH``'s kit folders)
+    except those owned only by distributions outside the worker's closure. Entries no distribution owns
+    (``.pth`` files, libraries a package placed beside itself) stay, as they would in the image."""
     python = target / "bin" / "python3"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     roots = requirements(REPO / "pyproject.toml") + requirements(REPO / "worker" / "pyproject.toml")
-    dists = closure(roots)
-    linked = 0
-    for dist in dists.values():
-        for entry in top_level(dist):
+    keep = set(closure(roots)) | {"pixart-queue", "pixart-queue-worker"}
+    owned = owners()
+    folders = [Path(p).resolve() for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != REPO
+               and Path(p).resolve() not in (REPO / "producer", REPO / "worker") and "python3" not in Path(p).name
+               and not Path(p).resolve().is_relative_to(Path(sys.base_prefix) / "lib")]
+    linked, left = 0, []
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            names = owned.get(entry)
+            if names is not None and not names & keep:
+                left.append(entry.name)
+                continue
             link = site / entry.name
-            if entry.exists() and not link.exists():
+            if not link.exists() and not link.is_symlink():
                 link.symlink_to(entry)
                 linked += 1
     # The bytecode pip would have written: import what a worker imports once, allowed to write it.
@@ -94,7 +116,8 @@ def build(target: Path) -> Path:
     done = subprocess.run([str(python), "-c", IMPORTS], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"leanenv: the worker's imports fail in {target}: {done.stderr.strip()[-800:]}")
-    print(f"leanenv: {len(dists)} distributions, {linked} entries linked into {site}", file=sys.stderr)
+    print(f"leanenv: {len(keep)} distributions kept, {linked} entries linked into {site}; left out "
+          f"{len(left)}: {' '.join(e for e in left if not e.endswith('-info'))[:1500]}", file=sys.stderr)
     return python
 
 
