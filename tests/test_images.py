@@ -205,6 +205,27 @@ def test_worker_image_runs_as_its_non_root_user(worker_box: Container) -> None:
     assert done.stdout.strip() == worker_box.image.config["User"].split(":")[0] != "0"
 
 
+def test_worker_image_imports_its_packages_from_bytecode(worker_box: Container) -> None:
+    """The image sets PYTHONDONTWRITEBYTECODE, so a module without bytecode is compiled from source at every
+    start: on an H200 host whose torch had none, that was 7.5 of a worker's 22.9 s of imports (issue 14,
+    docs/performance.md). pip writes the bytecode when it installs; this checks that every installed module a
+    worker imports has it."""
+    code = ("import importlib.util as u, os, sys\n"
+            "import pixq.worker.ops.serve, pixq.worker.jobs.tasks, torch\n"
+            "from diffusers import PixArtSigmaPipeline\n"
+            "files = [m.__file__ for m in list(sys.modules.values()) if (getattr(m, '__file__', None) or '')"
+            ".endswith('.py')]\n"
+            "site = [f for f in files if '-packages' in f]\n"
+            "missing = [f for f in site if not os.path.exists(u.cache_from_source(f))]\n"
+            "stdlib = [f for f in files if f not in site and not os.path.exists(u.cache_from_source(f))]\n"
+            "print(len(site), len(missing), len(stdlib), ' '.join(missing[:5]))\n")
+    done = worker_box.run(["python", "-c", code], timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    site, missing, stdlib, examples = (done.stdout.strip().splitlines()[-1].split(" ", 3) + [""])[:4]
+    print(f"worker image: {site} installed modules imported, {missing} without bytecode; stdlib without: {stdlib}")
+    assert int(site) > 1000 and int(missing) == 0, examples
+
+
 def test_light_image_submits_and_the_worker_image_serves_the_job(
     image_worker: Running, light_box: Container, redis_url: str, s3: S3Endpoint, s3_client: Any
 ) -> None:
