@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets-from", type=Path, action="append",
                    help="a root of artefact sets to copy in first (OUT/sets of an earlier run); repeatable")
     p.add_argument("--burst-small", type=int, default=0, help="jobs per mode in a burst on the 512 worker")
+    p.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=True,
+                   help="fixed-seed jobs on the AOT and today's 1024 workers, compared pixel by pixel")
+    p.add_argument("--today-warm-all", action="store_true", help="today's worker compiles fast mode at start too")
+    p.add_argument("--skip-today-warm", action="store_true", help="no second start of today's worker")
     args = p.parse_args(argv)
     phases = set(args.phases.split(","))
     run = Run(args)
@@ -289,20 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         starts: dict[str, Any] = {}
         run.results["starts"] = starts
         aot = ("--compile", "--compile-cache", str(run.work / "cache-aot"), "--artefacts", str(root))
-        starts["aot_1024"] = worker_start(run, "aot-1024", big, size_big, aot, args.stream, True)
+        starts["aot_1024"] = worker_start(run, "aot-1024", big, size_big, aot, args.stream, args.fidelity)
         run.save()
         if args.small:
             starts["aot_512"] = worker_start(run, "aot-512", small, size_small, aot, 0, False,
                                              burst=args.burst_small)
             run.save()
         if not args.skip_today and run.left_s() > 120:
-            today = ("--compile", "--compile-cache", str(run.work / "cache-today"), "--artefacts", str(empty))
+            today = ("--compile", "--compile-cache", str(run.work / "cache-today"), "--artefacts", str(empty),
+                     *(("--no-defer-warmup",) if args.today_warm_all else ()))
             # Cold compile cache = the cold-artefact start; once up it is today's compiled worker (same graphs
-            # as from a warm cache): its steady streams and images are the comparison.
-            starts["today_cold"] = worker_start(run, "today-cold", big, size_big, today, args.stream, True)
+            # as from a warm cache): its steady streams and images are the comparison. With --today-warm-all
+            # both modes compile before it is ready, so that its fast stream is compiled too (by default fast
+            # mode compiles in the first idle second, which a stream submitted at once never leaves it).
+            starts["today_cold"] = worker_start(run, "today-cold", big, size_big, today, args.stream, args.fidelity)
             run.results["aot_vs_today_pixels"] = compare(starts["aot_1024"], starts["today_cold"])
             run.save()
-            if run.left_s() > 60:
+            if run.left_s() > 60 and not args.skip_today_warm:
                 starts["today_warm"] = worker_start(run, "today-warm", big, size_big, today, 0, False)
     finally:
         for item in run.results.get("starts", {}).values():

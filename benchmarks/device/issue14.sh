@@ -3,7 +3,9 @@
 #   bash benchmarks/device/issue14.sh compile   # kit, models, pixq compile of both sizes, then the start-up profile
 #   bash benchmarks/device/issue14.sh starts    # the worker starts on those sets (needs weed: the .kit/s3 call first)
 #   bash benchmarks/device/issue14.sh lean      # the starts in a venv of the worker image's packages only
-#                                               # (benchmarks/leanenv.py), on sets carried in .sets/*
+#                                               # (benchmarks/leanenv.py), on sets carried in .sets/*; if the AOT
+#                                               # packages do not load there, in the host's env with bytecode
+#   bash benchmarks/device/issue14.sh host      # the host's env with bytecode, no profile: the quickest starts
 # Everything comes back as at most 8 files: the sets as 15 MiB tar parts, the rest in one tgz.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .kit/py/wheels/*.whl || exit 3
@@ -44,6 +46,13 @@ case "$mode" in
       --out "$OUT/r/p" 2>&1 | tail -20
     timeout "$(left 575)" "$py" -m benchmarks.coldstart --out "$OUT/r/s" --phases compile,starts "${sets[@]}" \
       --deadline-s "$(left 560)" "$@" 2>&1 | tail -40
+    ;;
+  host)
+    # The host's environment with its bytecode written once (what pip does at install), on carried sets: the
+    # AOT worker and today's compiled worker in one run (run j).
+    env -u PYTHONDONTWRITEBYTECODE python3 -c "import pixq.cli, pixq.worker.ops.cli, pixq.worker.ops.serve, pixq.worker.jobs.tasks, torch, torch._inductor.package.package; from diffusers import PixArtSigmaPipeline"
+    sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+    python3 -m benchmarks.coldstart --out "$OUT/r/s" --phases starts "${sets[@]}" "$@" 2>&1 | tail -30
     ;;
 esac
 (cd "$OUT" && tar czf logs.tgz r && rm -rf r)
