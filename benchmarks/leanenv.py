@@ -21,6 +21,7 @@ import argparse
 import importlib.metadata as md
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,26 @@ def owners() -> dict[Path, set[str]]:
     return owned
 
 
-def build(target: Path) -> Path:
+def place(entry: Path, link: Path, hardlink: bool) -> None:
+    """``link`` as ``entry``: a symbolic link, or with ``hardlink`` a tree of hard links (real folders, the same
+    files: no symbolic link on any path; a copy where the two are on different filesystems)."""
+    if not hardlink:
+        link.symlink_to(entry)
+        return
+
+    def link_file(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if entry.is_dir():
+        shutil.copytree(entry, link, symlinks=True, copy_function=link_file)
+    else:
+        link_file(str(entry), str(link))
+
+
+def build(target: Path, hardlink: bool = False) -> Path:
     """The venv at ``target``: every entry of this host's site-packages (and of ``PYTHONPATH``'s kit folders)
     except those owned only by distributions outside the worker's closure. Entries no distribution owns
     (``.pth`` files, libraries a package placed beside itself) stay, as they would in the image."""
@@ -108,7 +128,7 @@ def build(target: Path) -> Path:
                 continue
             link = site / entry.name
             if not link.exists() and not link.is_symlink():
-                link.symlink_to(entry)
+                place(entry, link, hardlink)
                 linked += 1
     # The bytecode pip would have written: import what a worker imports once, allowed to write it.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
@@ -124,8 +144,11 @@ def build(target: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", type=Path)
+    p.add_argument("--hardlink", action="store_true",
+                   help="real folders of hard-linked files instead of symbolic links (AOTInductor's package "
+                        "loader crashed in the symbolic-link venv on the H200 host, 2026-12-01)")
     args = p.parse_args(argv)
-    print(build(args.target))
+    print(build(args.target, args.hardlink))
     return 0
 
 

@@ -31,7 +31,7 @@ case "$mode" in
   lean)
     # The image's start: a venv of the worker's dependency closure with bytecode (benchmarks/leanenv.py). If the
     # AOT packages do not load there, the host's own environment with its bytecode written once instead.
-    lean=$(python3 -m benchmarks.leanenv /tmp/lean) || exit 4
+    lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
     python3 -c "from pathlib import Path; from benchmarks.fullsize import ensure_model; ensure_model(Path('/tmp/pixq-coldstart/model'), 'cuda:0')" 2>&1 | tail -1
     mkdir -p /tmp/art && cp -r .sets/* /tmp/art/
     probe="import pixq.worker.gpu.pipeline as p; l = p.load_pipeline('/tmp/pixq-coldstart/model', 'cuda:0', artefacts='/tmp/art'); assert l.artefacts; print('probe ok', l.phases)"
