@@ -76,7 +76,6 @@ def load_pipeline(
     warmup_modes: Sequence[str] = ("exact", "fast"),
     batch: BatchPolicy | None = None,
     artefacts: str | None = None,
-    prefetch: bool = True,
 ) -> LoadedPipeline:
     """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
 
@@ -94,16 +93,9 @@ def load_pipeline(
     pipeline its AOT graphs replace ``torch.compile`` (no dynamo, no inductor at start) and every
     size in it is warmed up in every mode (a short render each: nothing compiles); when none
     matches, one log line says why and ``accel.compile`` is honoured as without artefacts.
-
-    ``prefetch``: read the weight files into the page cache on threads while the imports run
-    (``pixq.worker.gpu.prefetch``).
     """
     started = time.perf_counter()
     phases: dict[str, float] = {}
-    if prefetch:
-        from pixq.worker.gpu.prefetch import model_folders, start_prefetch
-
-        start_prefetch(model_folders(model_name))
     import torch
 
     # CUDA's context and its libraries' first kernels come up on a thread while diffusers and transformers import.

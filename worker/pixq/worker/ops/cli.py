@@ -35,9 +35,6 @@ def worker(
     name: Annotated[Optional[str], typer.Option(
         help="Node and lease name, unique among live workers [default: gpuN-PID@host, cpu-PID@host]")] = None,
     offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
-    prefetch: Annotated[bool, typer.Option("--prefetch/--no-prefetch",
-                                           help="Read the weight files into the page cache while the worker "
-                                           "imports (skipped where free memory cannot hold them)")] = True,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     ready_file: Annotated[Optional[Path], typer.Option(help="File written once serving (readiness probes)")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the transformer")] = False,
@@ -117,7 +114,7 @@ def worker(
     from pixq.worker.ops.serve import WorkerOptions, serve
 
     serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
-                                  offload=offload, prefetch=prefetch, loglevel=loglevel,
+                                  offload=offload, loglevel=loglevel,
                                   ready_file=str(ready_file) if ready_file else None,
                                   compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
                                   compile_cache=str(compile_cache) if compile_cache else None,

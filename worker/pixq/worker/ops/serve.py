@@ -49,7 +49,6 @@ class WorkerOptions:
     dtype: str = "auto"
     name: str | None = None
     offload: bool = False
-    prefetch: bool = True  # the weight files read into the page cache while the imports run
     loglevel: str = "INFO"
     ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
     concurrency: int = 2  # job threads at least: one renders while the other encodes and uploads
@@ -256,7 +255,6 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         options.model, options.device, options.dtype, options.offload,
         accel=options.accel_options(), compile_cache=options.compile_cache,
         warmup=sizes, warmup_modes=now_modes, batch=options.batch_policy(), artefacts=options.artefacts,
-        prefetch=options.prefetch,
     )
     if loaded.artefacts is not None:
         later_modes = ()  # every size of the set is warm in every mode; nothing compiles
