@@ -99,7 +99,8 @@ def load_pipeline(
     import torch
 
     # CUDA's context and its libraries' first kernels come up on a thread while diffusers and transformers import.
-    cuda_init = start_cuda_init(device, resolve_dtype(device, dtype)) if device.startswith("cuda") else None
+    torch_dtype = resolve_dtype(device, dtype)
+    cuda_init = start_cuda_init(device, torch_dtype) if device.startswith("cuda") else None
     from diffusers import PixArtSigmaPipeline
 
     phases["import_s"] = time.perf_counter() - started
@@ -108,7 +109,6 @@ def load_pipeline(
         torch.cuda.set_device(torch.device(device))  # per thread: this one renders
     phases["cuda_init_wait_s"] = time.perf_counter() - started - phases["import_s"]
     t0 = time.perf_counter()
-    torch_dtype = resolve_dtype(device, dtype)
     pipe = _from_pretrained(PixArtSigmaPipeline, model_name, device, torch_dtype, direct=not offload)
     if offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
