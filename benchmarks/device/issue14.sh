@@ -39,7 +39,7 @@ case "$mode" in
       py=$lean; export PYTHONPATH=$PWD:$PWD/producer:$PWD/worker; echo "env: lean venv"
     else
       tail -25 "$OUT/r/probe.log"; py=python3; echo "env: the host's, bytecode written once"
-      env -u PYTHONDONTWRITEBYTECODE python3 -c "import pixq.cli, pixq.worker.ops.cli, pixq.worker.ops.serve, pixq.worker.jobs.tasks, torch, torch._inductor.package.package; from diffusers import PixArtSigmaPipeline"
+      env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
     fi
     sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
     timeout 100 "$py" -m benchmarks.startup_profile --runs 2 --probes torch,torch+cuda,t5,diffusers_pipeline,queue_side,worker_imports \
@@ -50,7 +50,7 @@ case "$mode" in
   host)
     # The host's environment with its bytecode written once (what pip does at install), on carried sets: the
     # AOT worker and today's compiled worker in one run (run j).
-    env -u PYTHONDONTWRITEBYTECODE python3 -c "import pixq.cli, pixq.worker.ops.cli, pixq.worker.ops.serve, pixq.worker.jobs.tasks, torch, torch._inductor.package.package; from diffusers import PixArtSigmaPipeline"
+    env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
     sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
     python3 -m benchmarks.coldstart --out "$OUT/r/s" --phases starts "${sets[@]}" "$@" 2>&1 | tail -30
     ;;
