@@ -6,6 +6,8 @@
 #                                               # (benchmarks/leanenv.py), on sets carried in .sets/*; if the AOT
 #                                               # packages do not load there, in the host's env with bytecode
 #   bash benchmarks/device/issue14.sh host      # the host's env with bytecode, no profile: the quickest starts
+# NO_PROFILE=1 skips the start-up profiles. The compile call's sets stay in /root/kit/sets-all for the next calls
+# while the machine is warm (and come back as tar parts for a later machine: carry them as .sets).
 # Everything comes back as at most 8 files: the sets as 15 MiB tar parts, the rest in one tgz.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .kit/py/wheels/*.whl || exit 3
@@ -20,8 +22,12 @@ case "$mode" in
     python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
     timeout "$(left 530)" python3 -m benchmarks.coldstart --out "$OUT/r/c" --phases compile --deadline-s "$(left 520)" \
       2>&1 | tail -25
-    if [ -d "$OUT/r/c/sets" ]; then (cd "$OUT/r/c" && tar cf - sets | split -b 15m - "$OUT/sets.tar."); rm -rf "$OUT/r/c/sets"; fi
-    [ "$(left 580)" -gt 120 ] && timeout "$(left 580)" python3 -m benchmarks.startup_profile --runs 1 --out "$OUT/r/p" 2>&1 | tail -30
+    if [ -d "$OUT/r/c/sets" ]; then
+      # kept on the machine for the next calls while it stays warm, and sent back as tar parts
+      rm -rf /root/kit/sets-all && mkdir -p /root/kit && cp -r "$OUT/r/c/sets" /root/kit/sets-all
+      (cd "$OUT/r/c" && tar cf - sets | split -b 15m - "$OUT/sets.tar."); rm -rf "$OUT/r/c/sets"
+    fi
+    [ -z "${NO_PROFILE:-}" ] && [ "$(left 580)" -gt 120 ] && timeout "$(left 580)" python3 -m benchmarks.startup_profile --runs 1 --out "$OUT/r/p" 2>&1 | tail -30
     ;;
   starts)
     python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
@@ -33,7 +39,7 @@ case "$mode" in
     # AOT packages do not load there, the host's own environment with its bytecode written once instead.
     lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
     python3 -c "from pathlib import Path; from benchmarks.fullsize import ensure_model; ensure_model(Path('/tmp/pixq-coldstart/model'), 'cuda:0')" 2>&1 | tail -1
-    mkdir -p /tmp/art && cp -r .sets/* /tmp/art/
+    mkdir -p /tmp/art && for d in .sets /root/kit/sets-all; do [ -d "$d" ] && cp -r "$d"/* /tmp/art/; done
     probe="import pixq.worker.gpu.pipeline as p; l = p.load_pipeline('/tmp/pixq-coldstart/model', 'cuda:0', artefacts='/tmp/art'); assert l.artefacts; print('probe ok', l.phases)"
     if PYTHONPATH=$PWD:$PWD/producer:$PWD/worker timeout 120 "$lean" -X faulthandler -c "$probe" > "$OUT/r/probe.log" 2>&1; then
       py=$lean; export PYTHONPATH=$PWD:$PWD/producer:$PWD/worker; echo "env: lean venv"
@@ -41,8 +47,8 @@ case "$mode" in
       tail -25 "$OUT/r/probe.log"; py=python3; echo "env: the host's, bytecode written once"
       env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
     fi
-    sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
-    timeout 100 "$py" -m benchmarks.startup_profile --runs 2 --probes torch,torch+cuda,t5,diffusers_pipeline,queue_side,worker_imports \
+    sets=(); for d in .sets /root/kit/sets /root/kit/sets-all; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+    [ -z "${NO_PROFILE:-}" ] && timeout 100 "$py" -m benchmarks.startup_profile --runs 2 --probes torch,torch+cuda,t5,diffusers_pipeline,queue_side,worker_imports \
       --out "$OUT/r/p" 2>&1 | tail -20
     timeout "$(left 575)" "$py" -m benchmarks.coldstart --out "$OUT/r/s" --phases compile,starts "${sets[@]}" \
       --deadline-s "$(left 560)" "$@" 2>&1 | tail -40
@@ -51,7 +57,7 @@ case "$mode" in
     # The host's environment with its bytecode written once (what pip does at install), on carried sets: the
     # AOT worker and today's compiled worker in one run (run j).
     env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
-    sets=(); for d in .sets /root/kit/sets; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+    sets=(); for d in .sets /root/kit/sets /root/kit/sets-all; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
     python3 -m benchmarks.coldstart --out "$OUT/r/s" --phases starts "${sets[@]}" "$@" 2>&1 | tail -30
     ;;
 esac
