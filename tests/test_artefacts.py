@@ -123,6 +123,8 @@ def test_pixq_compile_writes_a_versioned_set_without_the_weights(
     assert manifest["key"]["torch"] == torch.__version__ and manifest["key"]["diffusers"] == diffusers.__version__
     assert manifest["key"]["device_kind"] == "cpu" and manifest["key"]["dtype"] == "float32"
     assert manifest["sizes"] == [[SIZE, SIZE]]
+    # Each package was loaded in a fresh process before the set was put in place (loadcheck).
+    assert manifest["key"]["format"] == 3 and manifest["load_check_s"] > 0
     assert {(g["component"], g["width"], g["height"]) for g in manifest["graphs"]} == {
         ("transformer", SIZE, SIZE), ("vae", SIZE, SIZE)}
     for graph in manifest["graphs"]:

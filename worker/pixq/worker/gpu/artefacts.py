@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from pixq.worker.gpu.aot import MAX_TEXT, Graph, GraphSpec, build_graph, decoder_call, example_inputs, transformer_call
+from pixq.worker.gpu.loadcheck import check_loads
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # the layout of the set and the call signature the graphs were traced with (2: the CPU's ISA in the key)
+# The layout of the set and the call signature the graphs were traced with (2: the CPU's ISA in the key; 3: each
+# package was loaded in a fresh process before the set was put in place, ``loadcheck``).
+FORMAT = 3
 MANIFEST = "manifest.json"
 # Where torch.export cannot keep the row count dynamic (CUDA), one graph per row count: exact mode's CFG pair
 # and fast mode's conditional row, for one image per call, and the same two for the full batch of jobs the
@@ -186,7 +189,8 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
     ``images(width, height)``: the images per call the workers' batch policy gives a rendered size (the
     transformer's graphs then cover that full batch in both modes); ``None``: one.
 
-    Written to a temporary folder and renamed into place, so a reader never sees half a set.
+    Written to a temporary folder, its packages loaded in a fresh process (``loadcheck``: a package that
+    crashes the loader raises and nothing is kept), and renamed into place, so a reader never sees half a set.
     """
     key = artefact_key(pipe, model, device)
     final = root / key.folder()
@@ -222,9 +226,15 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
         say(f"compiled {spec.name} (rows {info.get('min_rows')}..{info['max_rows']}"
             + (f", text {info.get('min_text')}..{info['max_text']}" if spec.component == "transformer" else "")
             + f") in {time.perf_counter() - t0:.1f} s, {path.stat().st_size / 1e6:.1f} MB")
+    try:  # a package that crashes a fresh loader is never put where a worker would load it
+        check_s = check_loads([work / g["file"] for g in graphs], device)
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"loaded the {len(graphs)} packages in a fresh process in {check_s:.1f} s")
     manifest = {"key": asdict(key), "created_at": time.time(), "build_s": round(time.perf_counter() - started, 2),
-                "sizes": [list(s) for s in dict.fromkeys(sizes)], "max_rows": max_rows, "max_text": MAX_TEXT,
-                "graphs": graphs}
+                "load_check_s": round(check_s, 2), "sizes": [list(s) for s in dict.fromkeys(sizes)],
+                "max_rows": max_rows, "max_text": MAX_TEXT, "graphs": graphs}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)
