@@ -226,6 +226,18 @@ def test_worker_image_imports_its_packages_from_bytecode(worker_box: Container) 
     assert int(site) > 1000 and int(missing) == 0, examples
 
 
+def test_worker_image_builds_a_compiled_set_that_loads(worker_box: Container, model_dir: str) -> None:
+    """`pixq compile` as infra/compile-job.yaml runs it, in the worker image: the image's own C++ compiler builds
+    the AOT packages, and the fresh-process load check passes with the image's libraries. (Before issue 14's
+    run k the image had no compiler, so the compile Job and `--compile` could not have run in it.)"""
+    done = worker_box.run(["pixq", "compile", "--model", MODEL_IN_IMAGE, "--device", "cpu", "--out", "/tmp/pixq-sets",
+                           "--size", "256x256"], env={"OMP_NUM_THREADS": "2"}, timeout=1500,
+                          volumes={model_dir: MODEL_IN_IMAGE})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded the 2 packages in a fresh process" in done.stderr, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("/tmp/pixq-sets/pixart-cpu-float32-torch"), done.stdout
+
+
 def test_light_image_submits_and_the_worker_image_serves_the_job(
     image_worker: Running, light_box: Container, redis_url: str, s3: S3Endpoint, s3_client: Any
 ) -> None:
