@@ -98,6 +98,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "aot-link-probe")))
+    p.add_argument("--pick", action="store_true",
+                   help="stop at the first compiler whose package loads bare and write its path to --pick-file")
+    p.add_argument("--pick-file", type=Path, help="with --pick: where the chosen compiler's path goes")
     p.add_argument("compilers", nargs="*", default=["default"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,14 @@ def main() -> int:
         print(f"{cxx:28s} build {r.get('build_rc')} {r.get('build_s')} s  needed {r.get('needed')}  "
               f"std::locale defined {r.get('std_locale_defined')}  "
               f"bare load: {r.get('bare_load') or r.get('build_error')}", flush=True)
+        if args.pick and r.get("bare_load") == "ok":
+            if args.pick_file:
+                args.pick_file.write_text(str(r["real"]))
+            break
     (args.out / "aot-link-probe.json").write_text(json.dumps(results, indent=2))
+    if args.pick and not any(r.get("bare_load") == "ok" for r in results):
+        print("aot_link_probe: no compiler gave a package that loads in a bare process", file=sys.stderr)
+        return 1
     return 0
 
 
