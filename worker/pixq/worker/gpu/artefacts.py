@@ -161,6 +161,11 @@ def _specs(sizes: Sequence[tuple[int, int]], max_rows: int, images: Callable[[in
     return out
 
 
+def _static_rows(spec: GraphSpec) -> tuple[int, ...]:
+    """The row counts a spec needs one graph each for where the row count cannot be dynamic (CUDA)."""
+    return batch_rows(spec.batch) if spec.component == "transformer" else STATIC_ROWS[spec.component]
+
+
 def _module(pipe: Any, spec: GraphSpec) -> Any:
     return transformer_call(pipe.transformer) if spec.component == "transformer" else decoder_call(pipe.vae.decoder)
 
@@ -175,32 +180,17 @@ def covered(manifest: dict[str, Any], sizes: Sequence[tuple[int, int]], max_rows
                                                                                    spec.height)]
         dynamic = any(not g.get("rows") and int(g.get("max_rows", 0)) >= spec.max_rows for g in mine)
         static = {int(g["rows"]) for g in mine if g.get("rows")}
-        needed = set(batch_rows(spec.batch)) if spec.component == "transformer" else set(STATIC_ROWS["vae"])
-        if not dynamic and not (static and needed <= static):
+        if not dynamic and not (static and set(_static_rows(spec)) <= static):
             return False
     return True
 
 
-def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Sequence[tuple[int, int]],
-                    max_rows: int = DEFAULT_MAX_ROWS, say: Callable[[str], None] = log.info,
-                    images: Callable[[int, int], int] | None = None) -> Path:
-    """Compile every (component, size) graph into a new set under ``root``; returns its folder.
-
-    ``images(width, height)``: the images per call the workers' batch policy gives a rendered size (the
-    transformer's graphs then cover that full batch in both modes); ``None``: one.
-
-    Written to a temporary folder, its packages loaded in a fresh process (``loadcheck``: a package that
-    crashes the loader raises and nothing is kept), and renamed into place, so a reader never sees half a set.
-    """
-    key = artefact_key(pipe, model, device)
-    final = root / key.folder()
-    work = root / f".building-{key.folder()}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    started = time.perf_counter()
+def _compile_graphs(pipe: Any, work: Path, queue: list[GraphSpec], say: Callable[[str], None]
+                    ) -> list[dict[str, Any]]:
+    """Build each spec's package into ``work``; the manifest's entries for them. Where export fixes a spec's
+    row count, that spec becomes one graph per row count it needs (``_static_rows``)."""
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     graphs: list[dict[str, Any]] = []
-    queue = _specs(sizes, max_rows, images)
     while queue:
         spec = queue.pop(0)
         t0 = time.perf_counter()
@@ -213,8 +203,7 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
         except Exception as exc:  # torch.export: the code fixes the row count (seen on CUDA: SDPA's mask)
             if spec.rows or "specialized" not in str(exc):
                 raise
-            fixed = [r for r in (batch_rows(spec.batch) if spec.component == "transformer"
-                                 else STATIC_ROWS[spec.component]) if r <= spec.max_rows]
+            fixed = [r for r in _static_rows(spec) if r <= spec.max_rows]
             say(f"{spec.name}: the row count cannot be dynamic here ({str(exc).splitlines()[0][:80]}); "
                 f"one graph per row count: {', '.join(map(str, fixed))}")
             queue[:0] = [replace(spec, rows=r) for r in fixed]
@@ -226,9 +215,31 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
         say(f"compiled {spec.name} (rows {info.get('min_rows')}..{info['max_rows']}"
             + (f", text {info.get('min_text')}..{info['max_text']}" if spec.component == "transformer" else "")
             + f") in {time.perf_counter() - t0:.1f} s, {path.stat().st_size / 1e6:.1f} MB")
-    try:  # a package that crashes a fresh loader is never put where a worker would load it
+    return graphs
+
+
+def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Sequence[tuple[int, int]],
+                    max_rows: int = DEFAULT_MAX_ROWS, say: Callable[[str], None] = log.info,
+                    images: Callable[[int, int], int] | None = None) -> Path:
+    """Compile every (component, size) graph into a new set under ``root``; returns its folder.
+
+    ``images(width, height)``: the images per call the workers' batch policy gives a rendered size (the
+    transformer's graphs then cover that full batch in both modes); ``None``: one.
+
+    Written to a temporary folder, its packages loaded in a fresh process (``loadcheck``: a package that
+    crashes the loader raises), and renamed into place, so a reader never sees half a set; a failure removes
+    the temporary folder.
+    """
+    key = artefact_key(pipe, model, device)
+    final = root / key.folder()
+    work = root / f".building-{key.folder()}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    try:  # a failed build or a package that crashes a fresh loader leaves nothing behind, least of all in place
+        graphs = _compile_graphs(pipe, work, _specs(sizes, max_rows, images), say)
         check_s = check_loads([work / g["file"] for g in graphs], device)
-    except Exception:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     say(f"loaded the {len(graphs)} packages in a fresh process in {check_s:.1f} s")
