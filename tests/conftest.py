@@ -61,6 +61,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     svc.stop()
 
 
+def env_without_pixq() -> dict[str, str]:
+    """This process's environment less its ``PIXQ_`` settings: for a child that must take only the test's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
+
+
 def stack_env(redis_url: str, s3: S3Endpoint, model: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
     env.update(s3.env())

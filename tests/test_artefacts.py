@@ -21,7 +21,7 @@ from pixq.schema import JobRequest
 from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, batch_rows, covered, find_artefacts
 from pixq.worker.ops.stack import pixq_argv, start_worker
 
-from tests.conftest import stack_env, wait_for
+from tests.conftest import env_without_pixq, stack_env, wait_for
 
 SIZE = 256  # the tiny model's trained bin
 BATCH = 6  # the set's full batch (``pixq compile --max-batch``): 12 transformer rows exact, 6 fast
@@ -87,15 +87,10 @@ def artefact_set(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> t
     t0 = time.perf_counter()
     done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}",
                                     "--max-batch", str(BATCH)),
-                          capture_output=True, text=True, timeout=1500, env={**_env(), "OMP_NUM_THREADS": "2"})
+                          capture_output=True, text=True, timeout=1500,
+                          env={**env_without_pixq(), "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
     return root, Path(done.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
 
 
 def _request(mode: str = "exact", size: int = SIZE, **extra: Any) -> JobRequest:
@@ -137,7 +132,7 @@ def test_pixq_compile_writes_a_versioned_set_without_the_weights(
     t0 = time.perf_counter()
     again = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", f"{SIZE}x{SIZE}",
                                      "--max-batch", str(BATCH)),
-                           capture_output=True, text=True, timeout=600, env=_env())
+                           capture_output=True, text=True, timeout=600, env=env_without_pixq())
     assert again.returncode == 0 and again.stdout.strip() == str(folder), again.stderr[-2000:]
     assert "up to date" in again.stderr
     assert time.perf_counter() - t0 < artefact_set[2]
@@ -223,7 +218,7 @@ def test_a_fresh_worker_loads_the_packages_without_probing_the_cpu(artefact_set:
     import sys
 
     done = subprocess.run([sys.executable, "-c", LOAD_PROBE, tiny_model, str(artefact_set[0])], capture_output=True,
-                          text=True, timeout=600, env=_env())
+                          text=True, timeout=600, env=env_without_pixq())
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["graphs"] == 2 and out["isa_probes"] == 0, out

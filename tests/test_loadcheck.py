@@ -6,7 +6,6 @@ every package's ``wrapper.so``, as the H200 host's toolchain gave packages that 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 from pixq.worker.gpu.loadcheck import device_index
 from pixq.worker.ops.stack import pixq_argv
+
+from tests.conftest import env_without_pixq
 
 CRASH_C = """
 #include <signal.h>
@@ -45,7 +46,7 @@ exec {cxx} "$@"
 @pytest.mark.timeout(1500)
 def test_a_set_whose_packages_crash_the_loader_is_never_put_in_place(tiny_model: str, tmp_path: Path) -> None:
     root = tmp_path / "artefacts"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
+    env = env_without_pixq()
     env.update(CXX=str(_crashing_compiler(tmp_path)), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
                OMP_NUM_THREADS="2")
     done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", "256x256"),
