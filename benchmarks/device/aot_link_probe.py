@@ -58,11 +58,10 @@ def elf_report(so: Path) -> dict[str, object]:
     return out
 
 
-def probe(cxx: str, device: str, out: Path) -> dict[str, object]:
+def probe(cxx: str, device: str, out: Path, index: int) -> dict[str, object]:
     from pixq.worker.gpu.loadcheck import LoadCheckError, check_loads
 
-    name = "default" if cxx == "default" else Path(cxx).name + "-" + str(abs(hash(cxx)) % 1000)
-    work = out / name
+    work = out / f"{index}-{Path(cxx).name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     real = shutil.which("g++") if cxx == "default" else cxx
@@ -105,11 +104,11 @@ def main() -> int:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    for cxx in args.compilers:
+    for index, cxx in enumerate(args.compilers):
         if cxx != "default" and not shutil.which(cxx):
             results.append({"cxx": cxx, "build_error": "not found"})
             continue
-        results.append(probe(cxx, args.device, args.out))
+        results.append(probe(cxx, args.device, args.out, index))
         r = results[-1]
         print(f"{cxx:28s} build {r.get('build_rc')} {r.get('build_s')} s  needed {r.get('needed')}  "
               f"std::locale defined {r.get('std_locale_defined')}  "

@@ -15,6 +15,14 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/producer:$PWD/worker PATH=$PWD/.kit/py/bin
 t0=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - t0) )); }
 mkdir -p "$OUT/r"
+# Where carried or earlier sets are: .sets (a carry), /root/kit/sets (copied in by the .kit/s3 call), and
+# /root/kit/sets-all (this machine's compile call).
+SET_DIRS=(.sets /root/kit/sets /root/kit/sets-all)
+sets=(); for d in "${SET_DIRS[@]}"; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+pack() { (cd "$OUT" && tar czf logs.tgz r && rm -rf r); }
+host_bytecode() {  # what pip does at install: the host's modules' bytecode written once
+  env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
+}
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader | tee "$OUT/r/gpu.txt"
 mode=$1; shift
 case "$mode" in
@@ -25,7 +33,7 @@ case "$mode" in
     if [ -z "${CXX:-}" ]; then
       timeout 300 python3 -m benchmarks.device.aot_link_probe --device cuda:0 --out "$OUT/r/link" --pick \
         --pick-file /tmp/cxx default /usr/bin/g++-13 /opt/gcc/bin/g++ clang++ 2>&1 | tail -6 || true
-      [ -s /tmp/cxx ] || { (cd "$OUT" && tar czf logs.tgz r && rm -rf r); exit 5; }
+      [ -s /tmp/cxx ] || { pack; exit 5; }
       export CXX; CXX=$(cat /tmp/cxx); echo "CXX=$CXX"
     fi
     timeout "$(left 530)" python3 -m benchmarks.coldstart --out "$OUT/r/c" --phases compile --deadline-s "$(left 520)" \
@@ -47,15 +55,14 @@ case "$mode" in
     # AOT packages do not load there, the host's own environment with its bytecode written once instead.
     lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
     python3 -c "from pathlib import Path; from benchmarks.fullsize import ensure_model; ensure_model(Path('/tmp/pixq-coldstart/model'), 'cuda:0')" 2>&1 | tail -1
-    mkdir -p /tmp/art && for d in .sets /root/kit/sets-all; do [ -d "$d" ] && cp -r "$d"/* /tmp/art/; done
+    mkdir -p /tmp/art && for d in "${SET_DIRS[@]}"; do [ -d "$d" ] && cp -r "$d"/* /tmp/art/; done
     probe="import pixq.worker.gpu.pipeline as p; l = p.load_pipeline('/tmp/pixq-coldstart/model', 'cuda:0', artefacts='/tmp/art'); assert l.artefacts; print('probe ok', l.phases)"
     if PYTHONPATH=$PWD:$PWD/producer:$PWD/worker timeout 120 "$lean" -X faulthandler -c "$probe" > "$OUT/r/probe.log" 2>&1; then
       py=$lean; export PYTHONPATH=$PWD:$PWD/producer:$PWD/worker; echo "env: lean venv"
     else
       tail -25 "$OUT/r/probe.log"; py=python3; echo "env: the host's, bytecode written once"
-      env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
+      host_bytecode
     fi
-    sets=(); for d in .sets /root/kit/sets /root/kit/sets-all; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
     [ -z "${NO_PROFILE:-}" ] && timeout 100 "$py" -m benchmarks.startup_profile --runs 2 --probes torch,torch+cuda,t5,diffusers_pipeline,queue_side,worker_imports \
       --out "$OUT/r/p" 2>&1 | tail -20
     timeout "$(left 575)" "$py" -m benchmarks.coldstart --out "$OUT/r/s" --phases compile,starts "${sets[@]}" \
@@ -64,10 +71,9 @@ case "$mode" in
   host)
     # The host's environment with its bytecode written once (what pip does at install), on carried sets: the
     # AOT worker and today's compiled worker in one run (run j).
-    env -u PYTHONDONTWRITEBYTECODE python3 -c "from benchmarks.leanenv import IMPORTS; exec(IMPORTS)"
-    sets=(); for d in .sets /root/kit/sets /root/kit/sets-all; do [ -d "$d" ] && sets+=(--sets-from "$d"); done
+    host_bytecode
     python3 -m benchmarks.coldstart --out "$OUT/r/s" --phases starts "${sets[@]}" "$@" 2>&1 | tail -30
     ;;
 esac
-(cd "$OUT" && tar czf logs.tgz r && rm -rf r)
+pack
 ls -la "$OUT"
