@@ -13,11 +13,21 @@ One package per image size and component: the transformer with a dynamic batch (
 and a dynamic text length (trimmed prompts, 1 .. 300 tokens); the VAE decoder with a dynamic batch.
 A call whose shape or dtypes the graph was not built for is not sent to it (``Graph.accepts``):
 the caller runs its eager forward instead.
+
+Calls on a GPU (``InFlight``): the loader's ``run`` holds the GIL from start to end, and its model
+container, with one runner, first waits for the previous call's kernels to finish. So a worker's job
+threads (PNG encoding, the upload, progress writes) stood still while the GPU thread rendered, and two
+jobs of a stream finished together, each after about twice its render (H200 run l, 2026-12-01); and the
+GPU idled while each call's kernels were launched. Each graph gets two runners (call k waits only for
+call k-2), and before a call the GPU thread waits for that call's event itself, with the GIL released,
+so the container never blocks holding it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,8 @@ from typing import Any
 MAX_TEXT = 300  # PixArt-Σ's T5 token budget
 # Package files hold kernels only; the weights are bound from the loaded model at start.
 INDUCTOR_CONFIGS: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+GPU_RUNNERS = 2  # model instances per package on a GPU: a call launches while the previous one runs
+ALIGN = 16  # bytes: the alignment inductor assumes for every input (an unaligned one is copied, with a warning)
 
 
 def transformer_call(transformer: Any) -> Any:
@@ -181,7 +193,7 @@ def _constants(module: Any) -> dict[str, Any]:
     return named
 
 
-def load_package(path: Path, device_index: int) -> Any:
+def load_package(path: Path, device_index: int, runners: int = 1) -> Any:
     """``aoti_load_package`` without its device check: the package's runner, callable like it.
 
     ``aoti_load_package`` first compares the package's device information with this machine's and only
@@ -190,7 +202,8 @@ def load_package(path: Path, device_index: int) -> Any:
     H200 start with artefacts, for a warning. Our set's key already names the GPU kind, the CPU's vector
     extensions and the versions (``artefacts.ArtefactKey``), so the loader is made directly, as
     ``load_package`` does itself for packages it cannot read the metadata of. 4-8 ms a package on a CPU
-    (``aoti_load_package``: 2.2 s for the first).
+    (``aoti_load_package``: 2.2 s for the first). ``runners``: model instances in the package's container
+    (the module docstring says why a GPU gets two).
     """
     import torch
 
@@ -200,8 +213,35 @@ def load_package(path: Path, device_index: int) -> Any:
         import torch._inductor
 
         return torch._inductor.aoti_load_package(str(path), device_index=device_index)
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, runners, device_index)
     return AOTICompiledModel(loader)
+
+
+def aligned(tensor: Any) -> Any:
+    """``tensor`` contiguous and at an ``ALIGN``-byte address (a slice such as fast mode's conditional half
+    of the timesteps starts mid-storage): what the package reads without copying it itself."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % ALIGN == 0 else tensor.clone()
+
+
+class InFlight:
+    """The events of a graph's last calls on a GPU: before call k, the wait for call k - ``runners`` (the
+    runner the container would otherwise wait for while holding the GIL); ``make_event`` gives a
+    recorded-later event (``torch.cuda.Event``), whose ``synchronize`` releases the GIL."""
+
+    def __init__(self, runners: int, make_event: Callable[[], Any]):
+        self.runners = runners
+        self.make_event = make_event
+        self.events: deque[Any] = deque()
+
+    def before_call(self) -> None:
+        while len(self.events) >= self.runners:
+            self.events.popleft().synchronize()
+
+    def after_call(self) -> None:
+        event = self.make_event()
+        event.record()
+        self.events.append(event)
 
 
 class Graph:
@@ -214,6 +254,11 @@ class Graph:
         self.device = device
         self.calls = 0
         self.timings: dict[str, float] = {}  # seconds: "package" (load_package), "bind" (load_constants)
+        self.in_flight: InFlight | None = None  # on a GPU
+        if getattr(device, "type", "cpu") == "cuda":
+            import torch
+
+            self.in_flight = InFlight(GPU_RUNNERS, torch.cuda.Event)
 
     @classmethod
     def load(cls, spec: GraphSpec, path: Path, module: Any, recorded: dict[str, Any]) -> Graph:
@@ -230,7 +275,7 @@ class Graph:
         device, _ = _param_device_dtype(module)
         index = device.index if device.type == "cuda" and device.index is not None else -1
         t0 = time.perf_counter()
-        compiled = load_package(path, index)
+        compiled = load_package(path, index, GPU_RUNNERS if index >= 0 else 1)
         t1 = time.perf_counter()
         fqns = compiled.get_constant_fqns()
         missing = [name for name in fqns if name not in state]
@@ -254,5 +299,11 @@ class Graph:
 
     def __call__(self, *tensors: Any) -> Any:
         self.calls += 1
-        # The package reads its inputs with the strides it was built for (contiguous).
-        return self.compiled(*(t.contiguous() for t in tensors))
+        # The package reads its inputs with the strides it was built for (contiguous), aligned.
+        inputs = [aligned(t) for t in tensors]
+        if self.in_flight is None:
+            return self.compiled(*inputs)
+        self.in_flight.before_call()
+        out = self.compiled(*inputs)
+        self.in_flight.after_call()
+        return out
