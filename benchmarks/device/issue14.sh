@@ -29,8 +29,10 @@ case "$mode" in
   compile)
     python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
     # pixq compile refuses packages that crash a bare loader (loadcheck; run k's did): first the compiler whose
-    # packages load bare (benchmarks/device/aot_link_probe.py), unless CXX is given
-    if [ -z "${CXX:-}" ]; then
+    # packages load bare (benchmarks/device/aot_link_probe.py), unless KEEP_CXX=1. The H200 host presets
+    # CXX=/opt/gcc/bin/g++, whose toolchain has only libstdc++.a: its packages carry a static libstdc++ and
+    # crash the loader (run k); a preset CXX is therefore probed like the others, not trusted.
+    if [ -z "${KEEP_CXX:-}" ]; then
       timeout 300 python3 -m benchmarks.device.aot_link_probe --device cuda:0 --out "$OUT/r/link" --pick \
         --pick-file /tmp/cxx default /usr/bin/g++-13 /opt/gcc/bin/g++ clang++ 2>&1 | tail -6 || true
       [ -s /tmp/cxx ] || { pack; exit 5; }
