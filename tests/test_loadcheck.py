@@ -57,3 +57,43 @@ def test_a_set_whose_packages_crash_the_loader_is_never_put_in_place(tiny_model:
     assert "Traceback" not in done.stderr and done.stdout == ""
     # Nothing a worker could load: no set folder, no manifest, no half-built folder left behind.
     assert not root.exists() or not any(root.iterdir())
+
+
+def _static_only_compiler(tmp_path: Path) -> Path:
+    """g++ that answers like the H200 host's /opt/gcc toolchain: no shared libstdc++ on its search path."""
+    cxx = shutil.which("g++") or pytest.fail("g++ is needed: AOTInductor compiles its packages with it")
+    wrapper = tmp_path / "static-only-g++"
+    wrapper.write_text(f"""#!/bin/sh
+[ "$1" = "-print-file-name=libstdc++.so" ] && {{ echo libstdc++.so; exit 0; }}
+exec {cxx} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_the_compiler_check_names_a_compiler_without_a_shared_libstdcxx(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pixq.worker.gpu.loadcheck import LoadCheckError, check_compiler
+
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    assert check_compiler() == shutil.which("g++")
+    monkeypatch.setenv("CXX", str(_static_only_compiler(tmp_path)))
+    with pytest.raises(LoadCheckError, match="has no shared libstdc"):
+        check_compiler()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(LoadCheckError, match="no C\\+\\+ compiler"):
+        check_compiler()
+
+
+@pytest.mark.timeout(300)
+def test_pixq_compile_stops_before_compiling_with_such_a_compiler(tiny_model: str, tmp_path: Path) -> None:
+    root = tmp_path / "artefacts"
+    env = env_without_pixq()
+    env.update(CXX=str(_static_only_compiler(tmp_path)), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run(pixq_argv("compile", "--model", tiny_model, "--out", str(root), "--size", "256x256"),
+                          capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "has no shared libstdc++" in last and "static-only-g++" in last, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "compiled " not in done.stderr
+    assert not root.exists() or not any(root.iterdir())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pixq.worker.gpu.aot import MAX_TEXT, Graph, GraphSpec, build_graph, decoder_call, example_inputs, transformer_call
-from pixq.worker.gpu.loadcheck import check_loads
+from pixq.worker.gpu.loadcheck import check_compiler, check_loads
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def build_artefacts(pipe: Any, model: str, device: str, root: Path, sizes: Seque
     crashes the loader raises), and renamed into place, so a reader never sees half a set; a failure removes
     the temporary folder.
     """
+    check_compiler()  # a toolchain whose packages would crash the loader fails here, before minutes of compiling
     key = artefact_key(pipe, model, device)
     final = root / key.folder()
     work = root / f".building-{key.folder()}-{os.getpid()}"

@@ -9,11 +9,17 @@ imported more first. A crash cannot be caught in the process it happens in, and 
 start restarts into the same crash, so each package is loaded here in a child process, bare, the way a
 worker's loader does (``aot.load_package``). If the child dies, the set is refused with one line naming the
 package and the signal, and nothing is put in place.
+
+The cause on that host (run l): its environment presets ``CXX=/opt/gcc/bin/g++`` (inductor honours ``CXX``),
+a toolchain with ``libstdc++.a`` and no ``libstdc++.so``, so the linker took the static library into every
+package. ``check_compiler`` asks the compiler for its shared libstdc++ before anything is compiled, so such a
+host fails in a second with the fix named, not after minutes of compiling.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +51,25 @@ def device_index(device: str) -> int:
         return -1
     _, _, index = device.partition(":")
     return int(index) if index else 0
+
+
+def check_compiler() -> str:
+    """The C++ compiler inductor will use (``CXX``, else ``g++``), if it links libstdc++ as a shared library;
+    else :class:`LoadCheckError`."""
+    cxx = os.environ.get("CXX") or "g++"
+    found = shutil.which(cxx)
+    if not found:
+        raise LoadCheckError(f"no C++ compiler {cxx!r} (CXX): AOTInductor needs one to build the packages")
+    try:
+        answer = subprocess.run([found, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                                timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LoadCheckError(f"the C++ compiler {cxx} does not answer -print-file-name ({exc})") from None
+    if not (os.path.isabs(answer) and os.path.exists(answer)):
+        raise LoadCheckError(f"the C++ compiler {cxx} has no shared libstdc++ (-print-file-name=libstdc++.so finds "
+                             "none): packages it links carry their own libstdc++ and crash AOTInductor's loader; "
+                             "set CXX to a compiler with one (e.g. /usr/bin/g++)")
+    return found
 
 
 def check_loads(paths: list[Path], device: str, timeout_s: float = 600.0) -> float:
