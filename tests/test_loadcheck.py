@@ -85,6 +85,7 @@ def test_the_compiler_check_names_a_compiler_without_a_shared_libstdcxx(tmp_path
         check_compiler()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pixq_compile_stops_before_compiling_with_such_a_compiler(tiny_model: str, tmp_path: Path) -> None:
     root = tmp_path / "artefacts"
