@@ -73,16 +73,14 @@ exec {cxx} "$@"
 
 def test_the_compiler_check_names_a_compiler_without_a_shared_libstdcxx(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch._inductor.config as inductor_config
     from pixq.worker.gpu.loadcheck import LoadCheckError, check_compiler
 
-    # inductor read CXX when it was imported: its setting is what a fresh `pixq compile` would get from CXX
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, shutil.which("g++") or "g++"))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
     assert check_compiler() == shutil.which("g++")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(_static_only_compiler(tmp_path))))
+    monkeypatch.setenv("CXX", str(_static_only_compiler(tmp_path)))
     with pytest.raises(LoadCheckError, match="has no shared libstdc"):
         check_compiler()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     with pytest.raises(LoadCheckError, match="no C\\+\\+ compiler"):
         check_compiler()
 
