@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pixq.worker.gpu.loadcheck import device_index
@@ -71,18 +72,25 @@ exec {cxx} "$@"
     return wrapper
 
 
-def test_the_compiler_check_names_a_compiler_without_a_shared_libstdcxx(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_compiler_check_names_a_compiler_without_a_shared_libstdcxx(tmp_path: Path) -> None:
+    import torch._inductor.config as inductor_config
     from pixq.worker.gpu.loadcheck import LoadCheckError, check_compiler
 
-    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
-    assert check_compiler() == shutil.which("g++")
-    monkeypatch.setenv("CXX", str(_static_only_compiler(tmp_path)))
-    with pytest.raises(LoadCheckError, match="has no shared libstdc"):
+    # inductor read CXX when it was imported; its setting is what a fresh `pixq compile` gets from CXX. The
+    # config's own patch puts it back (monkeypatch's undo of a config attribute deleted it in an earlier CI run,
+    # and later torch.compile tests failed)
+    before = inductor_config.cpp.cxx
+
+    def with_cxx(cxx: str) -> Any:
+        return inductor_config.patch({"cpp.cxx": (None, cxx)})
+
+    with with_cxx(shutil.which("g++") or "g++"):
+        assert check_compiler() == shutil.which("g++")
+    with with_cxx(str(_static_only_compiler(tmp_path))), pytest.raises(LoadCheckError, match="has no shared libstdc"):
         check_compiler()
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
-    with pytest.raises(LoadCheckError, match="no C\\+\\+ compiler"):
+    with with_cxx(str(tmp_path / "no-such-g++")), pytest.raises(LoadCheckError, match="no C\\+\\+ compiler"):
         check_compiler()
+    assert inductor_config.cpp.cxx == before
 
 
 @pytest.mark.slow

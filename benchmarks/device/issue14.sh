@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's device runs (one H200): what each call of docs/performance.md's cold-start runs did.
-#   bash benchmarks/device/issue14.sh compile   # kit, models, pixq compile of both sizes, then the start-up profile
+#   bash benchmarks/device/issue14.sh compile   # kit, models, pixq compile of both sizes (--no-small: 1024 only),
+#                                               # then the start-up profile
 #   bash benchmarks/device/issue14.sh starts    # the worker starts on those sets (needs weed: the .kit/s3 call first)
 #   bash benchmarks/device/issue14.sh lean      # the starts in a venv of the worker image's packages only
 #                                               # (benchmarks/leanenv.py), on sets carried in .sets/*; if the AOT
@@ -38,7 +39,7 @@ case "$mode" in
       [ -s /tmp/cxx ] || { pack; exit 5; }
       export CXX; CXX=$(cat /tmp/cxx); echo "CXX=$CXX"
     fi
-    timeout "$(left 530)" python3 -m benchmarks.coldstart --out "$OUT/r/c" --phases compile --deadline-s "$(left 520)" \
+    timeout "$(left 530)" python3 -m benchmarks.coldstart --out "$OUT/r/c" --phases compile --deadline-s "$(left 520)" "$@" \
       2>&1 | tail -25
     if [ -d "$OUT/r/c/sets" ]; then
       # kept on the machine for the next calls while it stays warm, and sent back as tar parts
@@ -53,6 +54,10 @@ case "$mode" in
       2>&1 | tail -40
     ;;
   lean)
+    # GPU memory every half second through the run (which worker held how much: the AOT one with its two
+    # runners against today's compiled one), stopped before the logs are packed
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 > "$OUT/r/gpu-mem.csv" 2>&1 &
+    smi=$!
     # The image's start: a venv of the worker's dependency closure with bytecode (benchmarks/leanenv.py). If the
     # AOT packages do not load there, the host's own environment with its bytecode written once instead.
     lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
@@ -69,6 +74,7 @@ case "$mode" in
       --out "$OUT/r/p" 2>&1 | tail -20
     timeout "$(left 575)" "$py" -m benchmarks.coldstart --out "$OUT/r/s" --phases compile,starts "${sets[@]}" \
       --deadline-s "$(left 560)" "$@" 2>&1 | tail -40
+    kill "$smi" 2>/dev/null
     ;;
   host)
     # The host's environment with its bytecode written once (what pip does at install), on carried sets: the

@@ -54,9 +54,15 @@ def device_index(device: str) -> int:
 
 
 def check_compiler() -> str:
-    """The C++ compiler inductor will use (``CXX``, else ``g++``), if it links libstdc++ as a shared library;
-    else :class:`LoadCheckError`."""
-    cxx = os.environ.get("CXX") or "g++"
+    """The C++ compiler inductor will use (its own search: ``CXX``, else ``g++``, config overrides included),
+    if it links libstdc++ as a shared library; else :class:`LoadCheckError`."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        cxx = get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise LoadCheckError("no C++ compiler (CXX, else g++): AOTInductor needs one to build the packages") from None
     found = shutil.which(cxx)
     if not found:
         raise LoadCheckError(f"no C++ compiler {cxx!r} (CXX): AOTInductor needs one to build the packages")
