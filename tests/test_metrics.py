@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,15 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
+
+
+def readyz(port: int) -> tuple[int, str]:
+    """``/readyz``'s status and body (503 is an answer here, not an error)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return answer.status, answer.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode().strip()
 
 
 def scrape(port: int) -> str:
@@ -139,6 +149,20 @@ def test_metrics_server_serves_its_own_registry_only() -> None:
     assert b.exposition()
 
 
+def test_readyz_answers_what_the_worker_says_and_metrics_stay_beside_it() -> None:
+    m = WorkerMetrics("model-r", "w-r")
+    port = m.start_server(0, address="127.0.0.1")
+    try:
+        assert readyz(port) == (503, "starting")
+        m.set_ready(True)
+        assert readyz(port) == (200, "ready")
+        assert value(parse(scrape(port)), "pixq_worker_info", worker="w-r", model="model-r", device="cpu") == 1
+        m.set_ready(False, "draining")
+        assert readyz(port) == (503, "draining")
+    finally:
+        m.stop_server()
+
+
 # -- a real worker --------------------------------------------------------------------------------
 
 
@@ -163,7 +187,8 @@ def metered(tmp_path: Path, s3: S3Endpoint, tiny_model: str) -> Iterator[tuple[C
 
 
 @pytest.mark.slow
-def test_a_real_worker_counts_its_jobs(metered: tuple[Client, Service, int], tiny_model: str) -> None:
+def test_a_real_worker_counts_its_jobs_and_answers_readyz(metered: tuple[Client, Service, int],
+                                                          tiny_model: str) -> None:
     client, svc, port = metered
     model = tiny_model
     before = parse(scrape(port))
@@ -202,3 +227,14 @@ def test_a_real_worker_counts_its_jobs(metered: tuple[Client, Service, int], tin
     assert value(after, "pixq_current_job_info", job_id="") == 1
     assert (value(after, "pixq_images_per_second", model=model) or 0) > 0
     assert (value(after, "pixq_denoising_steps_per_second", model=model) or 0) > 0
+
+    # Ready while serving; told to stop with a job running, /readyz says so while the job finishes
+    assert readyz(port) == (200, "ready")
+    # (1024², 200 steps: seconds of work for the tiny model, so the drain outlasts the probe; canceled then)
+    last = client.submit("runs through the first stop", width=1024, height=1024, num_inference_steps=200)
+    wait_for(lambda: client.status(last.id).step >= 3, 30, "the last job to run")
+    svc.signal(signal.SIGTERM)
+    wait_for(lambda: readyz(port) == (503, "draining"), 10, "/readyz to say draining")
+    assert client.status(last.id).state is JobState.running
+    client.cancel(last.id)
+    assert client.wait(last.id, timeout_s=60).state is JobState.canceled

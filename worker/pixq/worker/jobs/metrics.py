@@ -5,7 +5,8 @@ The runner tells it what happens, in this order for a job it claimed::
 
     metrics = WorkerMetrics(model=..., worker=..., device=...)
     metrics.pipeline_loaded(loaded.load_s)
-    metrics.start_server(port)                  # serves /metrics; port 0 picks a free one
+    metrics.start_server(port)                  # serves /metrics and /readyz; port 0 picks a free one
+    metrics.set_ready(True)                     # /readyz answers 200 from here (every size and mode warm)
     metrics.job_claimed(time.time() - record.created_at)
     metrics.set_current(job_id)                 # the render starts (it holds the GPU)
     metrics.step(n)                             # after every denoising step (n: jobs in the call)
@@ -18,6 +19,11 @@ for ``rate()`` in PromQL, which is the Prometheus way, and gauges over a sliding
 (``pixq_images_per_second``, ``pixq_denoising_steps_per_second``) for a glance without a query.
 GPU memory is read when scraped, and only where CUDA is already in use. docs/monitoring.md lists
 every metric with Grafana panels.
+
+The same port answers ``/readyz`` for an HTTP readiness probe: 503 ``starting`` until the worker is ready (its
+graphs loaded and warm, the Celery consumer taking messages: what the ready file and the presence record's
+``serving`` say), 200 ``ready`` then, 503 ``draining`` once it is told to stop. prometheus_client's own server
+answers every path with the metrics, so this module serves its WSGI app behind that one extra path.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,9 +44,10 @@ from prometheus_client import (
     Info,
     ProcessCollector,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 # How a claimed job ended for this worker.
@@ -132,6 +140,11 @@ class GpuMemoryCollector(Collector):
             yield family
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """Scrapes and probes every few seconds are not worth a log line each."""
+
+
 class WorkerMetrics:
     """The metrics of one worker process serving one model. Thread-safe (two job threads share it)."""
 
@@ -149,6 +162,7 @@ class WorkerMetrics:
         r = self.registry
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._readiness: tuple[bool, str] = (False, "starting")
         self._lock = threading.Lock()
         self._holding = 0
 
@@ -251,14 +265,30 @@ class WorkerMetrics:
 
     # -- serving ------------------------------------------------------------------------------
 
+    def set_ready(self, ready: bool, why: str = "") -> None:
+        """What ``/readyz`` answers: 200 when ready, else 503 with ``why`` (``starting``, ``draining``)."""
+        self._readiness = (ready, why or ("ready" if ready else "starting"))
+
     def start_server(self, port: int, address: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` from a daemon thread; returns the port (``port=0`` picks a free one).
+        """Serve ``/metrics`` and ``/readyz`` from a daemon thread; returns the port (``port=0`` picks a free one).
 
         Call it in the process that renders, after the pipeline is loaded.
         """
         if self._server is not None:
             raise RuntimeError("the metrics server is already running")
-        self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO") == "/readyz":
+                ready, why = self._readiness
+                start_response("200 OK" if ready else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8")])
+                return [f"{why}\n".encode()]
+            return metrics_app(environ, start_response)
+
+        self._server = make_server(address, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pixq-metrics", daemon=True)
+        self._thread.start()
         return int(self._server.server_port)
 
     def stop_server(self) -> None:

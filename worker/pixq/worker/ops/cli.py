@@ -59,7 +59,7 @@ def worker(
     encode_threads: Annotated[int, typer.Option(help="PNG encoding threads while the GPU is idle "
                                                 "[default 0: min(8, cores)]; one while another job renders")] = 0,
     gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Serve Prometheus metrics on this port; 0: off")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="Serve /metrics and /readyz on this port; 0: off")] = 0,
     trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
                                             help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
     vae_tile_above: Annotated[int, typer.Option(help="Decode images of more than this many pixels in tiles "

@@ -317,9 +317,11 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
                      ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in loaded.phases.items()))
         if options.ready_file:
             Path(options.ready_file).write_text(f"{name}\n")
+        metrics.set_ready(True)  # /readyz on the metrics port
 
     def on_shutting_down(**_: object) -> None:
         shutdown.draining.set()  # first stop: jobs waiting for the GPU go back, the running one finishes
+        metrics.set_ready(False, "draining")
 
     def on_shutdown(**_: object) -> None:
         presence.stop()
