@@ -63,9 +63,7 @@ def check_compiler() -> str:
         cxx = get_cpp_compiler()
     except InvalidCxxCompiler:
         raise LoadCheckError("no C++ compiler (CXX, else g++): AOTInductor needs one to build the packages") from None
-    found = shutil.which(cxx)
-    if not found:
-        raise LoadCheckError(f"no C++ compiler {cxx!r} (CXX): AOTInductor needs one to build the packages")
+    found = shutil.which(cxx) or cxx  # inductor's search ran it (``--version``): a name on PATH, or a path
     try:
         answer = subprocess.run([found, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
                                 timeout=60).stdout.strip()
