@@ -57,7 +57,7 @@ case "$mode" in
     # GPU memory every half second through the run (which worker held how much: the AOT one with its two
     # runners against today's compiled one), stopped before the logs are packed
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 > "$OUT/r/gpu-mem.csv" 2>&1 &
-    smi=$!
+    smi=$!; trap 'kill "$smi" 2>/dev/null' EXIT  # also on an early exit below
     # The image's start: a venv of the worker's dependency closure with bytecode (benchmarks/leanenv.py). If the
     # AOT packages do not load there, the host's own environment with its bytecode written once instead.
     lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
