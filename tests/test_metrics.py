@@ -209,9 +209,12 @@ def test_a_real_worker_counts_its_jobs_and_answers_readyz(metered: tuple[Client,
     canceled = client.wait(long.id, timeout_s=30)
     assert canceled.state is JobState.canceled
 
-    # The record is written before the metrics move: wait for the second outcome.
+    # The record is written before the metrics move: wait for the second outcome. The job's own thread counts
+    # it at once; the GPU thread lets go of the canceled render at its next step (batcher: the rows are dropped,
+    # then after_batch clears pixq_current_job_info), so wait for that too.
     after = wait_for(lambda: (s := parse(scrape(port))) and value(
-        s, "pixq_jobs_total", model=model, outcome="canceled") == 1 and s, 10, "the canceled job's outcome")
+        s, "pixq_jobs_total", model=model, outcome="canceled") == 1 and value(
+        s, "pixq_current_job_info", job_id="") == 1 and s, 10, "the canceled job's outcome and the GPU let go")
     assert value(after, "pixq_jobs_total", model=model, outcome="succeeded") == 1
     assert sum(value(after, "pixq_jobs_total", model=model, outcome=o) or 0 for o in OUTCOMES) == 2
     assert value(after, "pixq_images_total", model=model) == 2
