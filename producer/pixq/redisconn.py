@@ -89,7 +89,7 @@ class RedisEndpoint:
 
     url: str
     sentinels: tuple[tuple[str, int], ...] = ()  # empty: one server (``url``)
-    master_name: str | None = None
+    master_name: str = ""  # set exactly when ``sentinels`` is (parse requires both)
     db: int = 0
     username: str | None = None
     password: str | None = None
@@ -188,7 +188,7 @@ class RedisEndpoint:
         sentinel = AsyncSentinel(list(self.sentinels), sentinel_kwargs={**self.sentinel_auth, **tls}, **tls)
         from pixq.sentinelconn import connection_class
 
-        return sentinel.master_for(self.master_name or "", db=self.db, username=self.username, password=self.password,
+        return sentinel.master_for(self.master_name, db=self.db, username=self.username, password=self.password,
                                    connection_class=connection_class(bool(tls), asynchronous=True), **common)
 
     def limits_url(self) -> str:
@@ -198,7 +198,7 @@ class RedisEndpoint:
             return self.url
         auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@" if self.password else ""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"redis+sentinel://{auth}{hosts}/{quote(self.master_name or '', safe='')}"
+        return f"redis+sentinel://{auth}{hosts}/{quote(self.master_name, safe='')}"
 
     def limits_options(self) -> dict[str, Any]:
         """What a ``limits`` Sentinel URL cannot say: the sentinels' own login, TLS (to the sentinels
