@@ -3,5 +3,5 @@
 # wait, print the S3 key and a presigned URL, save the image under ./out, stop everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/pixq demo "${@:-A small cactus with a happy face in the Sahara desert.}"

@@ -2,6 +2,6 @@
 # Set up, then run the whole test suite against real redis-server, SeaweedFS and worker processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 . .venv/bin/activate
 exec python -m pytest "$@"
