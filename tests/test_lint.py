@@ -1,4 +1,4 @@
-"""The code stays ruff- and mypy-clean (STYLE.md): checked like any other test."""
+"""The code stays ruff- and mypy-clean (docs/style.md): checked like any other test."""
 
 from __future__ import annotations
 
