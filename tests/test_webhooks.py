@@ -117,3 +117,16 @@ def test_exhausted_deliveries_are_listed_and_redeliverable(api: str, key: dict[s
     finally:
         receiver.close()
 
+
+
+@pytest.mark.parametrize("url", ["https://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64 to the metadata service
+                                 "https://[2002:a00:1::]/hook",  # 6to4 to 10.0.0.1
+                                 "https://[::ffff:0:a9fe:a9fe]/",  # IPv4-translated
+                                 "https://8.8.8.8\x00.example.com/hook"])  # a NUL: the resolver reads 8.8.8.8
+def test_a_webhook_url_reaching_a_private_address_or_with_a_nul_is_refused_naming_the_field(
+        url: str, api: str, key: dict[str, str], slow_model: str) -> None:
+    r = httpx.post(f"{api}/v1/jobs", json={"prompt": "no", "model_name": slow_model, "webhook": {"url": url}},
+                   headers=auth(key))
+    assert r.status_code == 422, r.text
+    (field,) = r.json()["fields"]
+    assert field["field"] == "webhook.url" and ("embeds" in field["message"] or "U+0000" in field["message"])
