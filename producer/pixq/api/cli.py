@@ -137,6 +137,21 @@ def keys_rotate(
         typer.echo(f"new webhook secret for {key.name}: {secret} (signatures now carry {len(key.webhook_secrets)})")
 
 
+@keys_app.command("rotate-encryption")
+def keys_rotate_encryption() -> None:
+    """Seal every key's webhook secrets with the first PIXQ_SECRETS_KEY (those sealed with an older key, or
+    stored in the clear by an earlier version); run once every process has the new key listed first."""
+    from pixq.api.secretbox import SecretsKeyError
+
+    done = _store().reseal_all()
+    if done.refused:
+        name, why = next(iter(done.refused.items()))
+        raise SecretsKeyError(f"{len(done.refused)} of {done.total} keys left as they were ({done.resealed} "
+                              f"re-sealed); key {name}: {why}")
+    typer.echo(f"{done.resealed} of {done.total} keys' webhook secrets re-sealed with encryption key {done.kid} "
+               f"({done.plaintext} were in the clear); the others were sealed with it already")
+
+
 def _check_redis_safe(settings: Settings) -> None:
     """Refuse a Redis that evicts keys before serving (pixq/redisconn.py); Redis down: say so in one line."""
     from pixq.errors import service_errors
@@ -156,7 +171,7 @@ def _store() -> Any:
 
     settings, api_settings = _settings()
     conn = settings.redis_endpoint().client(retries=6)
-    return KeyStore(conn, api_settings.require_pepper())
+    return KeyStore(conn, api_settings.require_pepper(), api_settings.secrets_keys)
 
 
 @webhooks_app.callback(invoke_without_command=True)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict
 
+from pixq.api.secretbox import parse_secrets_keys
 from pixq.errors import ConfigError
 
 # Svix's schedule (immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h): about 27 h in all.
@@ -20,6 +21,7 @@ API_ENV_VARS = (
     "PIXQ_WEBHOOK_SCHEDULE_S",
     "PIXQ_WEBHOOK_CONCURRENCY",
     "PIXQ_WEBHOOK_SECRET",
+    "PIXQ_SECRETS_KEY",
 )
 
 
@@ -33,6 +35,9 @@ class ApiSettings(BaseModel):
     webhook_schedule_s: tuple[float, ...] = DEFAULT_SCHEDULE_S  # waits between attempts; then it is exhausted
     webhook_concurrency: int = 16
     webhook_secret: str | None = None  # signs webhooks of jobs submitted without an API key (Python clients)
+    # Keys that seal the keys' webhook secrets in Redis (pixq/api/secretbox.py): the first seals, any opens;
+    # none: a key derived from the pepper.
+    secrets_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ApiSettings:
@@ -58,6 +63,8 @@ class ApiSettings(BaseModel):
             if not secret.startswith("whsec_"):
                 raise ConfigError("PIXQ_WEBHOOK_SECRET: must be a whsec_... secret (pixq keys prints one)")
             values["webhook_secret"] = secret
+        if (raw := get("PIXQ_SECRETS_KEY")) is not None:
+            values["secrets_keys"] = parse_secrets_keys(raw)
         if (raw := get("PIXQ_WEBHOOK_SCHEDULE_S")) is not None:
             values["webhook_schedule_s"] = tuple(
                 _number("PIXQ_WEBHOOK_SCHEDULE_S", part, 0.0) for part in raw.split(",") if part.strip()

@@ -2,7 +2,10 @@
 
 A key reads ``pixq_<id>_<secret>``: the id finds the record, the HMAC-SHA256 of the whole key under
 the operator's pepper (``PIXQ_API_KEY_PEPPER``) is compared in constant time. Each key carries its
-webhook signing secrets (``whsec_...``, newest first; two during a rotation).
+webhook signing secrets (``whsec_...``, newest first; two during a rotation), sealed with
+``secretbox.SecretBox`` (AES-256-GCM, the key from the environment): Redis holds no secret in the clear.
+Secrets stored in the clear by earlier versions (a JSON list) are read, and sealed by ``reseal_all``
+(``pixq keys rotate-encryption``, and each relay at its start).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import redis
 
+from pixq.api.secretbox import SecretBox, SecretsKeyError
 from pixq.errors import PixqError
 
 KEY_PREFIX = "pixq:apikey:"  # HASH per key id
@@ -29,6 +34,15 @@ _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|h
 _RATE_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour"}
 MAX_SECRETS = 2
+SECRETS_FIELD = "webhook_secrets"
+
+# KEYS: the key's hash. ARGV: the field, the value read, the value to write. Written only if unchanged
+# meanwhile (a rotation of the secret in between wins).
+_SWAP = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
 
 
 class Scope(str, enum.Enum):
@@ -50,7 +64,10 @@ class ApiKey:
     rate: str | None = None  # e.g. "10/second" (the ``limits`` library's notation)
     created_at: float = 0.0
     revoked_at: float | None = None
+    # The signing secrets in the clear: only on the key ``create`` and ``rotate_webhook_secret`` return (a
+    # key read from Redis has them sealed; ``KeyStore.webhook_secrets`` opens them).
     webhook_secrets: tuple[str, ...] = field(default_factory=tuple)
+    sealed_secrets: str = field(default="", repr=False)  # as stored: sealed, or a clear JSON list from before
 
     def allows(self, scope: Scope) -> bool:
         return Scope.admin in self.scopes or scope in self.scopes
@@ -83,10 +100,27 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
+@dataclass(frozen=True)
+class Resealed:
+    """What ``KeyStore.reseal_all`` did: keys looked at, re-sealed (of which were in the clear), the sealing
+    key's id, and why each key it could not open was left as it was (by key name)."""
+
+    total: int
+    resealed: int
+    plaintext: int
+    kid: str
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 class KeyStore:
-    def __init__(self, conn: redis.Redis, pepper: str):
+    """Keys in Redis. ``secrets_keys``: ``PIXQ_SECRETS_KEY``'s entries (the first seals webhook secrets);
+    the key derived from the pepper always opens too, and seals when none is given."""
+
+    def __init__(self, conn: redis.Redis, pepper: str, secrets_keys: Sequence[str] = ()):
         self.conn = conn
         self._pepper = pepper.encode()
+        self.box = SecretBox.for_settings(secrets_keys, pepper)
+        self._swap = conn.register_script(_SWAP)
 
     def digest(self, key: str) -> str:
         """What is stored of a key: its HMAC-SHA256 under the pepper, in hex."""
@@ -103,14 +137,49 @@ class KeyStore:
         text = f"pixq_{key_id}_{secrets.token_urlsafe(32)}"
         key = ApiKey(id=key_id, name=name, scopes=scopes, max_in_flight=max_in_flight, rate=rate,
                      created_at=time.time(), webhook_secrets=(new_webhook_secret(),))
+        sealed = self._seal(key_id, key.webhook_secrets)
         if not self.conn.hsetnx(NAMES_KEY, name, key_id):
             raise KeyError_(f"NAME: a key named {name!r} exists already")
         self.conn.hset(KEY_PREFIX + key_id, mapping={
             "id": key_id, "name": name, "hash": self.digest(text), "scopes": ",".join(sorted(s.value for s in scopes)),
             "max_in_flight": max_in_flight, "rate": rate or "", "created_at": key.created_at, "revoked_at": "",
-            "webhook_secrets": json.dumps(list(key.webhook_secrets)),
+            SECRETS_FIELD: sealed,
         })
-        return key, text
+        return replace(key, sealed_secrets=sealed), text
+
+    def webhook_secrets(self, key: ApiKey) -> tuple[str, ...]:
+        """The key's signing secrets in the clear, newest first; ``SecretsKeyError`` if no key given opens them."""
+        return self._open(key.id, key.sealed_secrets)
+
+    def reseal_all(self, plaintext_only: bool = False) -> Resealed:
+        """Seal every key's secrets with the sealing key: those sealed with another (a rotation's old key)
+        and those stored in the clear by an earlier version (only those with ``plaintext_only``)."""
+        total = resealed = plaintext = 0
+        refused: dict[str, str] = {}
+        for key in self.list():
+            total += 1
+            stored = key.sealed_secrets
+            if not stored or self.box.is_current(stored) or (plaintext_only and self.box.is_sealed(stored)):
+                continue
+            try:
+                fresh = self._seal(key.id, self._open(key.id, stored))
+            except SecretsKeyError as exc:
+                refused[key.name] = str(exc)
+                continue
+            if self._swap(keys=[KEY_PREFIX + key.id], args=[SECRETS_FIELD, stored, fresh]):
+                resealed += 1
+                plaintext += not self.box.is_sealed(stored)
+        return Resealed(total=total, resealed=resealed, plaintext=plaintext, kid=self.box.kid, refused=refused)
+
+    def _seal(self, key_id: str, secrets_: Sequence[str]) -> str:
+        return self.box.seal(json.dumps(list(secrets_)), f"{KEY_PREFIX}{key_id}/{SECRETS_FIELD}")
+
+    def _open(self, key_id: str, stored: str) -> tuple[str, ...]:
+        if not stored:
+            return ()
+        if not self.box.is_sealed(stored):  # in the clear, from before sealing: read it as it is
+            return tuple(json.loads(stored))
+        return tuple(json.loads(self.box.open(stored, f"{KEY_PREFIX}{key_id}/{SECRETS_FIELD}")))
 
     def get(self, key_id: str) -> ApiKey | None:
         raw = self.conn.hgetall(KEY_PREFIX + key_id)
@@ -158,9 +227,10 @@ class KeyStore:
         """A new signing secret first; the previous one still signs until the next rotation."""
         key = self.by_name(name)
         secret = new_webhook_secret()
-        kept = (secret, *key.webhook_secrets)[:MAX_SECRETS]
-        self.conn.hset(KEY_PREFIX + key.id, "webhook_secrets", json.dumps(list(kept)))
-        return self.by_name(name), secret
+        kept = (secret, *self.webhook_secrets(key))[:MAX_SECRETS]
+        sealed = self._seal(key.id, kept)
+        self.conn.hset(KEY_PREFIX + key.id, SECRETS_FIELD, sealed)
+        return replace(self.by_name(name), webhook_secrets=kept), secret
 
 
 def _decode(raw: dict[bytes, bytes]) -> ApiKey:
@@ -169,5 +239,5 @@ def _decode(raw: dict[bytes, bytes]) -> ApiKey:
         id=f["id"], name=f["name"], scopes=frozenset(Scope(s) for s in f["scopes"].split(",") if s),
         max_in_flight=int(f.get("max_in_flight") or 0), rate=f.get("rate") or None,
         created_at=float(f.get("created_at") or 0), revoked_at=float(f["revoked_at"]) if f.get("revoked_at") else None,
-        webhook_secrets=tuple(json.loads(f.get("webhook_secrets") or "[]")),
+        sealed_secrets=f.get(SECRETS_FIELD, ""),
     )

@@ -6,6 +6,8 @@ taking it is claimed by another (``XAUTOCLAIM``). Each entry becomes one deliver
 2xx is the only success, ``410 Gone`` stops sending to that URL, anything else (3xx included:
 redirects are not followed) retries after the schedule's next wait with jitter, or the
 receiver's ``Retry-After``. At least once, in order per job; receivers dedupe on ``webhook-id``.
+A key's signing secrets are sealed in Redis (``keys.py``); the relay opens them per attempt, and at
+its start seals any an earlier version stored in the clear.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from standardwebhooks.webhooks import Webhook
 from pixq.api.config import ApiSettings
 from pixq.api.deliveries import GROUP, Delivery, DeliveryStore, payload_json
 from pixq.api.keys import KeyStore
+from pixq.api.secretbox import SecretsKeyError
 from pixq.egress import EgressRefused, check_destination
 from pixq.records import OUTBOX_KEY, decode_record
 from pixq.settings import Settings
@@ -59,7 +62,7 @@ class Relay:
                  name: str | None = None):
         self.settings, self.api, self.conn = settings, api, conn
         self.store = DeliveryStore(conn)
-        self.keys = KeyStore(conn, api.require_pepper())
+        self.keys = KeyStore(conn, api.require_pepper(), api.secrets_keys)
         self.public_url = public_url.rstrip("/")
         self.name = name or f"{socket.gethostname()}-{threading.get_native_id()}-{random.getrandbits(24):06x}"
         self.allow = settings.webhook_allow_networks()
@@ -88,6 +91,7 @@ class Relay:
 
     def run(self) -> None:
         next_claim = 0.0
+        self._seal_plaintext_secrets()
         while not self._stop.is_set():
             try:
                 self._ensure_group()
@@ -99,6 +103,19 @@ class Relay:
             except redis.RedisError as exc:
                 log.warning("relay %s: Redis unavailable (%s); retrying", self.name, exc)
                 self._stop.wait(1.0)
+
+    def _seal_plaintext_secrets(self) -> None:
+        """Seal the signing secrets an earlier version stored in the clear (once, at start; every relay may:
+        each write is conditional). Secrets sealed with another key are left to `pixq keys rotate-encryption`."""
+        try:
+            done = self.keys.reseal_all(plaintext_only=True)
+        except redis.RedisError as exc:
+            log.warning("relay %s: webhook secrets stored in the clear were not sealed: %s", self.name, exc)
+            return
+        if done.resealed:
+            log.warning("relay %s: sealed the webhook secrets of %d API keys stored in the clear by an earlier "
+                        "version (Redis's AOF/RDB files may still hold them until rewritten)", self.name,
+                        done.resealed)
 
     def _ensure_group(self) -> None:
         try:
@@ -163,8 +180,9 @@ class Relay:
 
     def secrets_for(self, delivery: Delivery) -> tuple[str, ...]:
         key = self.keys.get(delivery.owner) if delivery.owner else None
-        if key is not None and key.webhook_secrets:
-            return key.webhook_secrets
+        opened = self.keys.webhook_secrets(key) if key is not None else ()
+        if opened:
+            return opened
         return (self.api.webhook_secret,) if self.api.webhook_secret else ()
 
     def deliver(self, delivery: Delivery) -> str:
@@ -197,6 +215,9 @@ class Relay:
                 return "gone"
             error = f"answered {status}"
             retry_after = retry_after_s(response.headers.get("retry-after"))
+        except SecretsKeyError as exc:  # PIXQ_SECRETS_KEY lacks the key: retried, in case the operator adds it
+            error = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+            log.warning("webhook %s not signed: %s", delivery.id, exc)
         except (httpx.HTTPError, EgressRefused) as exc:
             error = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
         schedule = self.api.webhook_schedule_s
