@@ -89,8 +89,8 @@ def test_redis_holds_no_webhook_secret_in_the_clear(own_redis: redis.Redis) -> N
     key, _ = store.create(f"sealed-{os.urandom(3).hex()}", frozenset({Scope.submit}))
     (secret,) = key.webhook_secrets
     _, rotated = store.rotate_webhook_secret(key.name)
-    stored = own_redis.hgetall(KEY_PREFIX + key.id)
-    everything = b"".join(k + v for k, v in stored.items())  # type: ignore[union-attr]
+    stored: dict[bytes, bytes] = own_redis.hgetall(KEY_PREFIX + key.id)  # type: ignore[assignment]
+    everything = b"".join(k + v for k, v in stored.items())
     for s in (secret, rotated):
         assert s.encode() not in everything and s.removeprefix("whsec_").encode() not in everything
         assert base64.b64decode(s.removeprefix("whsec_")) not in everything
