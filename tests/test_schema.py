@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pixq.errors import ConfigError, InvalidRequest
 from pixq.models import DEFAULT_MODEL
-from pixq.schema import MAX_SEED, JobRequest, parse_request, request_schema
+from pixq.schema import FAST_SCHEDULERS, MAX_SEED, JobRequest, Scheduler, parse_request, request_schema
 from pixq.settings import Settings
 
 # (request fields, field named in the error, words of the rule)
@@ -35,6 +35,16 @@ INVALID = [
     ({"prompt": "x", "seed": 2**40}, "seed", f"less than or equal to {MAX_SEED}"),
     ({"prompt": "x", "output_format": "gif"}, "output_format", "'png', 'webp' or 'jpeg'"),
     ({"prompt": "x", "mode": "turbo"}, "mode", "'exact' or 'fast'"),
+    ({"prompt": "x", "scheduler": "heun"}, "scheduler",
+     "'dpm-solver++', 'sa-solver', 'unipc', 'euler', 'euler-ancestral' or 'ddim'"),
+    ({"prompt": "x", "scheduler": "DPM-Solver"}, "scheduler", "'dpm-solver++', 'sa-solver'"),
+    ({"prompt": "x", "scheduler": "euler", "num_inference_steps": 1}, "scheduler",
+     "euler needs at least 2 num_inference_steps (got 1); with 1 use one of dpm-solver++, sa-solver, unipc, ddim"),
+    ({"prompt": "x", "scheduler": "euler-ancestral", "num_inference_steps": 1}, "scheduler", "at least 2"),
+    ({"prompt": "x", "scheduler": "sa-solver", "mode": "fast"}, "scheduler",
+     "sa-solver cannot run mode fast (fast mode is measured with dpm-solver++ only); with mode fast use one of "
+     "dpm-solver++, or mode exact"),
+    ({"prompt": "x", "scheduler": "ddim", "mode": "fast"}, "scheduler", "ddim cannot run mode fast"),
     ({"prompt": "x", "steps": 20}, "steps", "unknown field"),
     ({"prompt": "x", "width": 1000, "use_resolution_binning": False}, "width",
      "multiple of 16 when use_resolution_binning is false"),
@@ -77,6 +87,31 @@ def test_defaults_follow_diffusers_and_dashai() -> None:
     assert (r.width, r.height, r.num_images_per_prompt, r.model_name) == (1024, 1024, 1, DEFAULT_MODEL)
     assert r.output_format.value == "png" and r.mode.value == "exact"
     assert r.use_resolution_binning is True  # diffusers' default: the trained size nearest, resized
+    assert r.scheduler is Scheduler.dpm_solver  # the checkpoint's own sampler
+
+
+def test_every_sampler_runs_exact_mode_from_two_steps_and_fast_mode_only_where_measured() -> None:
+    for scheduler in Scheduler:
+        assert parse_request({"prompt": "x", "scheduler": scheduler.value, "num_inference_steps": 2}).scheduler \
+            is scheduler
+        fast = {"prompt": "x", "scheduler": scheduler.value, "mode": "fast"}
+        if scheduler in FAST_SCHEDULERS:
+            assert parse_request(fast).mode.value == "fast"
+        else:
+            with pytest.raises(InvalidRequest, match="^scheduler: "):
+                parse_request(fast)
+    assert parse_request({"prompt": "x", "scheduler": "sa-solver", "num_inference_steps": 1}).num_inference_steps == 1
+    with pytest.raises(InvalidRequest) as info:  # both of the sampler's rules, in one error
+        parse_request({"prompt": "x", "scheduler": "euler", "num_inference_steps": 1, "mode": "fast"})
+    assert [f for f, _ in info.value.errors] == ["scheduler", "scheduler"]
+
+
+def test_the_cli_offers_the_schemas_samplers() -> None:
+    import typing
+
+    from pixq import commands
+
+    assert typing.get_args(commands.SchedulerChoice) == tuple(s.value for s in Scheduler)
 
 
 def test_native_size_needs_multiples_of_16_only_without_binning() -> None:
@@ -113,6 +148,8 @@ def test_schema_describes_every_field() -> None:
     assert schema["required"] == ["prompt"]
     assert set(schema["properties"]) == set(JobRequest.model_fields)
     assert schema["properties"]["num_inference_steps"]["default"] == 20
+    assert schema["properties"]["scheduler"]["default"] == "dpm-solver++"
+    assert schema["$defs"]["Scheduler"]["enum"] == [s.value for s in Scheduler]
     assert schema["additionalProperties"] is False
 
 

@@ -23,10 +23,12 @@ from rich.console import Console
 
 from pixq.errors import InvalidRequest, NoWorkerWarning, StorageUnavailable
 
-# The choices of --format and --mode, spelled out so that listing the commands need not import the
-# schema (pydantic); tests/test_cli.py checks they are the schema's OutputFormat and RenderMode.
+# The choices of --format, --mode and --scheduler, spelled out so that listing the commands need not import the
+# schema (pydantic); tests/test_cli.py and tests/test_schema.py check they are the schema's OutputFormat,
+# RenderMode and Scheduler.
 FormatChoice = Literal["png", "webp", "jpeg"]
 ModeChoice = Literal["exact", "fast"]
+SchedulerChoice = Literal["dpm-solver++", "sa-solver", "unipc", "euler", "euler-ancestral", "ddim"]
 
 if TYPE_CHECKING:
     from pixq.client import Client
@@ -74,7 +76,7 @@ def describe(record: JobRecord) -> None:
     out.print(f"[bold]{record.id}[/bold]  {record.state.value}")
     out.print(f"  prompt    {r.prompt!r}")
     out.print(f"  model     {r.model_name}   {r.width}x{r.height}   steps {r.num_inference_steps}   "
-              f"guidance {r.guidance_scale}   seed {r.seed}   {r.mode.value}"
+              f"guidance {r.guidance_scale}   seed {r.seed}   {r.mode.value}   {r.scheduler.value}"
               + ("" if r.use_resolution_binning else "   native size"))
     if record.state is JobState.running:
         out.print(f"  progress  {progress_text(record)} on {record.worker}")
@@ -162,6 +164,9 @@ def submit(
     idempotency_key: Annotated[Optional[str], typer.Option(help="Same key, same job.")] = None,
     priority: Annotated[int, typer.Option(help="0 to 9; higher runs first.")] = 0,
     mode: Annotated[ModeChoice, typer.Option(help="exact, or the opt-in fast mode.")] = "exact",
+    scheduler: Annotated[SchedulerChoice, typer.Option(
+        help="Sampler (the checkpoint's default: dpm-solver++); fast mode runs with dpm-solver++ only.")
+    ] = "dpm-solver++",
     native: Annotated[bool, typer.Option(
         "--native", help="Render at exactly width x height (multiples of 16) instead of the checkpoint's nearest "
         "trained size resized (use_resolution_binning=false).")] = False,
@@ -173,7 +178,7 @@ def submit(
     fields: dict[str, Any] = {
         "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance_scale,
         "seed": seed, "width": width, "height": height, "num_images_per_prompt": num_images,
-        "output_format": output_format, "priority": priority, "mode": mode,
+        "output_format": output_format, "priority": priority, "mode": mode, "scheduler": scheduler,
         "use_resolution_binning": not native,
     }
     if model is not None:

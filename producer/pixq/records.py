@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pixq.durable import Durability
 from pixq.errors import JobNotFound, PixqError, QueueFull
 from pixq.recordscripts import CLAIM, CREATE, KEY_OK, PROGRESS, REAP, RELEASE, RENEW, RETRY, TRANSITION
-from pixq.schema import JobRequest, RenderMode
+from pixq.schema import JobRequest, RenderMode, Scheduler
 
 KEY_PREFIX = "pixq:job:"
 
@@ -57,6 +57,7 @@ class RenderInfo(BaseModel):
     """How the worker rendered a succeeded job."""
 
     mode: RenderMode
+    scheduler: Scheduler = Scheduler.dpm_solver  # the sampler that ran (records from before samplers: the default)
     width: int  # the size the model rendered at: with resolution binning, the trained size nearest
     height: int
     resized: bool  # the images were resized from width x height to the requested size

@@ -7,6 +7,7 @@ Field names and defaults follow diffusers' ``PixArtSigmaPipeline`` and DashAI's
 from __future__ import annotations
 
 import enum
+import inspect
 import secrets
 import unicodedata
 from typing import Annotated, Any
@@ -57,6 +58,31 @@ class RenderMode(str, enum.Enum):
 
     exact = "exact"
     fast = "fast"
+
+
+class Scheduler(str, enum.Enum):
+    """The sampler: the diffusers scheduler that runs the denoising steps, built per job from the checkpoint's own
+    scheduler config (``from_config``: its training betas, prediction type and timestep spacing carry over).
+    ``dpm-solver++`` (DPMSolverMultistepScheduler, the checkpoint's default), ``sa-solver`` (SASolverScheduler:
+    predictor and corrector order 2, tau 1 for 200 <= t <= 800 else 0, data prediction, as the PixArt-Σ repository's
+    app runs it), ``unipc`` (UniPCMultistepScheduler), ``euler`` (EulerDiscreteScheduler), ``euler-ancestral``
+    (EulerAncestralDiscreteScheduler) and ``ddim`` (DDIMScheduler with trailing timesteps, unclipped)."""
+
+    dpm_solver = "dpm-solver++"
+    sa_solver = "sa-solver"
+    unipc = "unipc"
+    euler = "euler"
+    euler_ancestral = "euler-ancestral"
+    ddim = "ddim"
+
+
+# The fewest steps a sampler can run. With the checkpoint's "linspace" timestep spacing, Euler's one step is
+# t = 0: it would never start from noise (the image comes out flat grey), so these need two.
+MIN_STEPS: dict[Scheduler, int] = {Scheduler.euler: 2, Scheduler.euler_ancestral: 2}
+# Fast mode's step plan (worker/pixq/worker/gpu/fastmode.py) is measured with DPM-Solver++ only
+# (docs/performance.md); another sampler joins when its difference from exact is measured on a GPU
+# (benchmarks/device/samplers.py) and recorded in fastmode.MEASURED_DIFFERENCES.
+FAST_SCHEDULERS: tuple[Scheduler, ...] = (Scheduler.dpm_solver,)
 
 
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
@@ -141,6 +167,9 @@ class JobRequest(BaseModel):
     output_format: Annotated[OutputFormat, Strict(False)] = Field(OutputFormat.png, description="Image file format.")
     priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent); higher runs first.")
     mode: Annotated[RenderMode, Strict(False)] = Field(RenderMode.exact, description=RenderMode.__doc__)
+    scheduler: Annotated[Scheduler, Strict(False)] = Field(
+        Scheduler.dpm_solver, description=inspect.cleandoc(Scheduler.__doc__ or "")
+    )
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
         None, description="Two submits with the same key give one job."
     )
@@ -181,6 +210,7 @@ class JobRequest(BaseModel):
             if not self.use_resolution_binning and side % NATIVE_MULTIPLE:
                 errors.append((field, f"must be a multiple of {NATIVE_MULTIPLE} when use_resolution_binning is "
                                       f"false (got {side})"))
+        errors.extend(("scheduler", problem) for problem in _scheduler_problems(self))
         if errors:
             raise ValueError(_ErrorList(errors))
         return self
@@ -210,6 +240,21 @@ class JobRequest(BaseModel):
         if self.seed == RANDOM_SEED:
             update["seed"] = draw_seed()
         return self.model_copy(update=update)
+
+
+def _scheduler_problems(request: JobRequest) -> list[str]:
+    """Why ``request.scheduler`` cannot run this request's step count or mode, each naming the samplers that can."""
+    scheduler, steps = Scheduler(request.scheduler), request.num_inference_steps
+    problems: list[str] = []
+    if steps < MIN_STEPS.get(scheduler, 1):
+        able = [s.value for s in Scheduler if steps >= MIN_STEPS.get(s, 1)]
+        problems.append(f"{scheduler.value} needs at least {MIN_STEPS[scheduler]} num_inference_steps (got {steps}); "
+                        f"with {steps} use one of {', '.join(able)}")
+    if RenderMode(request.mode) is RenderMode.fast and scheduler not in FAST_SCHEDULERS:
+        problems.append(f"{scheduler.value} cannot run mode fast (fast mode is measured with "
+                        f"{', '.join(s.value for s in FAST_SCHEDULERS)} only); with mode fast use one of "
+                        f"{', '.join(s.value for s in FAST_SCHEDULERS)}, or mode exact")
+    return problems
 
 
 def draw_seed() -> int:
