@@ -58,7 +58,7 @@ def test_incompatible_jobs_are_refused_one_call(tiny_model: str) -> None:
     base = {"prompt": "a", "model_name": tiny_model, **SMALL}
     one = JobRequest.model_validate(base)
     for change in ({"num_inference_steps": 7}, {"width": 136}, {"guidance_scale": 2.0}, {"mode": "fast"},
-                   {"output_format": "webp"}, {"use_resolution_binning": False}):
+                   {"output_format": "webp"}, {"use_resolution_binning": False}, {"scheduler": "euler"}):
         other = JobRequest.model_validate({**base, **change})
         assert batch_key(other) != batch_key(one), change
         with pytest.raises(ValueError, match="must agree"):

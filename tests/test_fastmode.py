@@ -141,3 +141,15 @@ def test_prompt_cache_is_a_bounded_lru() -> None:
         cache.put((text, 300, True), Encoded(None, None, 1))
     assert len(cache) == 2
     assert cache.get(("b", 300, True)) is None and cache.get(("a", 300, True)) is not None
+
+
+def test_fast_mode_runs_with_the_samplers_it_was_measured_with_and_says_so() -> None:
+    """The schema lets fast mode through with exactly the samplers whose difference from exact was measured;
+    each such job's record states that difference (pixq.worker.gpu.render.render_info)."""
+    from pixq.schema import FAST_SCHEDULERS, Scheduler
+    from pixq.worker.gpu.fastmode import MEASURED_DIFFERENCES, measured_difference
+
+    assert set(MEASURED_DIFFERENCES) == {s.value for s in FAST_SCHEDULERS}
+    assert "H200" in measured_difference(Scheduler.dpm_solver)
+    with pytest.raises(KeyError):
+        measured_difference(Scheduler.sa_solver)

@@ -123,7 +123,8 @@ def example_inputs(spec: GraphSpec, module: Any, vae_scale: int, latent_channels
         torch.randn(rows, latent_channels, h, w, device=device, dtype=dtype),
         torch.randn(rows, tokens, caption_channels, device=device, dtype=dtype),
         torch.ones(rows, tokens, device=device, dtype=torch.int64),  # the tokenizer's mask, as T5 gets it
-        torch.full((rows,), 500, device=device, dtype=torch.int64),  # the scheduler's timesteps
+        # The timesteps as the worker's router passes them to every graph: float32 for every sampler.
+        torch.full((rows,), 500.0, device=device, dtype=torch.float32),
     )
     shapes = {"hidden_states": {0: batch}, "encoder_hidden_states": {0: batch, 1: text},
               "encoder_attention_mask": {0: batch, 1: text}, "timestep": {0: batch}}

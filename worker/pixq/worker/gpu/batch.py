@@ -10,8 +10,11 @@ full. ``render_batch`` runs the jobs of a batch as one call of diffusers' pipeli
 * the prompts that are not cached go through T5 in one call; each row of the batch gets its own
   prompt's embeddings (and its job's negative prompt); the text is trimmed to the bucket of the
   batch's longest prompt (padding is masked out exactly, so this changes summation order only);
-* guidance scale, steps, size, mode (fast mode's per-step plan applies to all rows alike) and
-  the VAE decode are shared: ``batch_key`` says what must be equal.
+* guidance scale, steps, size, mode (fast mode's per-step plan applies to all rows alike), the
+  sampler and the VAE decode are shared: ``batch_key`` says what must be equal;
+* the call steps its own scheduler, new from the checkpoint's config (``pixq.worker.gpu.samplers``); a
+  stochastic sampler's noise comes from each image's own generator (diffusers' ``randn_tensor`` draws
+  row i from generator i), so it too is the same in a batch as alone.
 
 An image rendered in a batch equals the same job alone up to the arithmetic's batch invariance
 (measured: tests/test_batching.py on the CPU; docs/performance.md on an H200).
@@ -23,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pixq.schema import JobRequest, RenderMode
+from pixq.schema import JobRequest, RenderMode, Scheduler
+from pixq.worker.gpu.samplers import build_scheduler, checkpoint_config, with_scheduler
 
 # Default images per pipeline call, by the pixels the pipeline renders (most pixels, images); larger: one
 # image per call. Measured on an H200 (2026-12-01, docs/performance.md, "Micro-batching"): at 512² one
@@ -76,7 +80,7 @@ def batch_key(request: JobRequest) -> BatchKey:
     """Jobs with equal keys can share a pipeline call (and nothing else can)."""
     return (request.model_name, request.width, request.height, request.use_resolution_binning,
             request.num_inference_steps, request.guidance_scale, RenderMode(request.mode).value,
-            request.output_format.value)
+            request.output_format.value, Scheduler(request.scheduler).value)
 
 
 def render_batch(
@@ -94,8 +98,10 @@ def render_batch(
         return []
     keys = {batch_key(r) for r in requests}
     if len(keys) > 1:
-        raise ValueError(f"jobs of one batch must agree on model, size, steps, guidance, mode and format: {keys}")
+        raise ValueError(f"jobs of one batch must agree on model, size, steps, guidance, mode, format and "
+                         f"sampler: {keys}")
     pipe, accel = _pipe_and_accel(target)
+    call = with_scheduler(pipe, build_scheduler(checkpoint_config(target), requests[0].scheduler))
     first = requests[0]
     guided = first.guidance_scale > 1.0
     gens = [g for r in requests for g in generators(r)]
@@ -103,7 +109,7 @@ def render_batch(
         prompts = batch_prompt_kwargs(accel, requests, guided)
         plan = accel.plan(RenderMode(first.mode) is RenderMode.fast, first.num_inference_steps, guided)
         with accel.controller.planned(plan, order=accel.options.fast_plan.order):
-            out = pipe(
+            out = call(
                 **prompts,
                 num_inference_steps=first.num_inference_steps,
                 guidance_scale=first.guidance_scale,
@@ -113,7 +119,7 @@ def render_batch(
                 generator=gens if len(gens) > 1 else gens[0],
                 use_resolution_binning=first.use_resolution_binning,
                 output_type="pt",
-                **_step_callback(pipe, on_step),
+                **_step_callback(call, on_step),
             )
         images = to_pil(out.images)
     split: list[list[Any]] = []

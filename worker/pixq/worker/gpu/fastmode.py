@@ -45,6 +45,18 @@ MEASURED_DIFFERENCE = (
     "default plan vs exact mode, fixed prompts and seeds, full-size architecture with random weights on an "
     "H200: 1024² 49.1 dB min PSNR, max 6/255; 2048² 49.2 dB min PSNR, max 6/255 (docs/performance.md)"
 )
+# Per sampler. Fast mode applies where its difference from exact was measured on a GPU; the request schema
+# refuses fast mode with any other sampler (pixq.schema.FAST_SCHEDULERS, the same names). The plan reuses
+# and extrapolates the model's output between steps: a multistep solver's smooth trajectory was measured;
+# a stochastic sampler's (SA-Solver, Euler ancestral) and the single-step ones' are not yet
+# (benchmarks/device/samplers.py measures them: "fast_vs_exact").
+MEASURED_DIFFERENCES: dict[str, str] = {"dpm-solver++": MEASURED_DIFFERENCE}
+
+
+def measured_difference(scheduler: Any) -> str:
+    """The measured difference from exact of fast mode with ``scheduler`` (a name or ``pixq.schema.Scheduler``);
+    ``KeyError`` for a sampler fast mode was not measured with (the schema refuses those requests)."""
+    return MEASURED_DIFFERENCES[getattr(scheduler, "value", scheduler)]
 
 
 class Action(str, enum.Enum):

@@ -42,6 +42,9 @@ class LoadedPipeline:
     artefacts: LoadedArtefacts | None = None  # the AOT graphs it runs (pixq compile), when a set matched
     phases: dict[str, float] = field(default_factory=dict)  # start-up phase -> seconds (logged, published)
     batch: BatchPolicy | None = None  # the batch policy for this model (``BatchPolicy.for_model``), when given
+    # The checkpoint's scheduler config, as loaded: every job's sampler is built from it (gpu/samplers.py), one
+    # scheduler per pipeline call; ``pipe.scheduler`` itself is never stepped.
+    scheduler_config: Any = None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -120,7 +123,8 @@ def load_pipeline(
     if options.compile and offload:
         log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
         options = replace(options, compile=False)
-    loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0, phases=phases)
+    loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0, phases=phases,
+                            scheduler_config=pipe.scheduler.config)
     if artefacts and not offload:
         t0 = time.perf_counter()
         from pixq.worker.gpu.artefacts import load_artefacts

@@ -10,7 +10,7 @@ from typing import Any
 
 from pixq.records import RenderInfo
 from pixq.schema import JobRequest, OutputFormat, RenderMode
-from pixq.worker.gpu.fastmode import MEASURED_DIFFERENCE
+from pixq.worker.gpu.fastmode import measured_difference
 from pixq.worker.gpu.png import encode_png
 from pixq.worker.gpu.speedups import RenderSpeedups
 
@@ -46,7 +46,8 @@ def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | No
     ``target`` is a ``LoadedPipeline`` (preferred: it carries the worker's compiled transformer and
     prompt cache) or a bare ``PixArtSigmaPipeline`` (its accelerator is found on it, or a plain one
     is attached). ``request.mode`` picks the plain computation (``exact``) or fast mode's step plan
-    (``fast``, worker/pixq/worker/gpu/fastmode.py) on the same pipeline. An exception raised by ``on_step``
+    (``fast``, worker/pixq/worker/gpu/fastmode.py) on the same pipeline; ``request.scheduler`` the sampler,
+    a new scheduler for this call (worker/pixq/worker/gpu/samplers.py). An exception raised by ``on_step``
     (cancel, deadline) stops the render at that step.
     """
     from pixq.worker.gpu.batch import render_batch
@@ -63,9 +64,10 @@ def render_info(target: Any, request: JobRequest, render_s: float, batch_images:
     width, height, tiled = accel.vae_decode.last or (request.width, request.height, False)
     fast = RenderMode(request.mode) is RenderMode.fast
     return RenderInfo(
-        mode=request.mode, width=width, height=height, resized=(width, height) != (request.width, request.height),
+        mode=request.mode, scheduler=request.scheduler, width=width, height=height,
+        resized=(width, height) != (request.width, request.height),
         vae_tiled=tiled, transformer_rows_per_image=accel.controller.stats.rows // images,
-        render_s=round(render_s, 3), difference_from_exact=MEASURED_DIFFERENCE if fast else None,
+        render_s=round(render_s, 3), difference_from_exact=measured_difference(request.scheduler) if fast else None,
         batch_images=images, batch_jobs=batch_jobs,
     )
 

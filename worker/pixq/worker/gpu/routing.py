@@ -88,14 +88,20 @@ class ShapeRouter:
     def __call__(self, hidden_states: Any, *args: Any, **kw: Any) -> Any:
         size = (int(hidden_states.shape[-2]), int(hidden_states.shape[-1]))
         graphs = self.graphs.get(size, ())
+        timestep = kw.get("timestep")
+        steady = float_timestep(timestep)
         if graphs and not args and _plain_conditions(kw.get("added_cond_kwargs")):
-            tensors = [hidden_states, kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask"),
-                       kw.get("timestep")]
-            if all(t is not None for t in tensors):
+            inputs = [hidden_states, kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")]
+            if all(t is not None for t in inputs) and timestep is not None:
+                # A set built with integer timesteps still serves the samplers that give integers; one built
+                # with float32 ones (aot.example_inputs) serves every sampler.
                 for graph in graphs:
-                    if graph.accepts(tensors, text_dim=1):
-                        sample = graph(*tensors)
-                        return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
+                    for t in (timestep, steady):
+                        if graph.accepts([*inputs, t], text_dim=1):
+                            sample = graph(*inputs, t)
+                            return (sample,) if not kw.get("return_dict", True) else _as_output(sample)
+        if steady is not None:
+            kw = {**kw, "timestep": steady}
         # Rows 1 and 2 (one image, fast / exact) have static graphs of their own. More rows (batched jobs,
         # several images of a prompt) run eager, except a full batch (``batch_images`` images: its guided and
         # its conditional-only rows) when ``compile_batches`` gave one: a static graph each, compiled by the
@@ -111,6 +117,21 @@ class ShapeRouter:
             self.gate.ran_eager(key)
         # With the blocks scope the "eager" forward runs the compiled blocks: the same stance applies.
         return self.gate.run(self.eager, hidden_states, *args, **kw)
+
+
+def float_timestep(timestep: Any) -> Any:
+    """The transformer's timesteps as a new contiguous float32 tensor, whatever the sampler gave.
+
+    Samplers differ here: DPM-Solver++, SA-Solver, UniPC and DDIM step on int64 timesteps, the Euler ones on
+    float32 (between the trained ones), and each hands the pipeline a view into its own timestep list. A
+    compiled graph guards on dtype and layout, so each kind would compile a graph of its own; the transformer
+    turns the timestep into float32 first thing (diffusers' ``get_timestep_embedding``), so giving it float32
+    always changes no value and keeps one graph for every sampler."""
+    if timestep is None or not hasattr(timestep, "dtype"):
+        return timestep
+    import torch
+
+    return timestep.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _plain_conditions(added: Any) -> bool:
