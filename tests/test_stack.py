@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -94,6 +95,19 @@ def test_up_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> Non
                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as created:
             assert created.status == 201
+
+        # Owner-only on disk: the folder, Redis's AOF (job records), SeaweedFS's data (the images), the
+        # logs and the API key pepper (issue 23, item 7).
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        for data in (root / "redis", root / "s3"):
+            # weed writes its volumes' .vif (layout, no image data) 0644 whatever the umask: in a 0700 folder.
+            assert any(data.rglob("*")) and [
+                f"{p} {stat.filemode(p.stat().st_mode)}" for p in [data, *data.rglob("*")]
+                if p.stat().st_mode & 0o077 and p.suffix != ".vif"
+            ] == []
+        assert any((root / "redis").glob("appendonlydir/*.aof"))
+        for private in [root / "api-pepper", *root.glob("*.log")]:
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 
         started = children_of(proc.pid)
         assert len(started) >= 5  # redis, weed, worker, flower, api

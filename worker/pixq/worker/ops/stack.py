@@ -2,7 +2,11 @@
 
 Used by ``pixq up`` / ``pixq demo`` and by the test fixtures, so what newcomers run is
 what the tests run. Every service is a real process in its own process group, stopped
-(TERM, then KILL) in reverse order.
+(TERM, then KILL) in reverse order. What they write is owner-only: each starts with umask 077 and
+each data folder is made 0700 (Redis's AOF and RDB hold job records, SeaweedFS's folders the images,
+the logs and config files credentials). SeaweedFS's filer and volume ports answer only requests that
+carry a JWT signed with keys made at each start (the S3 gateway signs its own): the S3 port, with
+SigV4, is the only way to the images.
 """
 
 from __future__ import annotations
@@ -39,6 +43,24 @@ class StackBusy(ConfigError):
     """Another ``pixq up`` (or ``demo``) runs in this ``--dir``."""
 
 
+OWNER_ONLY_UMASK = 0o077
+
+
+def owner_only_dir(path: Path) -> Path:
+    """``path``, made if missing, readable by its owner only (also when an earlier version left it open)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file that is 0600 from its creation (it holds a password or a key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 @contextlib.contextmanager
 def stack_dir_lock(root: Path) -> Iterator[None]:
     """Hold ``root/up.lock`` (an flock: the kernel drops it when the process ends, however it ends)
@@ -46,7 +68,7 @@ def stack_dir_lock(root: Path) -> Iterator[None]:
     overwrite the first one's Redis password, S3 credentials and test model."""
     import fcntl
 
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a folder made here is owner-only; a given one is left
     path = root / "up.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -85,26 +107,29 @@ def free_ports(n: int) -> list[int]:
 
 @dataclass
 class Service:
-    """One child process with its log file."""
+    """One child process with its log file (0600); what it writes is owner-only (``umask``)."""
 
     name: str
     argv: list[str]
     log_path: Path
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    umask: int = OWNER_ONLY_UMASK
 
     def start(self) -> Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
         self.proc = subprocess.Popen(
             self.argv,
-            stdout=log,
+            stdout=fd,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # its own process group: stop() reaches its children too
+            umask=self.umask,
         )
-        log.close()
+        os.close(fd)  # the child holds its own copy for its lifetime
         return self
 
     @property
@@ -171,7 +196,7 @@ def start_redis(
     data_dir: Path, port: int | None = None, password: str | None = None, persist: bool = False
 ) -> tuple[Service, str]:
     port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(data_dir)  # the AOF and RDB files: every job record
     svc = Service("redis", redis_argv(port, data_dir, password, persist), data_dir / "redis.log").start()
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
@@ -187,7 +212,7 @@ def start_replica(data_dir: Path, primary_port: int, password: str | None = None
                   port: int | None = None) -> tuple[Service, int]:
     """A redis-server replicating from ``primary_port`` on loopback; returns once it is in sync."""
     port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(data_dir)
     argv = redis_argv(port, data_dir, password, persist) + ["--replicaof", "127.0.0.1", str(primary_port)]
     if password:
         argv += ["--masterauth", password]
@@ -207,7 +232,7 @@ def start_sentinel(data_dir: Path, master_port: int, password: str | None = None
     """``redis-server --sentinel`` watching the primary on ``master_port`` as ``master_name``
     (``password``: the data servers'; ``sentinel_password``: the one this sentinel asks of clients)."""
     port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(data_dir)
     conf = data_dir / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own
     lines = [f"port {port}", "bind 127.0.0.1", f"dir {data_dir}",
              f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}",
@@ -218,7 +243,7 @@ def start_sentinel(data_dir: Path, master_port: int, password: str | None = None
         lines.append(f"sentinel auth-pass {master_name} {password}")
     if sentinel_password:
         lines.append(f"requirepass {sentinel_password}")
-    conf.write_text("\n".join(lines) + "\n")
+    write_private(conf, "\n".join(lines) + "\n")
     binary = shutil.which("redis-server")
     if binary is None:
         raise StackError("redis-server is not on PATH (Debian: apt-get install redis-server)")
@@ -242,6 +267,7 @@ class S3Endpoint:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    filer_url: str = ""  # SeaweedFS's filer (JWT only: not for clients), when we started it
 
     def env(self) -> dict[str, str]:
         return {
@@ -293,12 +319,14 @@ def start_seaweedfs(
     data_dir: Path, bucket: str = "pixq-images", s3_port: int | None = None,
     access_key: str | None = None, secret_key: str | None = None,
 ) -> tuple[Service, S3Endpoint]:
-    """``weed mini`` on loopback with generated credentials and the bucket created."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """``weed mini`` on loopback with generated credentials and the bucket created; its filer and volume
+    ports refuse requests without a JWT signed with keys made here (``weed_jwt_env``)."""
+    owner_only_dir(data_dir)
     access_key = access_key or "PIXQ" + secrets.token_hex(8).upper()
     secret_key = secret_key or secrets.token_urlsafe(30)
     config = data_dir / "s3-identities.json"
-    config.write_text(
+    write_private(
+        config,
         json.dumps(
             {
                 "identities": [
@@ -311,16 +339,27 @@ def start_seaweedfs(
             }
         )
     )
-    config.chmod(0o600)
     ports = free_ports(10)
     if s3_port:
         ports[6] = s3_port
-    endpoint = S3Endpoint(f"http://127.0.0.1:{ports[6]}", bucket, access_key, secret_key)
-    svc = Service("seaweedfs", weed_argv(data_dir / "data", config, ports), data_dir / "seaweedfs.log")
-    (data_dir / "data").mkdir(exist_ok=True)
+    endpoint = S3Endpoint(f"http://127.0.0.1:{ports[6]}", bucket, access_key, secret_key,
+                          filer_url=f"http://127.0.0.1:{ports[4]}")
+    svc = Service("seaweedfs", weed_argv(data_dir / "data", config, ports), data_dir / "seaweedfs.log",
+                  env={**os.environ, **weed_jwt_env()})
+    owner_only_dir(data_dir / "data")
     svc.start()
     svc.wait_until(lambda: _ensure_bucket(endpoint), 60)
     return svc, endpoint
+
+
+def weed_jwt_env() -> dict[str, str]:
+    """SeaweedFS's security.toml settings, as the ``WEED_`` variables it reads: the filer's HTTP port (which
+    serves every file by path, unlike the S3 port) and the volume servers' refuse a read or a write without
+    a JWT signed with these keys. ``weed mini`` runs the S3 gateway in the same process, which signs its own
+    requests; nobody else has the keys (new at each start: they sign only short-lived tokens)."""
+    return {name: secrets.token_urlsafe(32) for name in (
+        "WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY",
+        "WEED_JWT_SIGNING_KEY", "WEED_JWT_SIGNING_READ_KEY")}
 
 
 def restart_seaweedfs(svc: Service) -> None:
@@ -456,10 +495,10 @@ def start_api(env: dict[str, str], root: Path) -> tuple[Service, str, str]:
     and one fresh key with every scope; returns the service, its URL and the key."""
     from pixq.api.keys import KeyStore, Scope
 
-    pepper_file = root / "api-pepper"
+    pepper_file = root / "api-pepper"  # it also derives the key that seals webhook secrets (api/secretbox.py)
     if not pepper_file.exists():
-        pepper_file.touch(mode=0o600)
-        pepper_file.write_text(secrets.token_hex(24))
+        write_private(pepper_file, secrets.token_hex(24))
+    pepper_file.chmod(0o600)
     pepper = pepper_file.read_text().strip()
     env.update({"PIXQ_API_KEY_PEPPER": pepper})
     port = free_port()
