@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,14 +13,23 @@ from pathlib import Path
 
 import pytest
 import redis
-from pixq.client import CLI_WRITE_RETRIES, READ_RETRIES, Client
+from pixq.client import CLI_WRITE_RETRIES, CLIENT_RETRIES, READ_RETRIES, Client
 from pixq.commands import CLI_CONNECT_TIMEOUT_S, client_from_env
 from pixq.durable import Durability
 from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import celery_config
-from pixq.worker.ops.stack import S3Endpoint, Service, free_ports, pixq_argv, start_redis, start_sentinel
+from pixq.worker.ops.stack import (
+    S3Endpoint,
+    Service,
+    free_port,
+    free_ports,
+    pixq_argv,
+    start_redis,
+    start_sentinel,
+)
+from redis.backoff import ExponentialWithJitterBackoff
 
 from tests.conftest import stack_env
 
@@ -124,6 +134,68 @@ def test_commands_keep_their_short_budget_and_the_library_its_own(monkeypatch: p
     assert budget(client_from_env()) == (CLI_WRITE_RETRIES, 2)
     settings = Settings.from_env({"PIXQ_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert budget(Client(settings, retries=READ_RETRIES)) == (1, 5)  # fewer retries, the same connect timeout
+
+
+@contextmanager
+def closing_server() -> Iterator[tuple[int, list[bytes]]]:
+    """A loopback port that accepts each connection, reads what the client sends first and closes it:
+    a TCP proxy in front of a Redis that is down. Yields the port and what each connection sent."""
+    sent: list[bytes] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return  # closed: the test is over
+                with conn:
+                    conn.settimeout(0.5)
+                    try:
+                        sent.append(conn.recv(65536))
+                    except OSError:
+                        sent.append(b"")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield server.getsockname()[1], sent
+        server.shutdown(socket.SHUT_RDWR)
+    thread.join(5)
+
+
+def test_a_client_reports_a_closed_port_within_one_retry_budget() -> None:
+    """Issue 23: ``Client.submit`` on a closed port took 26 s: its replica count (``INFO``), the
+    message's ``PING`` and an undo of a submit that had written nothing each spent the whole retry
+    budget. Now one budget, of ``CLIENT_RETRIES`` jittered steps capped at 3 s (redisconn.py)."""
+    settings = Settings.from_env({"PIXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens
+    client = Client(settings)
+    retry = client.conn.get_retry()
+    assert retry is not None and retry.get_retries() == CLIENT_RETRIES == 4
+    # At most 0.4 + 0.8 + 1.6 + 3 = 5.8 s of backoff in all, about 3 s on average.
+    assert retry._backoff == ExponentialWithJitterBackoff(base=0.2, cap=3.0)
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"Redis unreachable: .*Connection refused.*; job not submitted"):
+        client.submit("a closed port", width=128, height=128, num_inference_steps=2)
+    took = time.monotonic() - start
+    client.close()
+    assert took < 15, f"{took:.1f} s"  # a loose regression guard: it was 26 s
+
+
+def test_a_submit_to_a_dead_redis_behind_a_proxy_tries_once_per_retry_step() -> None:
+    """Each attempt connects once and sends only the handshake; no write reaches the wire. Before, redis-py
+    retried the connect's health-check PING inside each attempt of the command's retry with the same
+    budget, (1 + 4) × (1 + 4) = 25 connections, and the failed submit's undo spent more."""
+    with closing_server() as (port, sent):
+        client = Client(Settings.from_env({"PIXQ_REDIS_URL": f"redis://127.0.0.1:{port}/0"}))
+        with pytest.raises(BrokerUnavailable, match="Redis unreachable: Connection closed by server"):
+            client.submit("behind a proxy", width=128, height=128, num_inference_steps=2)
+        client.close()
+        attempts = list(sent)
+    assert len(attempts) == CLIENT_RETRIES + 1, attempts
+    commands = {line.upper() for first in attempts for line in first.split(b"\r\n")[2:3]}
+    assert commands <= {b"PING", b"HELLO", b"AUTH", b"SELECT", b"CLIENT"}, commands
 
 
 @pytest.mark.parametrize("via", ["plain", "sentinel"])

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
 IDEMPOTENCY_PREFIX = "pixq:idem:"
-CLIENT_RETRIES = 6  # backoff steps (0.2 s doubling, 3 s cap, jittered): a few seconds
+# Backoff steps (0.2 s doubling, 3 s cap, jittered): a Redis that does not answer is reported
+# (``BrokerUnavailable``) after at most 5.8 s of backoff, about 3 s on average, plus each attempt's connect.
+CLIENT_RETRIES = 4
 # A one-shot read (``pixq status``, ``pixq queue``) answers within about a second: one retry, a short
 # connect timeout. A Redis that is down is said at once; a failover in progress is a re-run away.
 READ_RETRIES = 1
@@ -242,12 +244,15 @@ class Client:
                 self.durability.run(f"the submit of job {job_id}",
                                     lambda pipe: pipe.hset(RecordStore.key(job_id), "sent_at", repr(time.time())))
         except redis.RedisError as exc:
-            if not self._undo(job_id, idem_key) and sent:
+            # Before ``sent`` only the idempotency key may be written: nothing else to undo (an undo
+            # against a Redis that is down would spend a second retry budget for nothing).
+            if (sent or idem_key) and not self._undo(job_id, idem_key) and sent:
                 raise outcome_unknown(exc, job_id, idem_key) from exc
             raise
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
-            self._undo(job_id, idem_key)
+            if sent or idem_key:
+                self._undo(job_id, idem_key)
             raise
         return Job(self, job_id)
 

@@ -16,15 +16,20 @@ Every client built here reconnects by itself (Sentinel: to whichever server the 
 name primary, also inside a command's retries: ``sentinelconn.py``) and retries a command on a
 connection error, a timeout or ``READONLY`` (a demoted primary) with exponential backoff
 (redis-py ``Retry``). That is safe because every write the records make is a Lua script that may
-be re-run after an unknown outcome (``records.py``).
-Celery gets kombu's Sentinel transport (``sentinel://`` URLs and ``master_name``).
+be re-run after an unknown outcome (``records.py``). A client's ``retries`` is the whole budget:
+the connect and its health-check ``PING``, which redis-py retries inside each attempt with the
+same ``Retry``, try once there (``_retryable``), so a Redis that does not answer is reported after
+``retries`` + 1 attempts.
+Celery gets kombu's Sentinel transport (``sentinel://`` URLs and ``master_name``), and for
+``unix://`` kombu's and Celery's ``redis+socket://`` form (redis-py's unix connection takes no
+TCP keepalive option).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -44,29 +49,49 @@ _SSL_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError]
 
 
-def _login_final(is_retryable: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
-    """redis-py's ``is_retryable`` predicate (``None``: every supported error), less a refused login."""
+# How many ``call_with_retry`` calls of ours are running in this thread (or asyncio task).
+_RETRY_DEPTH: ContextVar[int] = ContextVar("pixq_redis_retry_depth", default=0)
 
-    def retryable(error: Exception) -> bool:
-        # redis-py's AuthenticationError is a ConnectionError; a wrong password stays wrong, so it is said at once.
-        return not isinstance(error, redis.AuthenticationError) and (is_retryable is None or is_retryable(error))
 
-    return retryable
+def _retryable(error: Exception) -> bool:
+    """Whether a retry of ours tries ``error`` again.
+
+    Not a refused login: redis-py's AuthenticationError is a ConnectionError, and a wrong password
+    stays wrong, so it is said at once. Not inside another retry: redis-py retries a command, and
+    within each attempt retries the connect and the health-check ``PING`` that a new connection
+    sends, with the same ``Retry``; nested, 4 retries made 25 attempts and ~16 s against a server
+    that accepts and closes (a proxy in front of a dead Redis). The command's retry is the budget.
+    """
+    return not isinstance(error, redis.AuthenticationError) and _RETRY_DEPTH.get() <= 1
 
 
 class LoginFinalRetry(Retry):
-    """redis-py's ``Retry`` that never retries a refused login (the rest as redis-py does it)."""
+    """redis-py's ``Retry`` with ``_retryable``'s rule: ``retries`` attempts after the first, in all."""
+
+    def __init__(self, backoff: Any, retries: int):
+        super().__init__(backoff, retries, is_retryable=_retryable)
 
     def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
-        return super().call_with_retry(do, fail, _login_final(is_retryable), with_failure_count)
+        token = _RETRY_DEPTH.set(_RETRY_DEPTH.get() + 1)
+        try:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        finally:
+            _RETRY_DEPTH.reset(token)
 
 
 class AsyncLoginFinalRetry(AsyncRetry):
     """The asyncio twin of ``LoginFinalRetry``."""
 
+    def __init__(self, backoff: Any, retries: int):
+        super().__init__(backoff, retries, is_retryable=_retryable)
+
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:
-        return await super().call_with_retry(do, fail, _login_final(is_retryable), with_failure_count)
+        token = _RETRY_DEPTH.set(_RETRY_DEPTH.get() + 1)
+        try:
+            return await super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        finally:
+            _RETRY_DEPTH.reset(token)
 
 
 def mask_url(url: str) -> str:
@@ -100,6 +125,10 @@ class RedisEndpoint:
     def is_sentinel(self) -> bool:
         return bool(self.sentinels)
 
+    @property
+    def is_unix(self) -> bool:
+        return urlsplit(self.url).scheme == "unix"
+
     @classmethod
     def parse(cls, url: str) -> RedisEndpoint:
         """Check ``url``; a malformed one raises ``ConfigError`` naming ``PIXQ_REDIS_URL``."""
@@ -117,6 +146,8 @@ class RedisEndpoint:
                 "for a private CA)"
             )
         if scheme not in SENTINEL_SCHEMES:
+            if scheme == "unix" and not parts.path:
+                raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} has no socket path (unix:///path/to/redis.sock)")
             if scheme != "unix" and not parts.hostname:
                 raise ConfigError(f"PIXQ_REDIS_URL: {shown!r} has no host")
             try:
@@ -153,6 +184,8 @@ class RedisEndpoint:
             health_check_interval=10, retry=LoginFinalRetry(ExponentialWithJitterBackoff(base=0.2, cap=3.0), retries),
             retry_on_error=RETRY_ON,
         )
+        if self.is_unix:
+            del common["socket_keepalive"]  # a TCP option: redis-py's UnixDomainSocketConnection refuses it
         if not self.is_sentinel:
             return redis.Redis.from_url(self.url, **common)
         from redis.sentinel import Sentinel
@@ -194,6 +227,8 @@ class RedisEndpoint:
     def limits_url(self) -> str:
         """The same Redis in the form the ``limits`` library (the API's rate limiter) takes, with
         ``limits_options()``: ``storage_from_string(url, **options)``."""
+        if self.is_unix:
+            return "redis+" + self.url  # limits' name for redis-py's unix:// form
         if not self.is_sentinel:
             return self.url
         auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@" if self.password else ""
@@ -214,6 +249,16 @@ class RedisEndpoint:
         sentinel_login = {k: self.sentinel_auth.get(k) for k in ("username", "password")}
         return {"db": self.db, **tls, "sentinel_kwargs": {**sentinel_login, **tls}}
 
+    def _socket_url(self) -> str:
+        parts = urlsplit(self.url)
+        query = dict(parse_qsl(parts.query))
+        username = parts.username or query.get("username")
+        password = parts.password or query.get("password")
+        auth = ""
+        if username is not None or password is not None:
+            auth = f"{quote(unquote(username or ''), safe='')}:{quote(unquote(password or ''), safe='')}@"
+        return f"redis+socket://{auth}{parts.path}?virtual_host={int(query.get('db', 0))}"
+
     def _redis_tls(self) -> dict[str, Any]:
         if not self.tls:
             return {}
@@ -225,8 +270,13 @@ class RedisEndpoint:
         """``broker_url``, ``result_backend`` and the Sentinel/TLS options Celery needs for them.
 
         The caller merges ``broker_transport_options`` / ``result_backend_transport_options``
-        into its own.
+        into its own. A ``unix://`` URL becomes kombu's and Celery's ``redis+socket://`` form, its
+        database the ``virtual_host`` parameter; kombu then drops its TCP-only options.
         """
+        if self.is_unix:
+            url = self._socket_url()
+            return {"broker_url": url, "result_backend": url,
+                    "broker_transport_options": {}, "result_backend_transport_options": {}}
         if not self.is_sentinel:
             return {"broker_url": self.url, "result_backend": self.url,
                     "broker_transport_options": {}, "result_backend_transport_options": {}}
