@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,16 @@ from pixq.client import Client
 from pixq.errors import PixqError
 from pixq.records import JobRecord, JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_replica, start_sentinel, start_worker
+from pixq.worker.ops.stack import (
+    S3Endpoint,
+    Service,
+    free_ports,
+    redis_argv,
+    start_redis,
+    start_replica,
+    start_sentinel,
+    start_worker,
+)
 
 from tests.conftest import stack_env, wait_for
 
@@ -292,3 +301,142 @@ def test_a_command_in_flight_when_the_primary_dies_is_retried_on_the_new_primary
     import gc
 
     gc.collect()  # anything of the asyncio client left unclosed warns here, in this test, not in a later one
+
+
+# -- durable acknowledgements across replica syncs (issue 23, item 1) ------------------------------
+
+SYNC_DELAY = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "4"]  # a 4 s window per full sync
+
+
+def replica_state(conn: redis.Redis) -> str | None:
+    """The first replica's ``state`` in the primary's ``INFO replication`` (None: none connected)."""
+    try:
+        replica = conn.info("replication").get("slave0")
+    except redis.RedisError:
+        return None
+    return str(replica["state"]) if isinstance(replica, dict) else None
+
+
+@dataclass
+class Stream:
+    """Submits one after another; what each met, with the replica's state seen just before it."""
+
+    client: Client
+    ids: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    states: list[str | None] = field(default_factory=list)
+
+    def submit(self, watched: redis.Redis, label: str) -> None:
+        import warnings
+
+        from pixq.errors import NoWorkerWarning
+
+        self.states.append(replica_state(watched))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NoWorkerWarning)  # no worker here: the jobs only wait
+                self.ids.append(self.client.submit(label, **QUICK).id)
+        except PixqError as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def until(self, watched: redis.Redis, done: Callable[[], bool], label: str, timeout_s: float = 60,
+              then_s: float = 1.5) -> None:
+        """Submit until ``done()``, then ``then_s`` more."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out: {label}"
+            self.submit(watched, label)
+        end = time.monotonic() + then_s
+        while time.monotonic() < end:
+            self.submit(watched, label)
+
+
+def test_submits_go_on_across_a_replicas_first_sync_and_an_old_primarys_rejoin(tmp_path: Path) -> None:
+    """The default rule (``PIXQ_REDIS_MIN_REPLICAS`` unset) counts only replicas that can confirm a write
+    (``state=online``). Before, it counted ``connected_slaves``: a replica waiting for its first full
+    sync made every submit wait for it and fail ``NotDurable``, on a fresh primary and again on the new
+    primary of a failover while the old one rejoined and resynced. Writes still wait once it is online."""
+    from pixq.errors import NotDurable
+
+    primary_port, replica_port = free_ports(2)
+    primary = Service("primary", redis_argv(primary_port, tmp_path / "p", persist=True) + SYNC_DELAY,
+                      tmp_path / "p" / "redis.log")
+    (tmp_path / "p").mkdir()
+    primary.start()
+    primary.wait_until(lambda: bool(redis.Redis(port=primary_port).ping()), 20)
+    services = [primary]
+    try:
+        sentinel, sentinel_port = start_sentinel(tmp_path / "s", primary_port, quorum=1, master_name=MASTER,
+                                                 down_after_ms=1000, failover_timeout_ms=3000)
+        services.append(sentinel)
+        old, new = redis.Redis(port=primary_port), redis.Redis(port=replica_port)
+
+        # 1. A replica's first sync (a fresh HA stack): nothing to confirm with, so nothing waits for it.
+        (tmp_path / "r").mkdir()
+        replica = Service("replica", redis_argv(replica_port, tmp_path / "r", persist=True) + SYNC_DELAY
+                          + ["--replicaof", "127.0.0.1", str(primary_port)], tmp_path / "r" / "redis.log").start()
+        services.append(replica)
+        wait_for(lambda: replica_state(old) == "wait_bgsave", 20, "the replica to ask for its first sync")
+        client = Client(Settings.from_env({"PIXQ_REDIS_URL": f"redis+sentinel://127.0.0.1:{sentinel_port}/{MASTER}/0"}))
+        first = Stream(client)
+        first.until(old, lambda: replica_state(old) == "online", "first sync")
+        syncing = sum(1 for s in first.states if s not in (None, "online"))
+        assert not first.errors, first.errors[:3]
+        assert syncing >= 10, first.states  # the stream did cross the sync
+
+        # 2. Online: every write waits for it (WAIT on the primary), and one it cannot confirm is refused.
+        waits = int(old.info("commandstats")["cmdstat_wait"]["calls"])
+        for i in range(5):
+            first.submit(old, f"online {i}")
+        assert not first.errors and int(old.info("commandstats")["cmdstat_wait"]["calls"]) >= waits + 5
+        replica.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(NotDurable, match="did not confirm the submit of job"):
+                client.submit("the replica is stopped", **QUICK)
+        finally:
+            replica.signal(signal.SIGCONT)
+
+        # 3. Failover: the new primary has no replica; the cached count (1) meets a WAIT of 0 and is re-read.
+        def sentinel_knows_the_replica() -> bool:  # from the primary's INFO, every 10 s
+            with redis.Redis(port=sentinel_port) as s:
+                return any(int(r["port"]) == replica_port and not r["is_sdown"] for r in s.sentinel_slaves(MASTER))
+
+        wait_for(sentinel_knows_the_replica, 30, "the sentinel to find the replica", poll_s=0.2)
+        primary.signal(signal.SIGKILL)
+        assert primary.proc is not None
+        primary.proc.wait(10)
+        primary.proc = None
+
+        def promoted() -> bool:
+            with redis.Redis(port=sentinel_port) as s:
+                return int(s.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)[1]) == replica_port
+
+        failover = Stream(client)
+        failover.until(new, promoted, "failover")
+        assert not [e for e in failover.errors if e.startswith("NotDurable")], failover.errors
+
+        # 4. The old primary rejoins as a replica of the new one: a full resync, another window.
+        primary.start()
+        rejoin = Stream(client)
+        rejoin.until(new, lambda: replica_state(new) is not None, "the old primary to rejoin", then_s=0)
+        rejoin.until(new, lambda: replica_state(new) == "online", "the rejoined replica's sync")
+        assert not rejoin.errors, rejoin.errors[:3]
+        assert sum(1 for s in rejoin.states if s not in (None, "online")) >= 10, rejoin.states
+        # Writes wait for it again once the client has re-read the count (every 2 s while steady).
+        wait_for(client.durability.required, 10, "the client to count the rejoined replica", poll_s=0.1)
+        waits = int(new.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+        rejoin.submit(new, "after the rejoin")
+        assert not rejoin.errors and int(new.info("commandstats")["cmdstat_wait"]["calls"]) == waits + 1
+
+        for job_id in [*first.ids, *failover.ids, *rejoin.ids]:
+            assert new.hget(f"pixq:job:{job_id}", "state") == b"queued", job_id
+        print(f"\n{len(first.ids)} submits across a first sync ({syncing} while it ran), {len(failover.ids)} "
+              f"across the failover ({len(failover.errors)} refused), {len(rejoin.ids)} "
+              "across the old primary's rejoin: none NotDurable")
+        client.close()
+        old.close()
+        new.close()
+    finally:
+        for svc in reversed(services):
+            svc.signal(signal.SIGCONT)
+            svc.stop()

@@ -257,7 +257,7 @@ class FastPath:
                     pipe.execute_command("WAIT", needed, client.durability.timeout_ms)
                     created, confirmed = await pipe.execute()
                 if created == 1:
-                    client.durability.check(f"the submit of job {job_id}", needed, int(confirmed))
+                    await client.durability.confirm_async(conn, f"the submit of job {job_id}", needed, int(confirmed))
             RecordStore.check_created(created, job_id, key.max_in_flight)
         except BaseException as exc:
             # Nothing half-written, as Client._enqueue: no record reported undone, no key without a job;
