@@ -50,6 +50,12 @@ class QueueFull(PixqError):
     exit_code = 5
 
 
+class QuotaExceeded(QueueFull):
+    """The API key already has its ``--max-in-flight`` unfinished jobs; try again once one ends."""
+
+    exit_code = 5
+
+
 class JobTimeout(PixqError):
     """``wait`` gave up before the job reached a terminal state."""
 

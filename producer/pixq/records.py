@@ -18,7 +18,7 @@ import redis
 from pydantic import BaseModel
 
 from pixq.durable import Durability
-from pixq.errors import JobNotFound, PixqError, QueueFull
+from pixq.errors import JobNotFound, PixqError, QuotaExceeded
 from pixq.recordscripts import CLAIM, CREATE, KEY_OK, PROGRESS, REAP, RELEASE, RENEW, RETRY, TRANSITION
 from pixq.schema import JobRequest, RenderMode, Scheduler
 
@@ -235,7 +235,7 @@ class RecordStore:
     def check_created(created: Any, job_id: str, max_in_flight: int) -> None:
         """Raise for the create script's refusals (nothing was written)."""
         if created == -1:
-            raise QueueFull(f"key already has {max_in_flight} unfinished jobs (its max-in-flight quota)")
+            raise QuotaExceeded(f"key already has {max_in_flight} unfinished jobs (its max-in-flight quota)")
         if created == -2:
             raise KeyRefused("unknown, wrong or revoked API key")
         if not created:
@@ -243,7 +243,7 @@ class RecordStore:
 
     def create(self, job_id: str, request: JobRequest, owner: str | None = None, max_in_flight: int = 0,
                pipe: Any = None, message: tuple[str, Any] | None = None) -> JobRecord:
-        """Write the queued record (and its owner's index entry). Raises ``QueueFull`` when
+        """Write the queued record (and its owner's index entry). Raises ``QuotaExceeded`` when
         ``owner`` already has ``max_in_flight`` unfinished jobs (then nothing is written).
         ``message`` (queue list, body) is pushed in the same script, so there is never a record
         without its message or the reverse. With ``pipe`` (a Redis pipeline) the write is only

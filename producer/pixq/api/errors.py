@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pixq.errors import BrokerUnavailable, InvalidRequest, JobNotFound, PixqError, QueueFull
+from pixq.errors import BrokerUnavailable, InvalidRequest, JobNotFound, PixqError, QueueFull, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    error: str  # a short machine-readable kind: invalid_request, not_found, unauthorized, ...
+    # A short machine-readable kind: invalid_request, malformed_json, not_found, unauthorized, forbidden,
+    # queue_full (PIXQ_MAX_QUEUE_DEPTH), quota_exceeded (the key's max-in-flight), rate_limited (its rate), ...
+    error: str
     message: str
     fields: list[FieldError] = []
 
@@ -58,7 +60,7 @@ def invalid(errors: list[tuple[str, str]]) -> JSONResponse:
 def responses(*codes: int) -> dict[int | str, dict[str, object]]:
     texts = {400: "Malformed JSON", 401: "Missing, wrong or revoked API key", 403: "The key lacks the scope",
              404: "No such job for this key", 413: "Body too large", 415: "Body is not application/json",
-             422: "A field broke a rule", 429: "Over a quota, rate limit or queue depth (see Retry-After)",
+             422: "A field broke a rule", 429: "queue_full, quota_exceeded or rate_limited (see Retry-After)",
              503: "Redis unreachable"}
     return {code: {"model": ErrorBody, "description": texts[code]} for code in codes}
 
@@ -88,6 +90,7 @@ ANSWERS: dict[type[Exception], Callable[[Any], JSONResponse]] = {
     RequestValidationError: _validation,
     JobNotFound: lambda exc: error_response(404, "not_found", str(exc)),
     QueueFull: lambda exc: error_response(429, "queue_full", str(exc), headers={"Retry-After": "5"}),
+    QuotaExceeded: lambda exc: error_response(429, "quota_exceeded", str(exc), headers={"Retry-After": "5"}),
     BrokerUnavailable: lambda exc: error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"}),
     redis.RedisError: lambda exc: error_response(503, "unavailable", f"Redis unreachable: {exc}",
                                                  headers={"Retry-After": "5"}),
