@@ -48,7 +48,7 @@ def test_openapi_document_matches_the_committed_file() -> None:
 def test_keys_are_stored_as_hashes_only(env_api: dict[str, str], raw_redis: redis.Redis) -> None:
     key = make_key(env_api, "hash-only", "--scope", "read")
     assert key["key"].startswith("pixq_") and key["webhook_secret"].startswith("whsec_")
-    stored = b"".join(v for k in raw_redis.scan_iter("pixq:apikey*") for v in
+    stored = b"".join(v if isinstance(v, bytes) else v.encode() for k in raw_redis.scan_iter("pixq:apikey*") for v in
                       (raw_redis.hvals(k) if raw_redis.type(k) == b"hash" else []))
     assert key["key"].encode() not in stored
     listed = subprocess.run(pixq_argv("keys", "list", "--json"), env=env_api, capture_output=True, text=True,
@@ -58,10 +58,17 @@ def test_keys_are_stored_as_hashes_only(env_api: dict[str, str], raw_redis: redi
         k for k in json.loads(listed.stdout) if k["name"] == "hash-only").items()
     again = subprocess.run(pixq_argv("keys", "create", "hash-only"), env=env_api, capture_output=True, text=True,
                            timeout=60)
-    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "exists already" in again.stderr
-    bad = subprocess.run(pixq_argv("keys", "create", "x", "--rate", "fast"), env=env_api, capture_output=True,
-                         text=True, timeout=60)
-    assert bad.returncode == 1 and "--rate" in bad.stderr and "Traceback" not in bad.stderr
+    # Exit codes as the README's table: 1 is a failed job's; a NAME taken is an operation refused (3), a bad
+    # value or an unknown NAME a usage error (2).
+    assert again.returncode == 3 and again.stderr.count("\n") == 1 and "exists already" in again.stderr
+    for args, words in ((("create", "x", "--rate", "fast"), "--rate"), (("create", "x", "--scope", "root"), "--scope"),
+                        (("create", "bad name!"), "NAME"),
+                        (("create", "x", "--max-in-flight", "-1"), "--max-in-flight"),
+                        (("revoke", "no-such-key"), "no key named"),
+                        (("rotate-webhook-secret", "no-such-key"), "no key named")):
+        bad = subprocess.run(pixq_argv("keys", *args), env=env_api, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and words in bad.stderr, (args, bad.returncode, bad.stderr)
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
 def test_auth_is_required_and_scopes_are_checked(api: str, env_api: dict[str, str], key_a: dict[str, str]) -> None:
@@ -160,12 +167,14 @@ def test_quotas_refuse_with_429_and_write_nothing(api: str, env_api: dict[str, s
     before, index = job_keys(raw_redis), raw_redis.zcard(OWNER_INDEX_PREFIX + capped["id"])
     r = httpx.post(f"{api}/v1/jobs", json=body, headers=auth(capped))
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"] == "quota_exceeded" and "max-in-flight" in r.json()["message"]
     assert job_keys(raw_redis) == before and raw_redis.zcard(OWNER_INDEX_PREFIX + capped["id"]) == index
     limited = make_key(env_api, "limited", "--rate", "2/min")
     codes = [httpx.post(f"{api}/v1/jobs", json=body, headers=auth(limited)).status_code for _ in range(3)]
     assert codes[:2] == [201, 201]
     r = httpx.post(f"{api}/v1/jobs", json=body, headers=auth(limited))
     assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+    assert r.json()["error"] == "rate_limited"
     assert raw_redis.zcard(OWNER_INDEX_PREFIX + limited["id"]) == 2
 
 
@@ -228,7 +237,8 @@ def test_python_client_takes_a_webhook(settings: Settings, slow_model: str) -> N
     try:
         with pytest.warns(NoWorkerWarning):  # no worker serves slow_model: the job just waits
             job = client.submit("hooked", model_name=slow_model, **SMALL, webhook={"url": "http://127.0.0.1:9/hook"})
-        assert client.status(job.id).request.webhook.url == "http://127.0.0.1:9/hook"
+        webhook = client.status(job.id).request.webhook
+        assert webhook is not None and webhook.url == "http://127.0.0.1:9/hook"
         for url in ("https://10.0.0.1/hook", "https://169.254.169.254/", "http://8.8.8.8/hook"):
             with pytest.raises(InvalidRequest, match="webhook.url"):
                 client.submit("hooked", model_name=slow_model, webhook={"url": url})

@@ -225,6 +225,38 @@ def test_without_the_worker_its_commands_say_what_to_install(env: dict[str, str]
     assert light("schema").returncode == 0  # the producer's commands work
 
 
+# Without the api extra: fastapi cannot be imported (as after `pip install pixart-queue`).
+_WITHOUT_API = _WITHOUT_WORKER.replace('sys.modules["pixq.worker"] = None', 'sys.modules["fastapi"] = None')
+
+
+def test_without_the_api_extra_help_says_to_install_the_extra(env: dict[str, str]) -> None:
+    """rich read "[api]" as markup and printed "pip install pixart-queue", which is installed already."""
+    def light(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_API, *args], env={**env, "COLUMNS": "200"},
+                              capture_output=True, text=True, timeout=60)
+
+    listed = light("--help")
+    assert listed.returncode == 0
+    assert "Not installed: pip install 'pixart-queue[api]'" in listed.stdout, listed.stdout
+    assert "(not installed: pip install 'pixart-queue[api]')" in listed.stdout, listed.stdout
+    done = light("keys", "list")
+    assert done.returncode == MissingComponent.exit_code
+    assert done.stderr.strip() == "error: `pixq keys` needs pixart-queue[api]: pip install 'pixart-queue[api]'"
+
+
+def test_api_on_a_port_in_use_says_so_in_one_line_and_never_serving(env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = pixq("api", "--port", str(port), env={**env, "PIXQ_API_KEY_PEPPER": "p" * 16})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: --port: cannot listen on 127.0.0.1:{port}: "
+                                                "Address already in use"], done.stderr
+
+
 def test_format_and_mode_choices_are_the_schemas() -> None:
     from pixq import commands
     from pixq.schema import OutputFormat, RenderMode

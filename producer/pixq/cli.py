@@ -53,8 +53,13 @@ class ComponentCommand:
         except (ImportError, ValueError):  # a parent package is missing or blocked
             return False
 
+    @property
+    def install(self) -> str:
+        """The shell command that installs it (an extra's brackets quoted: zsh would glob them)."""
+        return f"pip install '{self.distribution}'" if "[" in self.distribution else f"pip install {self.distribution}"
+
     def missing(self) -> MissingComponent:
-        return MissingComponent(f"`pixq {self.name}` needs {self.distribution}: pip install {self.distribution}")
+        return MissingComponent(f"`pixq {self.name}` needs {self.distribution}: {self.install}")
 
     def load(self) -> Any:
         """The real click command (imports ``module``)."""
@@ -96,16 +101,25 @@ COMPONENT_COMMANDS += (
 )
 
 
+def _markup_escape(text: str) -> str:
+    """``text`` as rich markup that prints it as written (rich.markup.escape's rule, without importing rich
+    for a command that prints no help)."""
+    return text.replace("[", "\\[") if typer.core.HAS_RICH else text
+
+
 class LazyCommand(typer.core.TyperCommand):
     """Stands in for a ``ComponentCommand`` in the group: listed from its registered help, the real
     command is imported only to parse and run it (``make_context``)."""
 
     def __init__(self, spec: ComponentCommand):
         installed = spec.installed()
+        # rich reads help text and panel titles as markup, where "[api]" is a tag that vanishes
+        # ("pip install pixart-queue", installed already): escaped, it is printed as written.
+        install = _markup_escape(spec.install)
         super().__init__(
             spec.name,
-            help=spec.help if installed else f"(not installed: pip install {spec.distribution}) {spec.help}",
-            rich_help_panel=spec.panel if installed else f"Not installed: pip install {spec.distribution}",
+            help=spec.help if installed else f"(not installed: {install}) {spec.help}",
+            rich_help_panel=spec.panel if installed else f"Not installed: {install}",
             add_help_option=False,
         )
         self.spec = spec

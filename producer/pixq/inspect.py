@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from pixq.errors import JobNotFound
+from pixq.models import KNOWN_MODELS
 from pixq.records import RUNNING_KEY, JobState, RecordStore
 from pixq.wire import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_PREFIX, WORKER_KEY_PREFIX, queue_lists
 
@@ -48,6 +49,7 @@ class RunningJob:
     started_at: float | None
     cancel_requested: bool
     batch: int = 0  # images in the pipeline call it renders in; 0: claimed, waiting for the GPU
+    owner: str | None = None  # the API key's id that submitted it (None: the Python client, no key)
 
 
 @dataclass
@@ -64,6 +66,19 @@ class QueueReport:
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def tenant_view(self, owner: str) -> dict[str, Any]:
+        """What one tenant (an API key without the admin scope) may see: counts, and of the running
+        jobs only its own; never another tenant's job ids, nor the workers' names, hosts or pids."""
+        own = [{k: v for k, v in asdict(job).items() if k not in ("worker", "owner")}
+               for job in self.running if job.owner == owner]
+        return {"model": self.model, "depth": self.depth, "oldest_age_s": self.oldest_age_s,
+                "running_count": len(self.running), "worker_count": len(self.workers), "own_running": own}
+
+    def public_to(self, owner: str) -> bool:
+        """Whether a tenant may see this queue at all: a model someone other than the operator named
+        (an absolute path another tenant submitted, served by no worker) is that tenant's business."""
+        return self.model in KNOWN_MODELS or bool(self.workers) or any(j.owner == owner for j in self.running)
 
 
 def _text(value: Any) -> str:
@@ -127,7 +142,7 @@ def running_jobs(records: RecordStore) -> dict[str, list[RunningJob]]:
             continue  # ended between the two reads
         by_model.setdefault(r.request.model_name, []).append(
             RunningJob(id=r.id, worker=r.worker, step=r.step, total_steps=r.total_steps, started_at=r.started_at,
-                       cancel_requested=r.cancel_requested, batch=r.batch))
+                       cancel_requested=r.cancel_requested, batch=r.batch, owner=r.owner))
     return by_model
 
 

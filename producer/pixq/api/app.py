@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pixq.api import errors
 from pixq.api.config import ApiSettings
 from pixq.api.keys import ApiKey, KeyStore
-from pixq.api.middleware import BodyLimit, Metrics
+from pixq.api.middleware import BodyLimit, Metrics, RequestMetrics
 from pixq.client import CLIENT_RETRIES, Client
 from pixq.settings import Settings
 
@@ -41,6 +41,7 @@ class ApiState:
     rconn: aioredis.Redis  # the fast path's requests (fast.py): a stuck Redis answers 503 after 5 s, as the sync path
     limiter: MovingWindowRateLimiter
     registry: CollectorRegistry
+    requests: RequestMetrics  # every response by route and code (pixq.api.middleware), refusals of the server too
     public_url: str
     webhook_outcomes: Counter
     outbox_entries: Gauge
@@ -70,7 +71,7 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
         settings=settings, api=api, client=Client(settings, conn=conn), keys=KeyStore(conn, api.require_pepper()),
         aconn=endpoint.async_client(), rconn=endpoint.async_client(socket_timeout_s=5),
         limiter=MovingWindowRateLimiter(storage_from_string(endpoint.limits_url(), **endpoint.limits_options())),
-        registry=registry, public_url=(api.public_url or public_url).rstrip("/"),
+        registry=registry, requests=RequestMetrics(registry), public_url=(api.public_url or public_url).rstrip("/"),
         webhook_outcomes=Counter("pixq_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                  registry=registry),
         outbox_entries=Gauge("pixq_webhook_outbox_entries", "Webhook events in the outbox stream not yet taken "
@@ -112,6 +113,6 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
     hot = {(m, getattr(r, "path", "")): r for r in routes.router.routes for m in getattr(r, "methods", ())}
     app.add_middleware(FastPath, state=state, get_route=hot["GET", "/v1/jobs/{job_id}"],
                        post_route=hot["POST", "/v1/jobs"])  # inside the body limit and the metrics
-    app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
-    app.add_middleware(Metrics, registry=registry)
+    app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes, timeout_s=api.request_timeout_s)
+    app.add_middleware(Metrics, metrics=state.requests)
     return app

@@ -10,13 +10,15 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from pixq.api.config import ApiSettings
-from pixq.errors import ConfigError
+from pixq.errors import ConfigError, InvalidRequest
 from pixq.settings import Settings
 
 keys_app = typer.Typer(help="API keys: create, list, revoke, rotate the webhook secret.", no_args_is_help=True)
@@ -66,22 +68,25 @@ def api(
         export_openapi(output)
         typer.echo(str(output))
         return
-    import uvicorn
-
     from pixq.api.app import create_app
     from pixq.api.relay import Relay
+    from pixq.api.server import bind, serve
 
     settings, api_settings = _settings()
-    _check_redis_safe(settings)
-    public_url = f"http://{host}:{port}"
-    relay = None
-    if not no_relay:
-        relay = Relay(settings, api_settings, settings.redis_endpoint().client(socket_timeout_s=10),
-                      api_settings.public_url or public_url)
-    app = create_app(settings, api_settings, public_url=public_url, relay=relay)
-    typer.echo(f"pixq api: serving on {public_url} (docs {public_url}/docs, relay {'off' if no_relay else 'on'})",
-               err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    sock = bind(host, port)  # before anything is said: a port in use is one error line
+    try:
+        _check_redis_safe(settings)
+        public_url = f"http://{host}:{port}"
+        relay = None
+        if not no_relay:
+            relay = Relay(settings, api_settings, settings.redis_endpoint().client(socket_timeout_s=10),
+                          api_settings.public_url or public_url)
+        app = create_app(settings, api_settings, public_url=public_url, relay=relay)
+        typer.echo(f"pixq api: serving on {public_url} (docs {public_url}/docs, relay {'off' if no_relay else 'on'})",
+                   err=True)
+        serve(app, sock, api_settings.request_timeout_s, app.state.pixq.requests.refused)
+    finally:
+        sock.close()
 
 
 @keys_app.command("create")
@@ -95,7 +100,8 @@ def keys_create(
     """Create an API key; the key and its webhook secret are printed once and never stored."""
     from pixq.api.keys import parse_rate, parse_scopes
 
-    key, text = _store().create(name, parse_scopes(scope), max_in_flight, parse_rate(rate) if rate else None)
+    with _key_errors():
+        key, text = _store().create(name, parse_scopes(scope), max_in_flight, parse_rate(rate) if rate else None)
     if as_json:
         _echo_json({"name": key.name, "key": text, "webhook_secret": key.webhook_secrets[0], "id": key.id})
         return
@@ -120,7 +126,8 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON
 @keys_app.command("revoke")
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
     """Revoke a key: refused from its next request on."""
-    key = _store().revoke(name)
+    with _key_errors():
+        key = _store().revoke(name)
     typer.echo(f"{key.name} revoked")
 
 
@@ -130,11 +137,28 @@ def keys_rotate(
     as_json: Annotated[bool, typer.Option("--json", help='Print {"name", "webhook_secret"}.')] = False,
 ) -> None:
     """A new webhook signing secret; the previous one keeps signing beside it until the next rotation."""
-    key, secret = _store().rotate_webhook_secret(name)
+    with _key_errors():
+        key, secret = _store().rotate_webhook_secret(name)
     if as_json:
         _echo_json({"name": key.name, "webhook_secret": secret})
     else:
         typer.echo(f"new webhook secret for {key.name}: {secret} (signatures now carry {len(key.webhook_secrets)})")
+
+
+@contextmanager
+def _key_errors() -> Iterator[None]:
+    """``keys.KeyError_`` (exit 1, which the README keeps for failed jobs) with the README's codes: a bad
+    NAME, --scope, --rate or --max-in-flight, or no key of that NAME, is a usage error (2); a NAME that
+    is taken already, an operation refused (3)."""
+    from pixq.api.keys import KeyError_
+
+    try:
+        yield
+    except KeyError_ as exc:
+        field, _, problem = str(exc).partition(": ")
+        if problem.endswith("exists already"):
+            raise InvalidRequest([(field, problem)]) from None
+        raise ConfigError(str(exc)) from None
 
 
 @keys_app.command("rotate-encryption")
@@ -221,11 +245,11 @@ def webhooks_redeliver(
     """Send a failed (or 410-stopped) delivery again with a fresh schedule."""
 
     from pixq.api.deliveries import DeliveryStore
-    from pixq.errors import PixqError
+    from pixq.errors import JobNotFound
 
     settings, _ = _settings()
     if DeliveryStore(settings.redis_endpoint().client(retries=6)).redeliver(job, event) is None:
-        raise PixqError(f"job {job} has no failed {event} delivery")
+        raise JobNotFound(f"job {job} has no failed {event} delivery")
     typer.echo(f"{job}:{event} queued for delivery")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict
@@ -17,6 +18,7 @@ API_ENV_VARS = (
     "PIXQ_API_KEY_PEPPER",
     "PIXQ_API_PUBLIC_URL",
     "PIXQ_API_MAX_BODY_BYTES",
+    "PIXQ_API_REQUEST_TIMEOUT_S",
     "PIXQ_WEBHOOK_TIMEOUT_S",
     "PIXQ_WEBHOOK_SCHEDULE_S",
     "PIXQ_WEBHOOK_CONCURRENCY",
@@ -31,6 +33,9 @@ class ApiSettings(BaseModel):
     key_pepper: str | None = None  # HMAC key for stored API-key hashes: a database leak alone reveals no key
     public_url: str | None = None  # how callers reach the API (image links in webhooks); default: the bind address
     max_body_bytes: int = 64 * 1024
+    # A request's head must arrive within this of the connection (or of the previous response), and each
+    # piece of its body within this of the last: a client that stops sending is answered 408 and cut off.
+    request_timeout_s: float = 10.0
     webhook_timeout_s: float = 15.0
     webhook_schedule_s: tuple[float, ...] = DEFAULT_SCHEDULE_S  # waits between attempts; then it is exhausted
     webhook_concurrency: int = 16
@@ -55,6 +60,8 @@ class ApiSettings(BaseModel):
             values["public_url"] = url.rstrip("/")
         if (raw := get("PIXQ_API_MAX_BODY_BYTES")) is not None:
             values["max_body_bytes"] = int(_number("PIXQ_API_MAX_BODY_BYTES", raw, 1024))
+        if (raw := get("PIXQ_API_REQUEST_TIMEOUT_S")) is not None:
+            values["request_timeout_s"] = _number("PIXQ_API_REQUEST_TIMEOUT_S", raw, 0.1)
         if (raw := get("PIXQ_WEBHOOK_TIMEOUT_S")) is not None:
             values["webhook_timeout_s"] = _number("PIXQ_WEBHOOK_TIMEOUT_S", raw, 0.1)
         if (raw := get("PIXQ_WEBHOOK_CONCURRENCY")) is not None:
@@ -81,10 +88,13 @@ class ApiSettings(BaseModel):
 
 
 def _number(var: str, raw: str, minimum: float) -> float:
+    """A finite number of at least ``minimum``: ``nan`` and ``inf`` are refused like any other non-number."""
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{var}: {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{var}: {raw!r} is not a finite number")
     if value < minimum:
         raise ConfigError(f"{var}: must be at least {minimum:g} (got {raw})")
     return value

@@ -17,12 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from pixq.api import body as body_json
 from pixq.api import events
 from pixq.api.app import ApiState
+from pixq.api.body import BodyRefused
 from pixq.api.errors import ApiError, RateLimited, responses
-from pixq.api.keys import ApiKey, Scope
+from pixq.api.keys import NAMES_KEY, ApiKey, Scope
 from pixq.errors import InvalidRequest, JobNotFound
-from pixq.listing import decode_cursor, list_jobs
+from pixq.listing import decode_cursor, list_every_owners_jobs, list_jobs
 from pixq.records import JobRecord, JobState
 from pixq.schema import JobRequest, WebhookEvent, parse_request, request_schema
 
@@ -111,8 +113,13 @@ def parse_job_body(state: ApiState, content_type: str, body: bytes, idempotency_
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as Content-Type: application/json")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = body_json.loads(body)
+    except BodyRefused as exc:
+        if exc.field is not None:
+            raise InvalidRequest([(exc.field, "appears more than once in the body's object (send each key once)")]) \
+                from None
+        raise ApiError(400, "malformed_json", f"body refused: {exc}") from None
+    except ValueError as exc:  # UnicodeDecodeError too
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest([('""', "the body must be a JSON object (the job request)")])
@@ -141,15 +148,33 @@ def list_own_jobs(
     state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 20,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+    tenant: Annotated[str | None, Query(max_length=64, description="Admin keys only: just this key's jobs "
+                                        "(its name, as `pixq keys list` shows it)")] = None,
 ) -> JobList:
-    """This key's jobs, newest first, a page at a time."""
+    """This key's jobs, newest first, a page at a time; an admin key's: every key's (``tenant``: one key's)."""
     st = state_of(request)
     try:
         after = decode_cursor(cursor) if cursor else None
     except ValueError:
         raise InvalidRequest([("cursor", "is not a cursor this API gave out")]) from None
-    records, next_cursor = list_jobs(st.client.records, key.id, state=state, limit=limit, after=after)
+    if tenant is not None and not key.allows(Scope.admin):
+        raise ApiError(403, "forbidden", "tenant: listing another key's jobs needs the admin scope")
+    if tenant is not None:
+        records, next_cursor = list_jobs(st.client.records, tenant_id(st, tenant), state=state, limit=limit,
+                                         after=after)
+    elif key.allows(Scope.admin):
+        records, next_cursor = list_every_owners_jobs(st.client.records, state=state, limit=limit, after=after)
+    else:
+        records, next_cursor = list_jobs(st.client.records, key.id, state=state, limit=limit, after=after)
     return JobList(jobs=[view(st, r) for r in records], next_cursor=next_cursor)
+
+
+def tenant_id(state: ApiState, name: str) -> str:
+    """The id of the key named ``name`` (revoked ones too: their jobs stay listed)."""
+    key_id = state.client.conn.hget(NAMES_KEY, name)
+    if not isinstance(key_id, bytes):
+        raise InvalidRequest([("tenant", f"no key named {name!r}")])
+    return key_id.decode()
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=responses(401, 403, 404, 503))
@@ -183,14 +208,19 @@ def get_image(job_id: str, index: int, request: Request, key: ApiKey = authentic
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                              "description": "Server-Sent Events: queued, running (every step), then the end"},
-                       **responses(401, 403, 404, 503)})
+                       **responses(401, 403, 404, 422, 503)})
 def job_events(job_id: str, request: Request, key: ApiKey = authenticated(Scope.read),
                last_event_id: Annotated[str | None, Header(max_length=64)] = None) -> StreamingResponse:
     """Follow the job: ``queued`` (with position), ``running`` (step, total_steps) at every step, then
-    ``succeeded`` / ``failed`` / ``canceled`` with the record; resumable with ``Last-Event-ID``."""
+    ``succeeded`` / ``failed`` / ``canceled`` with the record; resumable with ``Last-Event-ID``. The
+    stream ends within ``KEY_RECHECK_S`` (5 s) of its key's revocation."""
     st = state_of(request)
+    if last_event_id and not events.is_event_id(last_event_id):
+        raise InvalidRequest([("Last-Event-ID", f"{last_event_id!r} is not an event id this API sent "
+                               "(e.g. 1796112575885-0)")])
     record = owned(st, key, job_id)
-    stream = events.follow(st, record, last_event_id, lambda r: view(st, r).model_dump(mode="json"))
+    stream = events.follow(st, record, last_event_id or None, lambda r: view(st, r).model_dump(mode="json"),
+                           key_id=key.id)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -222,8 +252,12 @@ def redeliver(job_id: str, event: WebhookEvent, request: Request,
 
 @router.get("/v1/queues", tags=["queues"], responses=responses(401, 403, 503))
 def queues(request: Request, key: ApiKey = authenticated(Scope.read)) -> list[dict[str, Any]]:
-    """Per model: waiting jobs, the oldest one's age, running jobs, live workers."""
-    return [q.to_json_dict() for q in state_of(request).client.queues()]
+    """Per model: waiting jobs, the oldest one's age, running jobs, live workers. An admin key sees it
+    all; any other key counts, and of the running jobs only its own (never another key's job ids)."""
+    reports = state_of(request).client.queues()
+    if key.allows(Scope.admin):
+        return [q.to_json_dict() for q in reports]
+    return [q.tenant_view(key.id) for q in reports if q.public_to(key.id)]
 
 
 @router.get("/v1/schema", tags=["jobs"], response_model=dict[str, Any], responses=responses(401, 403))
