@@ -262,7 +262,7 @@ def test_a_command_in_flight_when_the_primary_dies_is_retried_on_the_new_primary
 
     def async_pop() -> None:
         async def pop() -> object:
-            aconn = endpoint.async_client()  # as the API builds it: 6 backoff steps (a few seconds)
+            aconn = endpoint.async_client()  # as the API builds it: 7 backoff steps (≈ 10 s)
             try:
                 return await aconn.blpop(["follow:async"], timeout=40)
             finally:
