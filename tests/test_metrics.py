@@ -48,8 +48,8 @@ def readyz(port: int) -> tuple[int, str]:
         return exc.code, exc.read().decode().strip()
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+def scrape(port: int, host: str = "127.0.0.1") -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
         assert answer.headers["Content-Type"].startswith("text/plain")
         return str(answer.read().decode())
 
@@ -82,20 +82,23 @@ def test_worker_metrics_report_what_the_runner_tells_them() -> None:
     assert value(fresh, "pixq_worker_info", worker="gpu0@host", model=model, device="cpu") == 1
     for outcome in OUTCOMES:  # every outcome exists at 0 from the start, so rate() works at once
         assert value(fresh, "pixq_jobs_total", model=model, outcome=outcome) == 0
-    assert value(fresh, "pixq_current_job_info", job_id="") == 1
+    assert value(fresh, "pixq_rendering_jobs", model=model) == 0
     assert not any(name.startswith("pixq_gpu_") for name, _ in fresh)  # CPU: no GPU memory series
 
     m.pipeline_loaded(12.5)
     m.job_claimed(queue_wait_s=0.3)
-    m.set_current("job-a")
+    m.rendering(1)
     clock.now += 2
     for _ in range(20):
         m.step()
     holding = parse(m.exposition().decode())
     assert value(holding, "pixq_current_jobs", model=model) == 1
-    assert value(holding, "pixq_current_job_info", job_id="job-a") == 1
+    assert value(holding, "pixq_rendering_jobs", model=model) == 1
+    assert value(holding, "pixq_rendering_step", model=model) == 20
     assert value(holding, "pixq_denoising_steps_per_second", model=model) == pytest.approx(20 / 2)
-    m.set_current(None)
+    # The port has no authentication: no series names a job (issue 23: pixq_current_job_info did).
+    assert not any("job_id" in dict(labels) for _, labels in holding)
+    m.rendering(0)
     m.job_finished("succeeded", render_s=1.7, width=1024, height=768, images=2)
     m.job_claimed(queue_wait_s=40)
     m.step(3)
@@ -116,7 +119,7 @@ def test_worker_metrics_report_what_the_runner_tells_them() -> None:
     assert value(s, "pixq_queue_wait_seconds_bucket", model=model, le="0.5") == 1
     assert value(s, "pixq_queue_wait_seconds_bucket", model=model, le="60.0") == 2
     assert value(s, "pixq_current_jobs", model=model) == 0
-    assert value(s, "pixq_current_job_info", job_id="") == 1
+    assert value(s, "pixq_rendering_jobs", model=model) == 0 and value(s, "pixq_rendering_step", model=model) == 0
     assert value(s, "pixq_images_per_second", model=model) == pytest.approx(2 / 2)
     clock.now += 61  # a minute idle: the windowed gauges fall to 0, the counters stay
     s = parse(m.exposition().decode())
@@ -149,6 +152,37 @@ def test_metrics_server_serves_its_own_registry_only() -> None:
     assert b.exposition()
 
 
+def test_the_metrics_port_listens_on_loopback_unless_told() -> None:
+    """No authentication there: reachable from this host only, unless the address says otherwise (a pod that
+    Prometheus scrapes: 0.0.0.0). 127.0.0.2 is loopback too, but only a socket bound to every address answers it."""
+    local, every = WorkerMetrics("model-l", "w-l"), WorkerMetrics("model-e", "w-e")
+    port = local.start_server(0)
+    try:
+        assert value(parse(scrape(port)), "pixq_worker_info", worker="w-l", model="model-l", device="cpu") == 1
+        with pytest.raises(urllib.error.URLError):
+            scrape(port, host="127.0.0.2")
+    finally:
+        local.stop_server()
+    port = every.start_server(0, address="0.0.0.0")
+    try:
+        assert value(parse(scrape(port, host="127.0.0.2")), "pixq_worker_info", worker="w-e", model="model-e",
+                     device="cpu") == 1
+    finally:
+        every.stop_server()
+
+
+def test_metrics_host_is_an_option_and_pixq_metrics_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+    from pixq.worker.ops.cli import app
+
+    command = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    monkeypatch.delenv("PIXQ_METRICS_HOST", raising=False)
+    assert command.make_context("worker", []).params["metrics_host"] == "127.0.0.1"
+    monkeypatch.setenv("PIXQ_METRICS_HOST", "0.0.0.0")
+    assert command.make_context("worker", []).params["metrics_host"] == "0.0.0.0"
+    assert command.make_context("worker", ["--metrics-host", "10.1.2.3"]).params["metrics_host"] == "10.1.2.3"
+
+
 def test_readyz_answers_what_the_worker_says_and_metrics_stay_beside_it() -> None:
     m = WorkerMetrics("model-r", "w-r")
     port = m.start_server(0, address="127.0.0.1")
@@ -157,6 +191,8 @@ def test_readyz_answers_what_the_worker_says_and_metrics_stay_beside_it() -> Non
         m.set_ready(True)
         assert readyz(port) == (200, "ready")
         assert value(parse(scrape(port)), "pixq_worker_info", worker="w-r", model="model-r", device="cpu") == 1
+        m.set_ready(False, "storage unavailable: NoSuchBucket")
+        assert readyz(port) == (503, "storage unavailable: NoSuchBucket")
         m.set_ready(False, "draining")
         assert readyz(port) == (503, "draining")
     finally:
@@ -202,32 +238,37 @@ def test_a_real_worker_counts_its_jobs_and_answers_readyz(metered: tuple[Client,
     assert done.state is JobState.succeeded
     long = client.submit("canceled midway", width=256, height=256, num_inference_steps=200)
     wait_for(lambda: client.status(long.id).step >= 3, 30, "the long job to run")
-    during = parse(scrape(port))
+    text = scrape(port)
+    during = parse(text)
     assert value(during, "pixq_current_jobs", model=model) == 1
-    assert value(during, "pixq_current_job_info", job_id=long.id) == 1
+    assert value(during, "pixq_rendering_jobs", model=model) == 1
+    assert (value(during, "pixq_rendering_step", model=model) or 0) >= 1
+    assert long.id not in text and done.id not in text  # no job id on a port without authentication
+    with pytest.raises(urllib.error.URLError):  # pixq worker's default: loopback only
+        scrape(port, host="127.0.0.2")
     client.cancel(long.id)
     canceled = client.wait(long.id, timeout_s=30)
     assert canceled.state is JobState.canceled
 
     # The record is written before the metrics move: wait for the second outcome. The job's own thread counts
     # it at once; the GPU thread lets go of the canceled render at its next step (batcher: the rows are dropped,
-    # then after_batch clears pixq_current_job_info), so wait for that too.
+    # then after_batch sets pixq_rendering_jobs to 0), so wait for that too.
     after = wait_for(lambda: (s := parse(scrape(port))) and value(
         s, "pixq_jobs_total", model=model, outcome="canceled") == 1 and value(
-        s, "pixq_current_job_info", job_id="") == 1 and s, 10, "the canceled job's outcome and the GPU let go")
+        s, "pixq_rendering_jobs", model=model) == 0 and s, 10, "the canceled job's outcome and the GPU let go")
     assert value(after, "pixq_jobs_total", model=model, outcome="succeeded") == 1
     assert sum(value(after, "pixq_jobs_total", model=model, outcome=o) or 0 for o in OUTCOMES) == 2
     assert value(after, "pixq_images_total", model=model) == 2
     # Every finished denoising step counts: 3, and the canceled job's steps. The record keeps the step
     # its progress thread saw when the cancel was read; the render stops at its next step callback, so
     # the GPU may have done a few more steps than the record says, and never all 200.
-    steps = value(after, "pixq_denoising_steps_total", model=model)
+    steps = value(after, "pixq_denoising_steps_total", model=model) or 0
     assert 3 + canceled.step <= steps < 3 + 200
     assert value(after, "pixq_render_seconds_count", model=model, size="128x64") == 1  # a full render only
     assert value(after, "pixq_render_seconds_count", model=model, size="256x256") is None
     assert value(after, "pixq_queue_wait_seconds_count", model=model) == 2
     assert value(after, "pixq_current_jobs", model=model) == 0
-    assert value(after, "pixq_current_job_info", job_id="") == 1
+    assert value(after, "pixq_rendering_step", model=model) == 0
     assert (value(after, "pixq_images_per_second", model=model) or 0) > 0
     assert (value(after, "pixq_denoising_steps_per_second", model=model) or 0) > 0
 

@@ -410,17 +410,7 @@ def test_secrets_never_reach_logs_records_metadata_or_task_args(cluster: Cluster
     assert "redis://:**@" in texts["worker log"] or "redis://:***@" in texts["worker log"]
 
 
-def test_permanent_storage_errors_fail_the_job_at_once(cluster: Cluster) -> None:
-    name, _ = cluster.start_worker(AWS_SECRET_ACCESS_KEY="not-the-secret")
-    client = cluster.client()
-    started = time.monotonic()
-    record = client.wait(client.submit("nowhere to go", width=128, height=128, num_inference_steps=2).id,
-                         timeout_s=60)
-    assert record.state is JobState.failed and record.error is not None
-    assert record.error.type == "StorageRefused"
-    assert "S3 refused the upload" in record.error.message and "SignatureDoesNotMatch" in record.error.message
-    assert time.monotonic() - started < 20  # not retried for minutes
-    assert "not-the-secret" not in record.error.message + cluster.log(name)
+# A worker whose store refuses its credentials no longer starts, nor fails jobs: tests/test_storage_faults.py.
 
 
 def test_s3_stopped_mid_upload_and_started_again(cluster: Cluster, tmp_path: Path) -> None:

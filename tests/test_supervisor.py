@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import typer
 from pixq.errors import ConfigError
-from pixq.worker.ops.supervisor import Backoff, Slot, parse_gpus, plan_slots, visible_gpus, worker_argv
+from pixq.worker.ops.supervisor import Backoff, Slot, option_argv, parse_gpus, plan_slots, visible_gpus, worker_argv
 
 from tests.conftest import wait_for
 
@@ -47,6 +47,15 @@ print(f"hello from run {runs + 1}", flush=True)
 
 if mode == "crash" or (mode == "crash_twice" and runs < 2):
     sys.exit(3)
+if mode == "pause" and ready:  # as a worker whose store refuses writes: alive, not ready until told to resume
+    Path(ready).write_text("up")
+    time.sleep(0.3)
+    Path(ready).unlink()
+    note("paused")
+    resume = state / (name + ".resume")
+    while not resume.exists():
+        time.sleep(0.01)
+    note("resumed")  # ready again just below
 if mode == "ready_then_crash_once" and runs == 0:
     Path(ready).write_text("up")
     time.sleep(1.0)
@@ -259,6 +268,18 @@ def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Pa
     assert {a for a in argv[len(start):] + with_metrics[len(start):] if a.startswith("--")} <= known
 
 
+def test_children_serve_metrics_on_the_parents_metrics_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pixq.worker.ops.cli import app
+
+    command = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    monkeypatch.setenv("PIXQ_METRICS_HOST", "0.0.0.0")  # as a pod's manifest sets it
+    parsed = command.make_context("worker", ["--gpus", "all", "--metrics-port", "9100"]).params
+    slot = Slot(gpu=1, device="1", name="gpu1@h", ready_file=None)
+    argv = list(worker_argv(option_argv(command.params, parsed), metrics_port=9100)(slot))
+    assert argv[argv.index("--metrics-port") + 1] == "9101"
+    assert argv[argv.index("--metrics-host") + 1] == "0.0.0.0"
+
+
 # -- real processes -------------------------------------------------------------------------
 
 
@@ -370,6 +391,21 @@ def test_ready_file_only_while_every_worker_is_ready(supervise: Callable[..., Ru
     assert run.finish() == 0
     assert not run.ready.exists()
     assert not list(run.ready.parent.glob("ready.gpu*"))
+
+
+@pytest.mark.slow
+def test_a_paused_worker_makes_the_whole_not_ready_until_it_resumes(supervise: Callable[..., Running]) -> None:
+    """A worker whose store refuses writes stays alive and removes its ready file (serve.Readiness): the
+    supervisor's ready file goes with it, without a restart, and comes back when the worker resumes."""
+    run = supervise([0, 1], {"gpu0@testhost": "pause"}, ready=True)
+    run.wait_for(lambda: run.count("gpu0@testhost", "paused") == 1)
+    run.wait_for(lambda: not run.ready.exists())
+    (run.state / "gpu0@testhost.resume").touch()
+    run.wait_for(lambda: run.count("gpu0@testhost", "resumed") == 1)
+    run.wait_for(run.ready.exists)
+    assert run.count("gpu0@testhost", "start") == 1  # paused, not crashed: never restarted
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
 
 
 @pytest.mark.slow

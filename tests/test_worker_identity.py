@@ -11,8 +11,8 @@ import pytest
 import redis
 from pixq.errors import WorkerNameTaken
 from pixq.wire import WORKER_KEY_PREFIX
-from pixq.worker.ops.identity import check_name_free, claim_name, default_name
-from pixq.worker.ops.serve import Presence, WorkerOptions
+from pixq.worker.ops.identity import Presence, check_name_free, claim_name, default_name
+from pixq.worker.ops.serve import WorkerOptions
 from pixq.worker.ops.stack import Service, pixq_argv
 
 from tests.conftest import wait_for
@@ -59,6 +59,12 @@ def test_the_claimed_name_beats_from_the_claim_and_says_serving_only_when_told(r
         presence.start()  # the first beat renews it at once
         wait_for(lambda: raw_redis.ttl(key) > 1, 5, "the first beat")
         assert json.loads(raw_redis.get(key) or "{}")["serving"] is False
+        presence.serving()
+        assert json.loads(raw_redis.get(key) or "{}") == {**info, "serving": True}
+        # A worker whose store refuses writes pauses, and its record says why until it serves again.
+        presence.paused("storage unavailable: NoSuchBucket")
+        assert json.loads(raw_redis.get(key) or "{}") == {**info, "serving": False,
+                                                          "paused": "storage unavailable: NoSuchBucket"}
         presence.serving()
         assert json.loads(raw_redis.get(key) or "{}") == {**info, "serving": True}
     finally:

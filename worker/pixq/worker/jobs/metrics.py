@@ -5,13 +5,13 @@ The runner tells it what happens, in this order for a job it claimed::
 
     metrics = WorkerMetrics(model=..., worker=..., device=...)
     metrics.pipeline_loaded(loaded.load_s)
-    metrics.start_server(port)                  # serves /metrics and /readyz; port 0 picks a free one
+    metrics.start_server(port, address)         # serves /metrics and /readyz; port 0 picks a free one
     metrics.set_ready(True)                     # /readyz answers 200 from here (every size and mode warm)
     metrics.job_claimed(time.time() - record.created_at)
-    metrics.set_current(job_id)                 # the render starts (it holds the GPU)
+    metrics.rendering(jobs)                     # a pipeline call for this many jobs starts (it holds the GPU)
     metrics.step(n)                             # after every denoising step (n: jobs in the call)
     metrics.batch_rendered(jobs, images)        # one pipeline call rendered this many jobs and images
-    metrics.set_current(None)                   # the render ended, however it ended
+    metrics.rendering(0)                        # the call ended, however it ended
     metrics.job_finished("succeeded", render_s=..., width=..., height=..., images=...)
 
 Rates are offered both ways: counters (``pixq_images_total``, ``pixq_denoising_steps_total``)
@@ -20,9 +20,15 @@ for ``rate()`` in PromQL, which is the Prometheus way, and gauges over a sliding
 GPU memory is read when scraped, and only where CUDA is already in use. docs/monitoring.md lists
 every metric with Grafana panels.
 
+The port answers without authentication, so it holds no job id (nor prompt, nor anything a job's owner
+submitted): counts, timings and the worker's own name, model and device. Which jobs run where is for those
+who may see jobs: ``pixq queue`` (Redis credentials) and Flower (its login). It listens on loopback unless
+told otherwise (``pixq worker --metrics-host``; a pod that Prometheus scrapes sets ``0.0.0.0``).
+
 The same port answers ``/readyz`` for an HTTP readiness probe: 503 ``starting`` until the worker is ready (its
 graphs loaded and warm, the Celery consumer taking messages: what the ready file and the presence record's
-``serving`` say), 200 ``ready`` then, 503 ``draining`` once it is told to stop. prometheus_client's own server
+``serving`` say), 200 ``ready`` then, 503 ``storage unavailable: ...`` while its store refuses writes (it takes no
+jobs then), 503 ``draining`` once it is told to stop. prometheus_client's own server
 answers every path with the metrics, so this module serves its WSGI app behind that one extra path.
 """
 
@@ -57,7 +63,8 @@ OUTCOMES = (
     "timed_out",  # ran past PIXQ_JOB_TIMEOUT_S
     "canceled",  # canceled while running
     "lease_lost",  # another worker holds it now (this one stalled past its lease)
-    "given_back",  # the worker was stopping: back on the queue for another worker
+    "given_back",  # the worker was stopping (or its store went down before the render): back on the queue
+    "storage_unavailable",  # its images could not be stored, the store down: back on the queue, an attempt counted
 )
 
 # 0.05 s (a small image on a fast GPU) .. 120 s (2K, many steps, or a CPU).
@@ -165,6 +172,7 @@ class WorkerMetrics:
         self._readiness: tuple[bool, str] = (False, "starting")
         self._lock = threading.Lock()
         self._holding = 0
+        self._rendering = 0  # jobs in the pipeline call on the GPU now
 
         Info("pixq_worker", "The worker process: Celery node name, model and device.", registry=r).info(
             {"worker": worker, "model": model, "device": device})
@@ -206,9 +214,11 @@ class WorkerMetrics:
                                  registry=r).labels(model=model)
         self.current_jobs = Gauge("pixq_current_jobs", "Jobs this worker holds now (rendering or storing).",
                                   ["model"], registry=r).labels(model=model)
-        self.current_job = Info("pixq_current_job",
-                                "The jobs on the GPU now (comma-separated); job_id is empty when idle.", registry=r)
-        self.current_job.info({"job_id": ""})
+        # How busy the GPU is, never which jobs (an unauthenticated port: see the module docstring).
+        self.rendering_jobs = Gauge("pixq_rendering_jobs", "Jobs in the pipeline call on the GPU now (0: idle).",
+                                    ["model"], registry=r).labels(model=model)
+        self.rendering_step = Gauge("pixq_rendering_step", "The denoising step the call on the GPU has done "
+                                    "(0: idle).", ["model"], registry=r).labels(model=model)
         r.register(GpuMemoryCollector(device))
         ProcessCollector(registry=r)  # process_* (CPU seconds, resident memory, open files)
 
@@ -231,14 +241,18 @@ class WorkerMetrics:
             self._holding += 1
             self.current_jobs.set(self._holding)
 
-    def set_current(self, job_id: str | None) -> None:
-        """The job whose render holds the GPU now; ``None`` once it let go."""
-        self.current_job.info({"job_id": job_id or ""})
+    def rendering(self, jobs: int) -> None:
+        """A pipeline call for ``jobs`` jobs holds the GPU now (its step back at 0); ``0`` once it let go."""
+        self._rendering = jobs
+        self.rendering_jobs.set(jobs)
+        self.rendering_step.set(0)
 
     def step(self, n: int = 1) -> None:
-        """``n`` denoising steps finished."""
+        """One denoising step of the call finished, for its ``n`` jobs still in it."""
         self.steps.inc(n)
         self._steps_rate.add(n)
+        if self._rendering:
+            self.rendering_step.inc()
 
     def batch_rendered(self, jobs: int, images: int) -> None:
         """One pipeline call rendered ``jobs`` jobs, ``images`` images in all."""
@@ -266,11 +280,13 @@ class WorkerMetrics:
     # -- serving ------------------------------------------------------------------------------
 
     def set_ready(self, ready: bool, why: str = "") -> None:
-        """What ``/readyz`` answers: 200 when ready, else 503 with ``why`` (``starting``, ``draining``)."""
+        """What ``/readyz`` answers: 200 when ready, else 503 with ``why`` (``starting``, ``draining``,
+        ``storage unavailable: ...``)."""
         self._readiness = (ready, why or ("ready" if ready else "starting"))
 
-    def start_server(self, port: int, address: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` and ``/readyz`` from a daemon thread; returns the port (``port=0`` picks a free one).
+    def start_server(self, port: int, address: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` and ``/readyz`` from a daemon thread on ``address`` (loopback unless told: the
+        port has no authentication); returns the port (``port=0`` picks a free one).
 
         Call it in the process that renders, after the pipeline is loaded.
         """

@@ -9,6 +9,10 @@ pipeline call under ``gpu_lock``; encoding and upload happen in the job's own th
 starts the next batch while the last one is stored. While a job waits for its images its thread
 writes its progress, reads its cancel flag and checks its deadline (no Redis round trip on the
 GPU's path). A job is acknowledged only after its images are stored and its record says so.
+
+A store that stops taking this worker's uploads (``storagewatch.py``) sends the job back to the queue, an
+attempt counted, rather than failing it; while the store is down the worker takes no job and gives back those
+that wait for the GPU (they have not started: no attempt counted).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from pixq.worker.gpu.render import encode
 from pixq.worker.jobs.batcher import Batcher, Pending
 from pixq.worker.jobs.lease import HeldJob, Leases
 from pixq.worker.jobs.metrics import WorkerMetrics
-from pixq.worker.jobs.storage import Storage
+from pixq.worker.jobs.storage import Storage, StorageDown, StorageError
+from pixq.worker.jobs.storagewatch import StorageWatch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,7 @@ class JobRunner:
         app: Celery,
         shutdown: Shutdown | None = None,
         metrics: WorkerMetrics | None = None,
+        storage_watch: StorageWatch | None = None,
     ):
         self.records = records
         self.pipe = pipe
@@ -105,6 +111,7 @@ class JobRunner:
         self.leases = leases
         self.app = app
         self.shutdown = shutdown or Shutdown()
+        self.storage_watch = storage_watch or StorageWatch(storage.probe)
         self.gpu_lock = threading.Lock()
         self._active = 0  # jobs inside run(): claimed, waiting for the GPU, rendering or storing
         self._active_lock = threading.Lock()
@@ -113,7 +120,7 @@ class JobRunner:
         self.metrics = metrics or WorkerMetrics(config.model_name, config.worker_name)
         self.batcher = Batcher(pipe, self.gpu_lock, config.batch, before_batch=self._before_batch,
                                stop_now=self._stop_now, on_step=self.metrics.step, on_batch=self._on_batch,
-                               after_batch=lambda: self.metrics.set_current(None))
+                               after_batch=lambda: self.metrics.rendering(0))
 
     @property
     def worker_name(self) -> str:
@@ -143,6 +150,8 @@ class JobRunner:
     def _run(self, job_id: str, on_progress: ProgressFn | None) -> JobRecord | None:
         if self.shutdown.draining.is_set():
             raise GiveBack("worker is stopping")  # not claimed: the message goes back as it is
+        if self.storage_watch.down:  # a message taken just before the pause: back as it is, for another worker
+            raise GiveBack(f"storage unavailable: {self.storage_watch.down}")
         try:
             outcome, detail = self.records.claim(
                 job_id, self.worker_name, self.config.lease_ttl_s, self.config.max_attempts
@@ -171,13 +180,23 @@ class JobRunner:
                 self.metrics.job_finished("lease_lost")
                 log.warning("job %s: lease lost; left to the worker that holds it", job_id)
                 return None
-            except GiveBack:
+            except GiveBack as exc:
                 self.metrics.job_finished("given_back")
                 self._release_memory()
                 if self.records.release(job_id, self.worker_name, attempts_delta=-1, state=JobState.queued,
                                         step=0, worker=""):
                     send_job(self.app, job_id, self.records.get(job_id).request)
-                    log.warning("job %s: given back to the queue (worker stopping)", job_id)
+                    log.warning("job %s: given back to the queue (%s)", job_id, str(exc) or "worker stopping")
+                return None
+            except StorageDown as exc:
+                # The store's fault, not the job's: back to the queue with this attempt counted (a store that
+                # never comes back cannot loop a job for ever); images already stored stay, and the next
+                # attempt keeps them (Storage.put_image never overwrites).
+                self.metrics.job_finished("storage_unavailable")
+                self._release_memory()
+                if self.records.release(job_id, self.worker_name, state=JobState.queued, step=0, worker=""):
+                    send_job(self.app, job_id, self.records.get(job_id).request)
+                    log.warning("job %s: given back to the queue: %s", job_id, exc)
                 return None
             except JobCanceled:
                 self.metrics.job_finished("canceled")
@@ -256,7 +275,9 @@ class JobRunner:
     def _before_batch(self, batch: list[Pending]) -> BaseException | None:
         if self.shutdown.draining.is_set():
             return GiveBack()  # they waited behind the job being finished: not started, so back they go
-        self.metrics.set_current(",".join(p.record.id for p in batch))
+        if self.storage_watch.down:  # their images could not be stored: not started, so back they go
+            return GiveBack(f"storage unavailable: {self.storage_watch.down}")
+        self.metrics.rendering(len(batch))
         return None
 
     def _stop_now(self) -> BaseException | None:
@@ -278,7 +299,13 @@ class JobRunner:
             data = encode(image, request.output_format, threads=threads)
             if held.lost.is_set():
                 raise LeaseLost()
-            stored.append(self.storage.put_image(record.id, index, data, request, seed, keep_going=keep_going))
+            try:
+                stored.append(self.storage.put_image(record.id, index, data, request, seed, keep_going=keep_going,
+                                                     store_answers=self.storage_watch.check))
+            except StorageError:
+                if held.lost.is_set():
+                    raise LeaseLost() from None  # given up because another worker holds the job now
+                raise
         return stored
 
     def _end(self, job_id: str, state: JobState, error: JobError | None = None, **fields: Any) -> bool:

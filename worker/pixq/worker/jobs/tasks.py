@@ -14,8 +14,8 @@ is written first, then
   monitors merge a state of lower precedence into the current one (celery.events.state), and REVOKED
   ranks below the custom PROGRESS a running job is in, so a job canceled while running would stay
   PROGRESS; a custom state after a custom state replaces it;
-* back in the queue (given back by a stopping worker, or re-queued): RETRY; the new message has the
-  job id as its task id too (``pixq.wire.send_job``), so Flower follows one task per job;
+* back in the queue (given back by a stopping worker or one whose storage is down, or re-queued): RETRY;
+  the new message has the job id as its task id too (``pixq.wire.send_job``), so Flower follows one task per job;
 * held by another worker: no state of its own (``Ignore``): the holder's events tell.
 """
 
@@ -151,8 +151,8 @@ def register_render_task(app: Celery, runner: JobRunner, reservations: Reservati
                 raise Reject(f"malformed job id {job_id!r}", requeue=False)
             try:
                 record = runner.run(job_id, on_progress=progress_reporter(self, job_id))
-            except GiveBack:
-                raise Reject("worker stopping before the job started", requeue=True) from None
+            except GiveBack as exc:  # stopping, or the store is down: not claimed, the message goes back
+                raise Reject(f"{str(exc) or 'worker stopping'} before the job started", requeue=True) from None
             except NotDurable as exc:
                 # The end is on the primary but not confirmed on replicas: the message comes again;
                 # its next delivery finds the job settled, or (after a failover lost the end) runs it.

@@ -60,6 +60,9 @@ def worker(
                                                 "[default 0: min(8, cores)]; one while another job renders")] = 0,
     gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
     metrics_port: Annotated[int, typer.Option(help="Serve /metrics and /readyz on this port; 0: off")] = 0,
+    metrics_host: Annotated[str, typer.Option(envvar="PIXQ_METRICS_HOST", help="Address of the metrics port "
+                                              "(no authentication: keep it off networks you do not trust; "
+                                              "0.0.0.0 where Prometheus scrapes the pod)")] = "127.0.0.1",
     trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
                                             help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
     vae_tile_above: Annotated[int, typer.Option(help="Decode images of more than this many pixels in tiles "
@@ -98,9 +101,17 @@ def worker(
         raise ConfigError("--gather-window: must be 0 to 10 seconds")
     if any(m not in ("exact", "fast") for m in warmup_mode or []):
         raise ConfigError("--warmup-mode: must be exact or fast")
+    if not metrics_host.strip():
+        raise ConfigError("--metrics-host (PIXQ_METRICS_HOST): must be an address, e.g. 127.0.0.1 or 0.0.0.0")
     settings = Settings.from_env(os.environ)
+    from pixq.worker.ops.prefetch import mode_from_env, prefetch_for_worker
+
+    if gpus is None:  # the weights stream from the disk beside the checks and imports below (issue 29)
+        prefetch_for_worker(model or settings.model, os.environ)
+    else:  # each child prefetches; a bad PIXQ_PREFETCH stops the supervisor, naming it
+        mode_from_env(os.environ)
     settings.require_redis()
-    settings.require_bucket()
+    check_storage(settings)  # before anything says ready: a worker that cannot store its images takes no job
     if gpus is not None:
         if name or device != "cpu":
             raise ConfigError("--gpus sets each worker's --device and --name; drop them")
@@ -123,8 +134,20 @@ def worker(
                                   defer_warmup=defer_warmup,
                                   prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
                                   vae_tile_above=vae_tile_above, compile_vae=compile_vae,
-                                  compile_batches=compile_batches, metrics_port=metrics_port, max_batch=max_batch,
-                                  gather_window_s=gather_window))
+                                  compile_batches=compile_batches, metrics_port=metrics_port,
+                                  metrics_host=metrics_host, max_batch=max_batch, gather_window_s=gather_window))
+
+
+def check_storage(settings: Settings) -> None:
+    """Refuse to start (``StorageUnavailable``, one line) unless the bucket takes a write and a delete under the
+    prefix: a missing bucket, a wrong secret or an unreachable endpoint would otherwise fail every job it takes."""
+    from pixq.errors import StorageUnavailable
+    from pixq.worker.jobs.storage import Storage
+
+    try:
+        Storage(settings).probe()
+    except StorageUnavailable as exc:
+        raise StorageUnavailable(f"{exc}; the worker did not start") from None
 
 
 @app.command("compile")

@@ -1,11 +1,10 @@
 """Serving: one worker process's lifecycle: load the pipeline on its device, warm it up, serve its model's queue
-through Celery, and stop in two stages on SIGTERM (finish the job, then give it back)."""
+through Celery, pause while its storage refuses writes, and stop in two stages on SIGTERM (finish the job, then
+give it back)."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -16,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-import redis
 from pixq.durable import Durability
 from pixq.records import RecordStore
 from pixq.redisconn import check_memory_policy
 from pixq.settings import Settings
-from pixq.wire import WORKER_KEY_PREFIX, WORKER_KEY_TTL_S, queue_name
+from pixq.wire import queue_name
 from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
 from pixq.worker.gpu.routing import CompileGate
@@ -34,8 +33,9 @@ from pixq.worker.jobs.reaper import Reaper
 from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
 from pixq.worker.jobs.storage import Storage
+from pixq.worker.jobs.storagewatch import StorageWatch
 from pixq.worker.jobs.tasks import create_app, register_render_task
-from pixq.worker.ops.identity import check_name_free, claim_name, default_name
+from pixq.worker.ops.identity import Presence, check_name_free, claim_name, default_name
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class WorkerOptions:
     compile_vae: bool = True  # with compile: the VAE decoder too
     compile_batches: bool = True  # with compile: full batches' static graphs too (else batches run eager)
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
+    metrics_host: str = "127.0.0.1"  # ... on this address (no authentication there: loopback unless told)
 
     def accel_options(self) -> SpeedupOptions:
         return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
@@ -93,50 +94,6 @@ class WorkerOptions:
     def node_name(self) -> str:
         """``--name``, else the device, this process's id and the host (``cpu-4711@host``)."""
         return self.name or default_name(self.device)
-
-
-class Presence:
-    """Keeps ``pixq:worker:{name}`` alive from the name's claim until the worker stops, so others see it.
-
-    It beats with ``serving: false`` while Celery starts its consumer (the claimed name never lapses in
-    a slow start) and with ``serving: true`` from ``serving()`` on.
-    """
-
-    def __init__(self, conn: redis.Redis, name: str, info: dict[str, object],
-                 reservations: Reservations | None = None):
-        self.conn = conn
-        self.key = WORKER_KEY_PREFIX + name
-        self._info = dict(info)
-        self.info = json.dumps({**info, "serving": False})
-        self.reservations = reservations
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="pixq-presence", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def serving(self) -> None:
-        """From now on the record says ``serving: true`` (written at once, then with every beat)."""
-        self.info = json.dumps({**self._info, "serving": True})
-        with contextlib.suppress(redis.RedisError):
-            self.conn.set(self.key, self.info, ex=WORKER_KEY_TTL_S)
-
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.conn.set(self.key, self.info, ex=WORKER_KEY_TTL_S)
-                if self.reservations is not None:
-                    self.reservations.refresh()
-            except redis.RedisError as exc:
-                log.warning("presence: %s", exc)
-            self._stop.wait(WORKER_KEY_TTL_S / 3)
-
-    def stop(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(redis.RedisError):
-            self.conn.delete(self.key)
-            if self.reservations is not None:
-                self.reservations.clear()
 
 
 def install_second_stop(shutdown: Shutdown) -> None:
@@ -234,6 +191,63 @@ def process_age_s() -> float | None:
     return max(uptime - started, 0.0)
 
 
+class Readiness:
+    """What the worker shows and does as it starts serving, pauses while its store is down, and resumes.
+
+    Serving: the Celery consumer takes the model's queue, the presence record says ``serving: true``, the ready
+    file is there and ``/readyz`` answers 200. Paused (``StorageWatch``'s ``on_down``): the consumer cancels the
+    queue (the messages stay in Redis for other workers), the presence record says ``serving: false`` and
+    ``paused: storage unavailable: ...``, the ready file is gone and ``/readyz`` answers 503 with the reason.
+    Celery's own calls change the consumer, in its event loop (``Consumer.call_soon``), as its remote control does.
+    """
+
+    def __init__(self, options: WorkerOptions, name: str, metrics: WorkerMetrics, shutdown: Shutdown):
+        self.options = options
+        self.name = name
+        self.queue = queue_name(options.model)
+        self.metrics = metrics
+        self.shutdown = shutdown
+        self.presence: Presence | None = None  # once the name is claimed
+        self.consumer: Any = None  # Celery's, once it takes messages
+        self.why: str | None = None
+
+    def serving(self, consumer: Any) -> bool:
+        """The consumer takes messages: show the worker ready, unless the store is down already (``False``)."""
+        self.consumer = consumer
+        if self.why is not None:
+            self.down(self.why)
+            return False
+        self._show(ready=True)
+        return True
+
+    def down(self, why: str) -> None:
+        self.why = why
+        if self.consumer is not None:
+            self.consumer.call_soon(self.consumer.cancel_task_queue, self.queue)
+        self._show(ready=False)
+
+    def up(self) -> None:
+        self.why = None
+        if self.consumer is None or self.shutdown.draining.is_set():
+            return  # not serving yet (serving() shows it), or stopping: no queue to take again
+        self.consumer.call_soon(self.consumer.add_task_queue, self.queue)
+        self._show(ready=True)
+
+    def _show(self, ready: bool) -> None:
+        reason = "" if ready else f"storage unavailable: {self.why}"
+        if self.presence is not None:
+            if ready:
+                self.presence.serving()
+            else:
+                self.presence.paused(reason)
+        self.metrics.set_ready(ready, reason)  # /readyz on the metrics port
+        if self.options.ready_file:
+            if ready:
+                Path(self.options.ready_file).write_text(f"{self.name}\n")
+            else:
+                Path(self.options.ready_file).unlink(missing_ok=True)
+
+
 def serve(settings: Settings, options: WorkerOptions) -> None:
     """Load once, then consume the model's queue until told to stop (two-stage on SIGTERM)."""
     # Loading and warm-up log before Celery sets up logging: same format, same stream.
@@ -267,6 +281,8 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
                     hard_limit_s=settings.job_timeout_s + UPLOAD_RETRY_BUDGET_S + 60)
     shutdown = Shutdown()
     metrics = WorkerMetrics(model=options.model, worker=name, device=options.device)
+    readiness = Readiness(options, name, metrics, shutdown)
+    watch = StorageWatch(storage.probe, on_down=readiness.down, on_up=readiness.up)
     metrics.pipeline_loaded(loaded.load_s)
     gate = loaded.accel.gate if loaded.accel is not None else CompileGate()
     metrics.started(loaded.phases, len(loaded.artefacts.graphs()) if loaded.artefacts else 0,
@@ -277,7 +293,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
                      lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
                      encode_threads=options.encode_threads,
                      batch=loaded.batch or BatchPolicy()),
-        leases, app, shutdown, metrics=metrics,
+        leases, app, shutdown, metrics=metrics, storage_watch=watch,
     )
     reservations = Reservations(conn, name)
     register_render_task(app, runner, reservations)
@@ -299,15 +315,17 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     claim_name(conn, name, {**info, "serving": False})
     presence = Presence(conn, name, info, reservations)
     presence.start()  # beats "serving": false until on_ready
+    readiness.presence = presence
 
     from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-    def on_ready(**_: object) -> None:
+    def on_ready(sender: Any = None, **_: object) -> None:
         resume_gc()
         install_second_stop(shutdown)
         leases.start()
         reaper.start()
-        presence.serving()
+        if not readiness.serving(sender):  # the store went down before the consumer started: paused at once
+            return
         if sizes and later_modes:
             warm_up_while_serving(loaded, runner, sizes, later_modes, shutdown)
         ready_s = process_age_s()
@@ -315,15 +333,13 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
             metrics.start_seconds.labels(model=options.model, phase="ready").set(ready_s)
             log.info("ready %.1f s after the process started (%s)", ready_s,
                      ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in loaded.phases.items()))
-        if options.ready_file:
-            Path(options.ready_file).write_text(f"{name}\n")
-        metrics.set_ready(True)  # /readyz on the metrics port
 
     def on_shutting_down(**_: object) -> None:
         shutdown.draining.set()  # first stop: jobs waiting for the GPU go back, the running one finishes
         metrics.set_ready(False, "draining")
 
     def on_shutdown(**_: object) -> None:
+        watch.stop()
         presence.stop()
         metrics.stop_server()
         reaper.stop()
@@ -333,7 +349,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
 
     try:
         if options.metrics_port:
-            metrics.start_server(options.metrics_port)  # before serving: a taken port stops the start
+            metrics.start_server(options.metrics_port, options.metrics_host)  # a taken port stops the start
         worker_ready.connect(on_ready, weak=False)
         worker_shutting_down.connect(on_shutting_down, weak=False)
         worker_shutdown.connect(on_shutdown, weak=False)

@@ -13,6 +13,11 @@ each worker gives its running job back to the queue at the next denoising step a
 (worker/pixq/worker/ops/serve.py's second-stop handler; Celery alone would ignore it). SIGQUIT to the
 parent -> SIGQUIT to every child (Celery's cold shutdown: the running job's lease lapses and
 another worker's reaper re-queues it).
+
+Storage, as for one worker: the parent refuses to start (exit 8, before any child) unless the bucket takes a
+write and a delete (``pixq worker``'s ``check_storage``); a child that finds it refusing at a restart exits 8 and
+is restarted with the backoff; a child whose store goes down while it serves stays alive, paused and not ready
+(its ready file gone, so the parent's too) until the store answers again.
 """
 
 from __future__ import annotations
@@ -159,7 +164,8 @@ def worker_argv(shared_args: Sequence[str], metrics_port: int = 0) -> ArgvBuilde
     """The real child: ``pixq worker`` on ``cuda:0`` of its masked view, named for its GPU, plus
     ``shared_args`` (every other option of the parent's command, from ``option_argv``).
 
-    With ``metrics_port``, GPU i serves its metrics on ``metrics_port + i``. Secrets stay in the
+    With ``metrics_port``, GPU i serves its metrics on ``metrics_port + i`` (on the parent's ``--metrics-host``,
+    which ``shared_args`` carries). Secrets stay in the
     environment, never in an argv.
     """
     from pixq.worker.ops.stack import pixq_argv
