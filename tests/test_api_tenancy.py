@@ -75,6 +75,7 @@ def test_an_admin_key_lists_every_tenants_jobs_and_filters_by_tenant(api: str, k
     assert r.status_code == 403 and "tenant" in r.json()["message"]
 
 
+@pytest.mark.slow  # at least KEY_RECHECK_S (5 s)
 def test_an_open_event_stream_ends_once_its_key_is_revoked(api: str, env_api: dict[str, str],
                                                            slow_model: str) -> None:
     key = make_key(env_api, "followed-then-revoked")

@@ -73,3 +73,11 @@ def test_a_service_with_its_own_producer_and_worker_modules_installs_the_wheel_a
     out = run(venv / "bin" / "python", "main.py", cwd=service, env=child_env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"state": "succeeded", "images": 1, "heavy": []}, result
+
+    # Without the api extra, --help names the extra to install (rich once read "[api]" as markup and
+    # printed "pip install pixart-queue", installed already), and its commands say the same.
+    listed = run(venv / "bin" / "pixq", "--help", env={**child_env, "COLUMNS": "200"})
+    assert "Not installed: pip install 'pixart-queue[api]'" in listed.stdout, listed.stdout
+    keys = subprocess.run([venv / "bin" / "pixq", "keys", "list"], env=child_env, capture_output=True, text=True,
+                          timeout=60)
+    assert keys.returncode == 9 and "pip install 'pixart-queue[api]'" in keys.stderr, keys.stderr
