@@ -183,6 +183,27 @@ def test_metrics_host_is_an_option_and_pixq_metrics_host(monkeypatch: pytest.Mon
     assert command.make_context("worker", ["--metrics-host", "10.1.2.3"]).params["metrics_host"] == "10.1.2.3"
 
 
+def test_a_pod_that_prometheus_scrapes_serves_metrics_on_the_pods_address() -> None:
+    """infra/: the worker's default is loopback, so a pod annotated for scraping must say 0.0.0.0 itself, on the
+    annotated port."""
+    import yaml
+
+    infra = Path(__file__).resolve().parents[1] / "infra"
+    pods = [doc["spec"]["template"] for path in sorted(infra.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == "Deployment"]
+    scraped = [pod for pod in pods if (pod["metadata"].get("annotations") or {}).get("prometheus.io/scrape") == "true"]
+    workers = 0
+    for pod in scraped:
+        port = pod["metadata"]["annotations"]["prometheus.io/port"]
+        args = [a for c in pod["spec"]["containers"] for a in c.get("args", [])]
+        if args[:1] != ["worker"]:
+            continue  # another component's port (the API serves its own /metrics)
+        workers += 1
+        assert args[args.index("--metrics-port") + 1] == port
+        assert args[args.index("--metrics-host") + 1] == "0.0.0.0"
+    assert workers, "no worker Deployment is annotated for Prometheus"
+
+
 def test_readyz_answers_what_the_worker_says_and_metrics_stay_beside_it() -> None:
     m = WorkerMetrics("model-r", "w-r")
     port = m.start_server(0, address="127.0.0.1")
