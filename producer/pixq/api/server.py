@@ -25,8 +25,9 @@ MAX_HEAD_BYTES = 16 * 1024  # request line and headers (an API key is ~70 bytes)
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port``; ``ConfigError`` naming the option when it cannot be had."""
+    wanted = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn: "localhost" is 127.0.0.1
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family=wanted, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as exc:
         raise ConfigError(f"--host: {host!r} is not an address to listen on ({exc})") from None
