@@ -244,3 +244,11 @@ def test_python_client_takes_a_webhook(settings: Settings, slow_model: str) -> N
                 client.submit("hooked", model_name=slow_model, webhook={"url": url})
     finally:
         client.close()
+
+
+def test_redelivering_a_delivery_that_never_failed_is_not_found(env_api: dict[str, str]) -> None:
+    """Exit 4 as any missing thing (1 is the README's code for a failed job)."""
+    out = subprocess.run(pixq_argv("webhooks", "redeliver", "f" * 32, "succeeded"), env=env_api, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 4, out.stderr
+    assert out.stderr.strip() == f"error: job {'f' * 32} has no failed succeeded delivery"
