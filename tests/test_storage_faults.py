@@ -34,6 +34,7 @@ from pixq.worker.ops.stack import (
     Service,
     free_port,
     pixq_argv,
+    restart_seaweedfs,
     s3_client_for,
     start_redis,
     start_seaweedfs,
@@ -118,6 +119,7 @@ def test_the_probe_writes_and_deletes_under_the_prefix(settings: Settings, s3: S
 class Served:
     client: Client
     worker: Service
+    s3_svc: Service
     endpoint: S3Endpoint
     s3: Any
     conn: redis.Redis
@@ -165,7 +167,7 @@ def served(tmp_path: Path, tiny_model: str) -> Iterator[Served]:
     try:
         svc = start_worker(env, tiny_model, tmp_path / "worker.log", name=name,
                            extra=("--metrics-port", str(port), "--ready-file", str(ready)))
-        yield Served(client, svc, endpoint, s3, conn, port, ready, name)
+        yield Served(client, svc, s3_svc, endpoint, s3, conn, port, ready, name)
     finally:
         client.close()
         s3.close()
@@ -222,3 +224,32 @@ def test_storage_gone_mid_serving_gives_the_job_back_pauses_and_resumes(served: 
     after = client.wait(client.submit("stored again", width=64, height=64, num_inference_steps=2).id, timeout_s=60)
     assert after.state is JobState.succeeded and after.attempts == 1
     assert served.worker.alive()
+
+
+@pytest.mark.slow
+def test_storage_stopped_mid_serving_pauses_the_worker_while_the_upload_rides_it_out(served: Served) -> None:
+    """An outage, not a refusal: the rendered images wait for the store (the upload's retry budget) instead of
+    going back, but the worker takes no other job meanwhile and says why; both jobs end with one set of images."""
+    client = served.client
+    wait_for(lambda: served.readyz() == (200, "ready"), 30, "the worker to be ready")
+    served.s3_svc.stop()
+    first = client.submit("through an outage", width=128, height=64, num_inference_steps=3)
+    wait_for(lambda: served.readyz()[0] == 503, 60, "the worker to pause")
+    code, why = served.readyz()
+    assert why.startswith("storage unavailable: cannot write and delete under s3://faults/jobs/"), why
+    assert served.presence()["serving"] is False and "storage unavailable" in served.presence()["paused"]
+    assert not served.ready.exists()
+    assert client.status(first.id).state is JobState.running  # its upload rides the outage out
+    second = client.submit("waits for the store", width=64, height=64, num_inference_steps=2)
+    time.sleep(2.0)  # checking that nothing happens: a paused worker does not take it
+    assert client.status(second.id).state is JobState.queued and client.status(second.id).attempts == 0
+
+    restart_seaweedfs(served.s3_svc)
+    done = client.wait(first.id, timeout_s=120)
+    assert done.state is JobState.succeeded and done.attempts == 1
+    later = client.wait(second.id, timeout_s=60)
+    assert later.state is JobState.succeeded and later.attempts == 1
+    for record in (done, later):
+        assert served.keys(f"jobs/{record.id}/") == sorted(i.key for i in record.images)
+    wait_for(lambda: served.readyz() == (200, "ready"), 10, "/readyz to say ready again")
+    assert served.presence()["serving"] is True and served.ready.exists()
