@@ -29,6 +29,7 @@ from pixq.schema import JobRequest
 from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX
 from pixq.worker.jobs.storage import PROBE_FOLDER, Storage
+from pixq.worker.jobs.storagewatch import StorageWatch
 from pixq.worker.ops.stack import (
     S3Endpoint,
     Service,
@@ -110,6 +111,27 @@ def test_the_probe_writes_and_deletes_under_the_prefix(settings: Settings, s3: S
     storage.probe()
     left = s3_client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{storage.prefix}/{PROBE_FOLDER}/")
     assert left.get("KeyCount", 0) == 0  # nothing left behind
+
+
+def test_the_watch_pauses_once_and_resumes_once_a_probe_passes() -> None:
+    """The state machine alone (its probe a plain function here; the tests below probe a real SeaweedFS)."""
+    answers = [False, False, False, True]  # the store: down (check), still down (a job's check, a probe), back
+    events: list[str] = []
+
+    def probe() -> None:
+        if not answers.pop(0):
+            raise StorageUnavailable("cannot write and delete under s3://b/p/: NoSuchBucket")
+
+    watch = StorageWatch(probe, on_down=lambda why: events.append(f"down: {why}"),
+                         on_up=lambda: events.append("up"), interval_s=0.05)
+    try:
+        assert watch.check() is False and watch.down is not None and "NoSuchBucket" in watch.down
+        assert watch.check() is False  # another job's failed upload: still down, not paused twice
+        wait_for(lambda: watch.down is None, 5, "a probe to pass")
+        assert events == ["down: cannot write and delete under s3://b/p/: NoSuchBucket", "up"]
+        assert answers == []
+    finally:
+        watch.stop()
 
 
 # -- while serving --------------------------------------------------------------------------------

@@ -210,28 +210,30 @@ class Readiness:
         self.presence: Presence | None = None  # once the name is claimed
         self.consumer: Any = None  # Celery's, once it takes messages
         self.why: str | None = None
+        self._lock = threading.Lock()  # Celery's thread (serving) and the store's watch (down, up)
 
-    def serving(self, consumer: Any) -> bool:
-        """The consumer takes messages: show the worker ready, unless the store is down already (``False``)."""
-        self.consumer = consumer
-        if self.why is not None:
-            self.down(self.why)
-            return False
-        self._show(ready=True)
-        return True
+    def serving(self, consumer: Any) -> None:
+        """The consumer takes messages: show the worker ready, unless the store is down already (then paused)."""
+        with self._lock:
+            self.consumer = consumer
+            if self.why is not None:
+                self.consumer.call_soon(self.consumer.cancel_task_queue, self.queue)
+            self._show(ready=self.why is None)
 
     def down(self, why: str) -> None:
-        self.why = why
-        if self.consumer is not None:
-            self.consumer.call_soon(self.consumer.cancel_task_queue, self.queue)
-        self._show(ready=False)
+        with self._lock:
+            self.why = why
+            if self.consumer is not None:
+                self.consumer.call_soon(self.consumer.cancel_task_queue, self.queue)
+            self._show(ready=False)
 
     def up(self) -> None:
-        self.why = None
-        if self.consumer is None or self.shutdown.draining.is_set():
-            return  # not serving yet (serving() shows it), or stopping: no queue to take again
-        self.consumer.call_soon(self.consumer.add_task_queue, self.queue)
-        self._show(ready=True)
+        with self._lock:
+            self.why = None
+            if self.consumer is None or self.shutdown.draining.is_set():
+                return  # not serving yet (serving() shows it), or stopping: no queue to take again
+            self.consumer.call_soon(self.consumer.add_task_queue, self.queue)
+            self._show(ready=True)
 
     def _show(self, ready: bool) -> None:
         reason = "" if ready else f"storage unavailable: {self.why}"
@@ -324,8 +326,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
         install_second_stop(shutdown)
         leases.start()
         reaper.start()
-        if not readiness.serving(sender):  # the store went down before the consumer started: paused at once
-            return
+        readiness.serving(sender)  # ready, unless the store went down before the consumer started: paused then
         if sizes and later_modes:
             warm_up_while_serving(loaded, runner, sizes, later_modes, shutdown)
         ready_s = process_age_s()
