@@ -147,14 +147,14 @@ def keys_rotate(
 
 @contextmanager
 def _key_errors() -> Iterator[None]:
-    """``keys.KeyError_`` (exit 1, which the README keeps for failed jobs) with the README's codes: a bad
+    """``keys.KeyCommandError`` (exit 1, which the README keeps for failed jobs) with the README's codes: a bad
     NAME, --scope, --rate or --max-in-flight, or no key of that NAME, is a usage error (2); a NAME that
     is taken already, an operation refused (3)."""
-    from pixq.api.keys import KeyError_
+    from pixq.api.keys import KeyCommandError
 
     try:
         yield
-    except KeyError_ as exc:
+    except KeyCommandError as exc:
         field, _, problem = str(exc).partition(": ")
         if problem.endswith("exists already"):
             raise InvalidRequest([(field, problem)]) from None

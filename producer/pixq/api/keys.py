@@ -51,7 +51,7 @@ class Scope(str, enum.Enum):
     admin = "admin"  # everything, on every key's jobs
 
 
-class KeyError_(PixqError):
+class KeyCommandError(PixqError):
     """A key command was given a bad name, scope or rate; or the key does not exist."""
 
 
@@ -82,9 +82,9 @@ def parse_scopes(raw: str) -> frozenset[Scope]:
     try:
         scopes = frozenset(Scope(part.strip()) for part in raw.split(",") if part.strip())
     except ValueError:
-        raise KeyError_(f"--scope: {raw!r}: use submit, read and/or admin, comma-separated") from None
+        raise KeyCommandError(f"--scope: {raw!r}: use submit, read and/or admin, comma-separated") from None
     if not scopes:
-        raise KeyError_("--scope: name at least one of submit, read, admin")
+        raise KeyCommandError("--scope: name at least one of submit, read, admin")
     return scopes
 
 
@@ -92,7 +92,7 @@ def parse_rate(raw: str) -> str:
     """``10/s``, ``600/min``, ``5/h`` -> the ``limits`` notation ``10/second``."""
     match = _RATE_RE.match(raw)
     if not match or float(match.group(1)) <= 0 or not float(match.group(1)).is_integer():
-        raise KeyError_(f"--rate: {raw!r}: use a whole number per s, min or h (e.g. 10/s)")
+        raise KeyCommandError(f"--rate: {raw!r}: use a whole number per s, min or h (e.g. 10/s)")
     return f"{int(float(match.group(1)))}/{_RATE_UNITS[match.group(2)]}"
 
 
@@ -130,16 +130,16 @@ class KeyStore:
                rate: str | None = None) -> tuple[ApiKey, str]:
         """A new key; returns it and the key text (shown once, never stored)."""
         if not _NAME_RE.match(name):
-            raise KeyError_(f"NAME: {name!r}: 1-64 letters, digits, '.', '_', '-'")
+            raise KeyCommandError(f"NAME: {name!r}: 1-64 letters, digits, '.', '_', '-'")
         if max_in_flight < 0:
-            raise KeyError_("--max-in-flight: must be 0 (no quota) or more")
+            raise KeyCommandError("--max-in-flight: must be 0 (no quota) or more")
         key_id = secrets.token_hex(8)
         text = f"pixq_{key_id}_{secrets.token_urlsafe(32)}"
         key = ApiKey(id=key_id, name=name, scopes=scopes, max_in_flight=max_in_flight, rate=rate,
                      created_at=time.time(), webhook_secrets=(new_webhook_secret(),))
         sealed = self._seal(key_id, key.webhook_secrets)
         if not self.conn.hsetnx(NAMES_KEY, name, key_id):
-            raise KeyError_(f"NAME: a key named {name!r} exists already")
+            raise KeyCommandError(f"NAME: a key named {name!r} exists already")
         self.conn.hset(KEY_PREFIX + key_id, mapping={
             "id": key_id, "name": name, "hash": self.digest(text), "scopes": ",".join(sorted(s.value for s in scopes)),
             "max_in_flight": max_in_flight, "rate": rate or "", "created_at": key.created_at, "revoked_at": "",
@@ -189,7 +189,7 @@ class KeyStore:
         key_id = self.conn.hget(NAMES_KEY, name)
         key = self.get(key_id.decode()) if isinstance(key_id, bytes) else None
         if key is None:
-            raise KeyError_(f"NAME: no key named {name!r}")
+            raise KeyCommandError(f"NAME: no key named {name!r}")
         return key
 
     def authenticate(self, text: str) -> ApiKey | None:
