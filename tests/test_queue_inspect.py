@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from pixq.client import Client
-from pixq.inspect import QueueReport, message_job_id
+from pixq.queues import QueueReport, message_job_id
 from pixq.records import JobState
 from pixq.schema import parse_request
 from pixq.wire import queue_lists, send_job

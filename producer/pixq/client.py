@@ -28,9 +28,9 @@ from pixq.errors import (
     QueueFull,
     service_errors,
 )
-from pixq.inspect import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.listing import decode_cursor, list_jobs
 from pixq.messages import MessageTemplates
+from pixq.queues import QueueReport, inspect_queues, live_workers, queue_depth
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.s3 import make_s3_client
 from pixq.schema import JobRequest, parse_request

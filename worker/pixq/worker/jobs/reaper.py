@@ -27,7 +27,7 @@ from typing import cast
 import redis
 from celery import Celery
 from pixq.errors import JobNotFound
-from pixq.inspect import message_job_id
+from pixq.queues import message_job_id
 from pixq.records import JobState, RecordStore
 from pixq.wire import RESERVED_KEY_PREFIX, queue_lists, send_job
 
