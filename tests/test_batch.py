@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 from pixq.batch import parse_many
+from pixq.checkpoints import DEFAULT_MODEL
 from pixq.errors import InvalidRequest
-from pixq.models import DEFAULT_MODEL
 from pixq.schema import MAX_PROMPT_CHARS, JobRequest, parse_request
 
 SHAPE = {"width": 512, "height": 768, "seed": 7, "guidance_scale": 3.0}

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import redis
+from pixq.checkpoints import DEFAULT_MODEL
 from pixq.client import Client
 from pixq.errors import InvalidRequest
-from pixq.models import DEFAULT_MODEL
 from pixq.records import NO_OWNER, OWNER_INDEX_PREFIX, QUEUED_KEY, JobState
 from pixq.schema import parse_request
 from pixq.wire import broker_priority, queue_lists

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pixq.checkpoints import BASE_COMPONENTS
 from pixq.client import Client
 from pixq.errors import ConfigError
-from pixq.models import BASE_COMPONENTS
 from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.ops.prefetch import (

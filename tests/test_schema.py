@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pixq.checkpoints import DEFAULT_MODEL
 from pixq.errors import ConfigError, InvalidRequest
-from pixq.models import DEFAULT_MODEL
 from pixq.schema import FAST_SCHEDULERS, MAX_SEED, JobRequest, Scheduler, parse_request, request_schema
 from pixq.settings import Settings
 

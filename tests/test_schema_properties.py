@@ -7,8 +7,8 @@ import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pixq.checkpoints import KNOWN_MODELS
 from pixq.errors import InvalidRequest
-from pixq.models import KNOWN_MODELS
 from pixq.schema import MAX_PROMPT_CHARS, JobRequest, parse_request
 
 FIELDS = set(JobRequest.model_fields)

@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
+from pixq.checkpoints import KNOWN_MODELS
 from pixq.errors import JobNotFound
-from pixq.models import KNOWN_MODELS
 from pixq.records import RUNNING_KEY, JobState, RecordStore
 from pixq.wire import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_PREFIX, WORKER_KEY_PREFIX, queue_lists
 

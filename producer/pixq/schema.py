@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from pixq.checkpoints import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 from pixq.errors import InvalidRequest
-from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 
 MAX_PROMPT_CHARS = 4000
 MAX_STEPS = 200

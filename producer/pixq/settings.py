@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from pixq.checkpoints import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 from pixq.egress import Network, parse_networks
 from pixq.errors import ConfigError
-from pixq.models import DEFAULT_MODEL, KNOWN_MODELS, model_name_problem, model_spec
 from pixq.redisconn import SENTINEL_SCHEMES, RedisEndpoint, mask_url
 
 __all__ = ["ENV_VARS", "Settings", "mask_url"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixq.models import BASE_COMPONENTS, is_local
+from pixq.checkpoints import BASE_COMPONENTS, is_local
 from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.compile import configure_compile_cache
 from pixq.worker.gpu.speedups import RenderSpeedups, SpeedupOptions

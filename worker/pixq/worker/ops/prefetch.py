@@ -36,8 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pixq.checkpoints import BASE_COMPONENTS, is_local
 from pixq.errors import ConfigError
-from pixq.models import BASE_COMPONENTS, is_local
 
 log = logging.getLogger(__name__)
 
