@@ -285,7 +285,7 @@ def phase_profile(b: Bench) -> None:
         res["skipped"] = f"{b.left_s():.0f} s left"
         return
     loaded = load_pipeline(str(b.small_model), b.device, "auto",
-                           accel=SpeedupOptions(compile=not b.tiny, compile_batches=b.args.compile_batches),
+                           speedups=SpeedupOptions(compile=not b.tiny, compile_batches=b.args.compile_batches),
                            compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)],
                            warmup_modes=("exact",), batch=BatchPolicy(max_batch=8))
 
@@ -343,9 +343,9 @@ def phase_profile(b: Bench) -> None:
             run()
             sync(b.device)
             vae_res[name] = (time.perf_counter() - t0) / 4
-        accel = loaded.accel
-        if accel is not None:
-            with accel.eager():
+        speedups = loaded.speedups
+        if speedups is not None:
+            with speedups.eager():
                 vae.decode(latents / vae.config.scaling_factor)
                 sync(b.device)
                 t0 = time.perf_counter()

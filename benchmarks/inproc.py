@@ -20,7 +20,7 @@ def load_worker_pipeline(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
     options = SpeedupOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
                            compile_scope=ctx.args.compile_scope)
     return load_pipeline(
-        str(ctx.model_dir), ctx.device, "auto", accel=options, compile_cache=str(ctx.args.compile_cache),
+        str(ctx.model_dir), ctx.device, "auto", speedups=options, compile_cache=str(ctx.args.compile_cache),
         warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"), **kwargs,
     )
 
@@ -30,9 +30,9 @@ def fresh_prompt_cache(loaded: Any) -> None:
     import torch
     from pixq.worker.gpu.textcache import PromptCache
 
-    loaded.accel.cache = PromptCache(loaded.accel.options.prompt_cache)
+    loaded.speedups.cache = PromptCache(loaded.speedups.options.prompt_cache)
     with torch.inference_mode():
-        loaded.accel.encode("")
+        loaded.speedups.encode("")
 
 
 def render_stream(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def render_stream(ctx: Context, loaded: Any, mode: str, offset: int) -> dict[str
             t0 = time.perf_counter()
             render(loaded, ctx.request(offset + i, mode))
             times.append(time.perf_counter() - t0)
-            rows.append(loaded.accel.controller.stats.rows)
+            rows.append(loaded.speedups.controller.stats.rows)
     return {**summary(times), "peak_gib": peak_gib(ctx.device), "transformer_rows_per_image": rows[-1],
             **gpu.result()}
 

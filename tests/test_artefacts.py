@@ -148,20 +148,20 @@ def test_a_matching_set_serves_every_mode_without_compiling(artefact_set: tuple[
 
     counters = torch._dynamo.utils.counters
     before = (dict(counters["stats"]), dict(counters["frames"]))
-    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
     assert loaded.artefacts is not None and loaded.artefacts.folder == artefact_set[1]
-    assert loaded.accel is not None
+    assert loaded.speedups is not None
     assert loaded.warmed == [f"{SIZE}x{SIZE}/exact", f"{SIZE}x{SIZE}/fast"]  # before serving, nothing compiled
-    loaded.accel.gate.serving = True
+    loaded.speedups.gate.serving = True
     for mode in ("exact", "fast"):
         calls = [g.calls for g in loaded.artefacts.graphs()]
         aot = _pixels(loaded, _request(mode))
         assert all(after > b for after, b in zip([g.calls for g in loaded.artefacts.graphs()], calls, strict=True))
-        with loaded.accel.eager():
+        with loaded.speedups.eager():
             eager = _pixels(loaded, _request(mode))
         assert np.abs(aot - eager).max() <= 1, mode
     assert (dict(counters["stats"]), dict(counters["frames"])) == before  # dynamo traced nothing
-    assert loaded.accel.gate.eager_calls == 0
+    assert loaded.speedups.gate.eager_calls == 0
 
 
 @pytest.mark.slow
@@ -177,14 +177,14 @@ def test_a_full_batch_runs_on_the_set_and_is_warmed_before_serving(artefact_set:
 
     counters = torch._dynamo.utils.counters
     before = dict(counters["stats"])
-    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]),
+    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]),
                            batch=BatchPolicy(max_batch=BATCH, by_size=False))
     assert loaded.artefacts is not None and loaded.artefacts.batch_of(SIZE, SIZE) == BATCH
-    assert loaded.accel is not None
+    assert loaded.speedups is not None
     transformer = next(iter(loaded.artefacts.transformer.values()))
     warm_calls = sum(g.calls for g in transformer)
     assert warm_calls >= 2 * 2 * 2  # 2 steps, exact and fast, one image and the full batch
-    loaded.accel.gate.serving = True
+    loaded.speedups.gate.serving = True
     for mode in ("exact", "fast"):
         requests = [_request(mode, seed=20 + i, prompt=f"a cube number {i}") for i in range(BATCH)]
         calls = sum(g.calls for g in transformer)
@@ -194,7 +194,7 @@ def test_a_full_batch_runs_on_the_set_and_is_warmed_before_serving(artefact_set:
             g.calls for g in transformer) > calls
         alone = _pixels(loaded, requests[2])
         assert np.abs(np.asarray(images[2][0]).astype(np.int16) - alone).max() <= 1, mode
-    assert loaded.accel.router.batched_eager_calls == 0 and loaded.accel.gate.eager_calls == 0
+    assert loaded.speedups.router.batched_eager_calls == 0 and loaded.speedups.gate.eager_calls == 0
     assert dict(counters["stats"]) == before  # dynamo traced nothing
 
 
@@ -234,14 +234,14 @@ def test_a_shape_without_a_graph_runs_eager_and_matches_the_eager_pipeline(
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
-    loaded = load_pipeline(tiny_model, "cpu", accel=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
-    assert loaded.accel is not None
-    loaded.accel.gate.serving = True
+    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    assert loaded.speedups is not None
+    loaded.speedups.gate.serving = True
     plain = load_pipeline(tiny_model, "cpu")
     unique = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
     odd = _request("exact", size=384, use_resolution_binning=False)  # no graph for 384²
     assert np.array_equal(_pixels(loaded, odd), _pixels(plain, odd))
-    assert loaded.accel.gate.eager_calls > 0
+    assert loaded.speedups.gate.eager_calls > 0
     assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == unique
 
 

@@ -227,9 +227,9 @@ def test_compile_batches_compiles_the_full_batch_only(tiny_model: str) -> None:
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_vae=False, compile_batches=True),
+    loaded = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_vae=False, compile_batches=True),
                            batch=BatchPolicy(max_batch=4))
-    assert loaded.accel is not None and loaded.accel.router.batch_images == 4
+    assert loaded.speedups is not None and loaded.speedups.router.batch_images == 4
 
     def requests(n: int) -> list[JobRequest]:
         return [JobRequest.model_validate({"prompt": f"graph {i}", "seed": i, "model_name": tiny_model,
@@ -237,15 +237,15 @@ def test_compile_batches_compiles_the_full_batch_only(tiny_model: str) -> None:
 
     render_batch(loaded, requests(4))  # the full batch: compiles its graph (8 rows, guided)
     counters.clear()
-    before = loaded.accel.router.batched_eager_calls
+    before = loaded.speedups.router.batched_eager_calls
     for n in (4, 3):
         batch = requests(n)
-        with loaded.accel.eager():
+        with loaded.speedups.eager():
             eager = render_batch(loaded, batch)
         compiled = render_batch(loaded, batch)
         assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, compiled, strict=True)) <= 2
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # no new graph
-    assert loaded.accel.router.batched_eager_calls - before == 3  # the batch of 3 only: eager, 3 steps
+    assert loaded.speedups.router.batched_eager_calls - before == 3  # the batch of 3 only: eager, 3 steps
 
 
 @pytest.mark.slow
@@ -256,19 +256,19 @@ def test_batches_run_eager_beside_compiled_single_images_by_default(tiny_model: 
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
-    assert loaded.accel is not None
+    loaded = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
+    assert loaded.speedups is not None
     one = JobRequest.model_validate({"prompt": "graph one", "seed": 1, "model_name": tiny_model,
                                      **{**SMALL, "num_inference_steps": 3}})
     render_batch(loaded, [one])  # one image: compiles its graph
     counters.clear()
     batch = [one.model_copy(update={"prompt": f"graph {i}", "seed": i}) for i in range(4)]
-    with loaded.accel.eager():
+    with loaded.speedups.eager():
         eager = render_batch(loaded, batch)
     batched = render_batch(loaded, batch)
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])  # nothing compiled
     assert max(_max_diff(a[0], b[0]) for a, b in zip(eager, batched, strict=True)) == 0  # the eager forward
-    assert loaded.accel.router.batched_eager_calls == 3  # one call of 8 rows (4 images, guided) per step
+    assert loaded.speedups.router.batched_eager_calls == 3  # one call of 8 rows (4 images, guided) per step
 
 
 def test_a_serving_worker_never_recompiles_a_seen_shape() -> None:

@@ -150,3 +150,21 @@ def test_a_worker_renders_over_a_unix_socket(servers: Servers, s3: S3Endpoint, t
         worker.stop()
     with servers.db(db) as conn:  # the record in the URL's database says so too
         assert conn.hget(f"pixq:job:{record['id']}", "state") == b"succeeded"
+
+
+def test_a_worker_on_a_unix_socket_uses_the_reconnect_safe_transport(servers: Servers, s3: S3Endpoint,
+                                                                     tiny_model: str) -> None:
+    """kombu takes a ``redis+socket://`` URL's transport from the URL and ignores ``broker_transport``: the worker
+    names its own (jobs/broker.py), or a Redis restart under a unix-socket worker stops it (celery#8030)."""
+    from pixq.settings import Settings
+    from pixq.worker.jobs.broker import Channel, Transport
+    from pixq.worker.jobs.tasks import create_app
+
+    url, db = servers.urls()["unix"]
+    app = create_app(Settings.from_env(stack_env(url, s3, tiny_model)))
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert isinstance(conn.transport, Transport) and isinstance(channel, Channel)
+        kwargs = channel.client.connection_pool.connection_kwargs
+        assert (kwargs["path"], kwargs["db"]) == (url.split("://", 1)[1].split("?")[0], db)
+        assert channel.client.ping()

@@ -24,7 +24,7 @@ def _load(model: str, **options: Any) -> Any:
     from pixq.worker.gpu.pipeline import load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
-    return load_pipeline(model, "cpu", accel=SpeedupOptions(**options))
+    return load_pipeline(model, "cpu", speedups=SpeedupOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def _render(loaded: Any, request: JobRequest, on_step: Any = None) -> np.ndarray
 
 def test_cached_embeddings_are_bit_identical_to_the_plain(untrimmed: Any, fidelity_model: str) -> None:
     request = _request(fidelity_model)
-    cache = untrimmed.accel.cache
+    cache = untrimmed.speedups.cache
     misses = cache.misses
     first = _render(untrimmed, request)  # encodes prompt and negative
     hits = cache.hits
@@ -93,7 +93,7 @@ def test_trimmed_text_matches_the_plain_call_and_is_shorter(trimmed: Any, fideli
         got = _render(trimmed, request)
     finally:
         handle.remove()
-    tokens = trimmed.accel.encode(request.prompt).tokens
+    tokens = trimmed.speedups.encode(request.prompt).tokens
     assert lengths and set(lengths) == {32 * -(-tokens // 32)} and lengths[0] < 300
     plain = _plain(trimmed, request)
     # Masked keys weigh exactly 0; only summation order may differ.
@@ -147,13 +147,13 @@ def test_compiled_transformer_matches_eager_and_keeps_one_graph_per_batch(fideli
     torch._dynamo.reset()
     counters.clear()
     compiled = _load(fidelity_model, trim_text=True, compile=True, compile_scope=scope, compile_vae=False)
-    accel = compiled.accel
-    assert (accel.blocks is not None) == (scope == "blocks")
+    speedups = compiled.speedups
+    assert (speedups.blocks is not None) == (scope == "blocks")
     short = _request(fidelity_model, prompt="A cactus.", width=128, height=128, num_inference_steps=4)
     longer = _request(fidelity_model, prompt=" ".join(["A small cactus with a happy face in the Sahara."] * 6),
                       width=128, height=128, num_inference_steps=4)
     for request in (short, longer):
-        with accel.eager():
+        with speedups.eager():
             eager = _render(compiled, request)
         image = _render(compiled, request)
         diff = np.abs(image.astype(int) - eager.astype(int))
@@ -176,7 +176,7 @@ def test_native_size_renders_without_binning_like_the_plain(untrimmed: Any, fide
 
 def test_only_decodes_above_the_threshold_are_tiled(fidelity_model: str) -> None:
     loaded = _load(fidelity_model, vae_tile_above=100_000)
-    tiling, vae = loaded.accel.vae_decode, loaded.pipe.vae
+    tiling, vae = loaded.speedups.vae_decode, loaded.pipe.vae
     small = _request(fidelity_model, width=400, height=208, use_resolution_binning=False)  # 83 200 pixels
     large = _request(fidelity_model, width=416, height=256, use_resolution_binning=False)  # 106 496 pixels
     got_small = _render(loaded, small)
@@ -208,7 +208,7 @@ def test_compiled_vae_decoder_matches_eager_with_one_graph_for_any_image_count(f
 
     loaded = _load(fidelity_model)
     vae = loaded.pipe.vae
-    loaded.accel.vae_decode.remove()
+    loaded.speedups.vae_decode.remove()
     decode = VaeDecode(vae, tile_above=10**9, compile_mode="default")
     counters.clear()
     gen = torch.Generator("cpu").manual_seed(3)

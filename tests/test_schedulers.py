@@ -191,18 +191,18 @@ def test_a_new_sampler_compiles_nothing(tiny_model: str) -> None:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # as in a fresh worker process (dynamo's per-code cache limit)
-    compiled = load_pipeline(tiny_model, accel=SpeedupOptions(compile=True, compile_vae=False))
-    accel = compiled.accel
-    assert accel is not None
+    compiled = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_vae=False))
+    speedups = compiled.speedups
+    assert speedups is not None
     _render(compiled, _request(tiny_model, Scheduler.dpm_solver, num_inference_steps=3))
     counters.clear()
     for scheduler in Scheduler:
         request = _request(tiny_model, scheduler, num_inference_steps=3)
         image = _render(compiled, request)
-        with accel.eager():
+        with speedups.eager():
             assert _max_diff(image, _render(compiled, request)) <= 2  # the compile tolerance
     assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
-    assert accel.gate.eager_calls == 0
+    assert speedups.gate.eager_calls == 0
 
 
 # -- real worker processes -----------------------------------------------------------------------------

@@ -92,12 +92,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model_dir, build = ensure_model(model_dir, device, tiny=args.tiny)
     model = str(model_dir)
     samplers = [Scheduler(s) for s in args.samplers.split(",") if s] or list(Scheduler)
-    loaded = load_pipeline(model, device, "auto", accel=SpeedupOptions(compile=compiled, compile_batches=compiled),
+    loaded = load_pipeline(model, device, "auto", speedups=SpeedupOptions(compile=compiled, compile_batches=compiled),
                            warmup=[(size, size)], warmup_modes=("exact", "fast"))
-    accel = loaded.accel
-    assert accel is not None
+    speedups = loaded.speedups
+    assert speedups is not None
     if compiled:  # the small size's full batch runs its static graphs, as a worker's --compile-batches does
-        accel.router.batch_images = args.batch
+        speedups.router.batch_images = args.batch
     # The small size's calls (one image and the full batch) warmed up with the default sampler too, as a worker's
     # --warmup does; natively rendered, so its own graphs.
     with torch.inference_mode():
@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": loaded.warmup_s, "samplers": {},
     }
     counters.clear()
-    eager_before = accel.gate.eager_calls
+    eager_before = speedups.gate.eager_calls
     offset = 100  # prompts the warm-up never saw: each job encodes its own, as on a serving worker
     for scheduler in samplers:
         name = scheduler.value
@@ -146,8 +146,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result["samplers"][name] = row
         offset += 2000
     result["compiles"] = {"new_graphs": counters["stats"].get("unique_graphs", 0),
-                          "eager_calls": accel.gate.eager_calls - eager_before,
-                          "batched_eager_calls": accel.router.batched_eager_calls}
+                          "eager_calls": speedups.gate.eager_calls - eager_before,
+                          "batched_eager_calls": speedups.router.batched_eager_calls}
     loaded.pipe = None  # the weights go before the caller's next phase
     free_cuda()
     return result

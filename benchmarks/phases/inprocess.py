@@ -46,7 +46,7 @@ def _breakdown(ctx: Context, loaded: Any) -> dict[str, float]:
     sync(ctx.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        encoded = loaded.accel.encode(req.prompt)
+        encoded = loaded.speedups.encode(req.prompt)
     sync(ctx.device)
     t5_s = time.perf_counter() - t0
     pipe.vae.decode = timed_decode
@@ -75,7 +75,7 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
     import torch
     from pixq.worker.gpu.render import generators, render
 
-    accel = loaded.accel
+    speedups = loaded.speedups
     pairs: dict[str, list[dict[str, Any]]] = {
         "plain_vs_exact": [], "card_vs_plain": [], "card_vs_exact": [], "exact_vs_fast": [],
         "exact_vs_fast_order1": [],
@@ -90,12 +90,12 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
     def diff(a: tuple[Any, Any], b: tuple[Any, Any]) -> dict[str, Any]:
         return {**image_diff(a[1], b[1]), "latent_rel": latent_rel(a[0], b[0])}
 
-    plan = accel.options.fast_plan
+    plan = speedups.options.fast_plan
     for i in range(ctx.args.fidelity):
         req = ctx.request(i)
 
         def plain(req: Any = req) -> Any:
-            with torch.inference_mode(), accel.eager():
+            with torch.inference_mode(), speedups.eager():
                 return loaded.pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
                                    height=req.height, generator=generators(req)[0]).images[0]
 
@@ -104,11 +104,11 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
             "exact": run(lambda req=req: render(loaded, req)[0]),
             "fast": run(lambda i=i: render(loaded, ctx.request(i, "fast"))[0]),
         }
-        accel.options = dataclasses.replace(accel.options, fast_plan=dataclasses.replace(plan, order=1))
+        speedups.options = dataclasses.replace(speedups.options, fast_plan=dataclasses.replace(plan, order=1))
         try:
             got["fast1"] = run(lambda i=i: render(loaded, ctx.request(i, "fast"))[0])
         finally:
-            accel.options = dataclasses.replace(accel.options, fast_plan=plan)
+            speedups.options = dataclasses.replace(speedups.options, fast_plan=plan)
         pairs["plain_vs_exact"].append(diff(got["exact"], got["plain"]))
         pairs["exact_vs_fast"].append(diff(got["fast"], got["exact"]))
         pairs["exact_vs_fast_order1"].append(diff(got["fast1"], got["exact"]))
@@ -121,7 +121,7 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
             out[key + "_summary"] = diff_summary(items)
     if ctx.ref_t5 is not None:
         with torch.inference_mode():
-            ours = accel.encode(ctx.request(0).prompt).embeds.float().cpu()
+            ours = speedups.encode(ctx.request(0).prompt).embeds.float().cpu()
         out["t5_card_vs_worker_rel"] = latent_rel(ours, ctx.ref_t5)
     return out
 
@@ -181,7 +181,7 @@ def phase_inprocess(ctx: Context, compile_mode: str) -> None:
     res["fast"] = render_stream(ctx, loaded, "fast", offset=0)
     res["breakdown_exact"] = _breakdown(ctx, loaded)
     res["fidelity"] = _fidelity(ctx, loaded)
-    res["prompt_cache"] = {"hits": loaded.accel.cache.hits, "misses": loaded.accel.cache.misses}
+    res["prompt_cache"] = {"hits": loaded.speedups.cache.hits, "misses": loaded.speedups.cache.misses}
     ctx.save()
     if not ctx.args.no_s3:
         try:

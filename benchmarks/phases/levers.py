@@ -26,11 +26,11 @@ def phase_levers(ctx: Context) -> None:
     from pixq.worker.gpu.speedups import SpeedupOptions
 
     loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                           accel=SpeedupOptions(compile=True, trim_text=False,
+                           speedups=SpeedupOptions(compile=True, trim_text=False,
                                               compile_scope=ctx.args.compile_scope),
                            compile_cache=str(ctx.args.compile_cache))
-    accel: Any = loaded.accel
-    base = accel.options
+    speedups: Any = loaded.speedups
+    base = speedups.options
     variants = {  # name -> (eager, trim)
         "plain": None, "cache": (True, False), "trim": (True, True), "compile": (False, False),
         "exact": (False, True),
@@ -45,20 +45,20 @@ def phase_levers(ctx: Context) -> None:
             t0 = time.perf_counter()
             with capture_vae_input(loaded.pipe, latents), torch.inference_mode():
                 if how is None:
-                    with accel.eager():
+                    with speedups.eager():
                         image = loaded.pipe(prompt=req.prompt, negative_prompt=req.negative_prompt,
                                             width=req.width, height=req.height,
                                             generator=generators(req)[0]).images[0]
                 else:
                     eager, trim = how
-                    accel.options = dataclasses.replace(base, trim_text=trim)
-                    with accel.eager() if eager else contextlib.nullcontext():
+                    speedups.options = dataclasses.replace(base, trim_text=trim)
+                    with speedups.eager() if eager else contextlib.nullcontext():
                         image = render(loaded, req)[0]
             elapsed = time.perf_counter() - t0
             if i >= 0:
                 times[name].append(elapsed)
                 outputs[name][i] = (latents[-1], np.asarray(image))
-    accel.options = base
+    speedups.options = base
     res: dict[str, Any] = {}
     for name in variants:
         diffs = [{**image_diff(outputs[name][i][1], outputs["plain"][i][1]),

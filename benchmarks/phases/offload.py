@@ -18,7 +18,7 @@ def phase_offload(ctx: Context) -> None:
         ctx.results["offload"] = "skipped: needs a CUDA device"
         return
     reset_peak(ctx.device)
-    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto", offload=True, accel=SpeedupOptions())
+    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto", offload=True, speedups=SpeedupOptions())
     res: dict[str, Any] = {"load_s": loaded.load_s}
     for mode in ("exact", "fast"):
         times = []

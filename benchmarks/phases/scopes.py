@@ -35,7 +35,7 @@ def phase_scopes(ctx: Context) -> None:
             Path("/tmp/pixq-bench/scope-cache") / f"{scope}-{time.time_ns()}")
         shutil.rmtree(cache, ignore_errors=True)
         loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                               accel=SpeedupOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
+                               speedups=SpeedupOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
                                warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"))
         item: dict[str, Any] = {"cold_compile_and_warmup_s": loaded.warmup_s}
         item["exact"] = render_stream(ctx, loaded, "exact", offset=0)

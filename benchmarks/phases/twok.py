@@ -33,7 +33,7 @@ def phase_twok(ctx: Context) -> None:
     compiled = ctx.args.twok_compile != COMPILE_NONE
     # vae_tile_above=0: every decode tiled, as the 2048² setup states (the worker's default decodes
     # 2048² in one piece; the "vae" phase times both).
-    accel = RenderSpeedups(pipe, SpeedupOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled
+    speedups = RenderSpeedups(pipe, SpeedupOptions(compile=compiled, compile_mode=ctx.args.twok_compile if compiled
                                            else "default", compile_scope=ctx.args.compile_scope,
                                            vae_tile_above=ctx.args.twok_tile_above))
     res["compile"] = ctx.args.twok_compile
@@ -72,7 +72,7 @@ def phase_twok(ctx: Context) -> None:
             res[key] = "skipped: deadline"
             continue
         reset_peak(ctx.device)
-        tiled = accel.vae_decode.tiled
+        tiled = speedups.vae_decode.tiled
         t0 = time.perf_counter()
         try:
             out = render(pipe, ctx.request(0, mode, width=big, height=big, model_name=TWOK_MODEL,
@@ -81,9 +81,9 @@ def phase_twok(ctx: Context) -> None:
             res[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
             continue
         res[key] = {"s": time.perf_counter() - t0, "peak_gib": peak_gib(ctx.device), "size": list(out[0].size),
-                    "tiled_decodes": accel.vae_decode.tiled - tiled}
+                    "tiled_decodes": speedups.vae_decode.tiled - tiled}
         ctx.save()
-    del pipe, transformer, accel
+    del pipe, transformer, speedups
     free_cuda()
     ctx.save()
 

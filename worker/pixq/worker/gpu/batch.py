@@ -92,7 +92,7 @@ def render_batch(
     stops the whole call.
     """
     import torch
-    from pixq.worker.gpu.render import _pipe_and_accel, _step_callback, generators, to_pil
+    from pixq.worker.gpu.render import _pipe_and_speedups, _step_callback, generators, to_pil
 
     if not requests:
         return []
@@ -100,15 +100,15 @@ def render_batch(
     if len(keys) > 1:
         raise ValueError(f"jobs of one batch must agree on model, size, steps, guidance, mode, format and "
                          f"sampler: {keys}")
-    pipe, accel = _pipe_and_accel(target)
+    pipe, speedups = _pipe_and_speedups(target)
     call = with_scheduler(pipe, build_scheduler(checkpoint_config(target), requests[0].scheduler))
     first = requests[0]
     guided = first.guidance_scale > 1.0
     gens = [g for r in requests for g in generators(r)]
     with torch.inference_mode():
-        prompts = batch_prompt_kwargs(accel, requests, guided)
-        plan = accel.plan(RenderMode(first.mode) is RenderMode.fast, first.num_inference_steps, guided)
-        with accel.controller.planned(plan, order=accel.options.fast_plan.order):
+        prompts = batch_prompt_kwargs(speedups, requests, guided)
+        plan = speedups.plan(RenderMode(first.mode) is RenderMode.fast, first.num_inference_steps, guided)
+        with speedups.controller.planned(plan, order=speedups.options.fast_plan.order):
             out = call(
                 **prompts,
                 num_inference_steps=first.num_inference_steps,
@@ -129,33 +129,33 @@ def render_batch(
     return split
 
 
-def encode_prompts(accel: Any, texts: Sequence[str]) -> list[Any]:
+def encode_prompts(speedups: Any, texts: Sequence[str]) -> list[Any]:
     """The ``Encoded`` T5 output of each text; the ones not cached in one T5 call."""
     from pixq.worker.gpu.textcache import MAX_SEQUENCE_LENGTH, Encoded
 
     found: dict[str, Any] = {}
     missing: list[str] = []
     for text in dict.fromkeys(texts):
-        item = accel.cache.get((text, MAX_SEQUENCE_LENGTH, True))
+        item = speedups.cache.get((text, MAX_SEQUENCE_LENGTH, True))
         if item is None:
             missing.append(text)
         else:
             found[text] = item
     if len(missing) == 1:
-        found[missing[0]] = accel.encode(missing[0])  # counted once more as a miss: same as alone
+        found[missing[0]] = speedups.encode(missing[0])  # counted once more as a miss: same as alone
     elif missing:
-        embeds, mask, _, _ = accel.pipe.encode_prompt(
+        embeds, mask, _, _ = speedups.pipe.encode_prompt(
             missing, do_classifier_free_guidance=False, num_images_per_prompt=1,
-            device=accel.pipe._execution_device, clean_caption=True, max_sequence_length=MAX_SEQUENCE_LENGTH,
+            device=speedups.pipe._execution_device, clean_caption=True, max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
         for i, text in enumerate(missing):
             item = Encoded(embeds[i : i + 1].clone(), mask[i : i + 1].clone(), int(mask[i].sum().item()))
-            accel.cache.put((text, MAX_SEQUENCE_LENGTH, True), item)
+            speedups.cache.put((text, MAX_SEQUENCE_LENGTH, True), item)
             found[text] = item
     return [found[t] for t in texts]
 
 
-def batch_prompt_kwargs(accel: Any, requests: Sequence[JobRequest], guided: bool) -> dict[str, Any]:
+def batch_prompt_kwargs(speedups: Any, requests: Sequence[JobRequest], guided: bool) -> dict[str, Any]:
     """``prompt_embeds`` & co. with one row per image of ``requests``, trimmed to the longest prompt's bucket."""
     import math
 
@@ -163,12 +163,12 @@ def batch_prompt_kwargs(accel: Any, requests: Sequence[JobRequest], guided: bool
 
     counts = [r.num_images_per_prompt for r in requests]
     texts = [r.prompt for r in requests] + ([r.negative_prompt for r in requests] if guided else [])
-    encoded = encode_prompts(accel, texts)
+    encoded = encode_prompts(speedups, texts)
     pos, neg = encoded[: len(requests)], encoded[len(requests):]
     length = pos[0].embeds.shape[1]
-    if accel.options.trim_text:
+    if speedups.options.trim_text:
         tokens = max([e.tokens for e in encoded] + [1])
-        bucket = max(1, accel.options.text_bucket)
+        bucket = max(1, speedups.options.text_bucket)
         length = min(length, math.ceil(tokens / bucket) * bucket)
 
     def rows(items: Sequence[Any], name: str) -> Any:

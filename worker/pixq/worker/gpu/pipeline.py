@@ -36,7 +36,7 @@ class LoadedPipeline:
     device: str
     dtype: str
     load_s: float
-    accel: RenderSpeedups | None = None
+    speedups: RenderSpeedups | None = None
     warmup_s: float = 0.0
     warmed: list[str] = field(default_factory=list)  # "1024x1024/exact", ...
     artefacts: LoadedArtefacts | None = None  # the AOT graphs it runs (pixq compile), when a set matched
@@ -73,7 +73,7 @@ def load_pipeline(
     device: str = "cpu",
     dtype: str = "auto",
     offload: bool = False,
-    accel: SpeedupOptions | None = None,
+    speedups: SpeedupOptions | None = None,
     compile_cache: str | None = None,
     warmup: Sequence[tuple[int, int]] = (),
     warmup_modes: Sequence[str] = ("exact", "fast"),
@@ -87,7 +87,7 @@ def load_pipeline(
     is one whole pipeline saved with ``save_pretrained``. ``offload`` keeps idle components
     in host memory (``enable_model_cpu_offload``) for cards of 24 GB or less.
 
-    ``accel`` sets the worker's speed-ups (pixq.worker.gpu.speedups): ``compile`` (the transformer, with
+    ``speedups`` sets the worker's speed-ups (pixq.worker.gpu.speedups): ``compile`` (the transformer, with
     inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
     ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
     compilation and kernel selection happen before the first real job.
@@ -95,7 +95,7 @@ def load_pipeline(
     ``artefacts``: the root of compiled artefact sets (``pixq compile``). When one matches this
     pipeline its AOT graphs replace ``torch.compile`` (no dynamo, no inductor at start) and every
     size in it is warmed up in every mode (a short render each: nothing compiles); when none
-    matches, one log line says why and ``accel.compile`` is honoured as without artefacts.
+    matches, one log line says why and ``speedups.compile`` is honoured as without artefacts.
     """
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -119,7 +119,7 @@ def load_pipeline(
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     phases["weights_s"] = time.perf_counter() - t0
-    options = accel or SpeedupOptions()
+    options = speedups or SpeedupOptions()
     if options.compile and offload:
         log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
         options = replace(options, compile=False)
@@ -141,13 +141,13 @@ def load_pipeline(
                      ", ".join(f"{w}x{h}" for w, h in loaded.artefacts.sizes))
     if options.compile and compile_cache:
         configure_compile_cache(compile_cache)
-    loaded.accel = RenderSpeedups(pipe, options)
+    loaded.speedups = RenderSpeedups(pipe, options)
     if loaded.artefacts is not None:
-        loaded.accel.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
+        loaded.speedups.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
     if batch is not None:
         loaded.batch = batch.for_model(pipe.transformer.config.sample_size)
-        if loaded.accel is not None and loaded.accel.options.compile_batches:
-            loaded.accel.router.batch_images = loaded.batch.largest()
+        if loaded.speedups is not None and loaded.speedups.options.compile_batches:
+            loaded.speedups.router.batch_images = loaded.batch.largest()
     loaded.load_s = time.perf_counter() - started
     log.info("loaded %s on %s as %s in %.1f s (imports %.1f s, CUDA wait %.1f s, weights %.1f s)", model_name,
              device, torch_dtype, loaded.load_s, phases["import_s"], phases["cuda_init_wait_s"], phases["weights_s"])
@@ -247,9 +247,9 @@ def warm_up(loaded: LoadedPipeline, sizes: Sequence[tuple[int, int]], modes: Seq
             render(loaded, request)
             images = batch.limit(width, height, not native) if batch is not None else 1
             graphs = loaded.artefacts is not None and loaded.artefacts.batch_of(width, height) == images
-            if loaded.accel is not None and images != loaded.accel.router.batch_images and not graphs:
+            if loaded.speedups is not None and images != loaded.speedups.router.batch_images and not graphs:
                 images = min(images, 4)  # eager: a small batch brings up its kernels
-            if images > 1 and loaded.accel is not None:
+            if images > 1 and loaded.speedups is not None:
                 render_batch(loaded, [request.model_copy(update={"seed": i}) for i in range(images)])
             loaded.warmed.append(f"{width}x{height}/{mode}")
             log.info("warm-up %dx%d %s: %.1f s", width, height, mode, time.perf_counter() - t0)

@@ -33,11 +33,11 @@ def generators(request: JobRequest) -> list[Any]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
 
 
-def _pipe_and_accel(target: Any) -> tuple[Any, RenderSpeedups]:
+def _pipe_and_speedups(target: Any) -> tuple[Any, RenderSpeedups]:
     """A ``LoadedPipeline``'s pipe and accelerator, or a bare pipeline and the accelerator on it."""
-    accel: RenderSpeedups | None = getattr(target, "accel", None)
-    pipe = target.pipe if accel is not None else target
-    return pipe, accel or RenderSpeedups.of(pipe)
+    speedups: RenderSpeedups | None = getattr(target, "speedups", None)
+    pipe = target.pipe if speedups is not None else target
+    return pipe, speedups or RenderSpeedups.of(pipe)
 
 
 def render(target: Any, request: JobRequest, on_step: Callable[[int], None] | None = None) -> list[Any]:
@@ -59,14 +59,14 @@ def render_info(target: Any, request: JobRequest, render_s: float, batch_images:
                 batch_jobs: int = 1) -> RenderInfo:
     """How the last ``render`` (or ``render_batch`` of ``batch_jobs`` jobs, ``batch_images`` images)
     on ``target`` went, for the job record (read it before the next render)."""
-    _, accel = _pipe_and_accel(target)
+    _, speedups = _pipe_and_speedups(target)
     images = batch_images or request.num_images_per_prompt
-    width, height, tiled = accel.vae_decode.last or (request.width, request.height, False)
+    width, height, tiled = speedups.vae_decode.last or (request.width, request.height, False)
     fast = RenderMode(request.mode) is RenderMode.fast
     return RenderInfo(
         mode=request.mode, scheduler=request.scheduler, width=width, height=height,
         resized=(width, height) != (request.width, request.height),
-        vae_tiled=tiled, transformer_rows_per_image=accel.controller.stats.rows // images,
+        vae_tiled=tiled, transformer_rows_per_image=speedups.controller.stats.rows // images,
         render_s=round(render_s, 3), difference_from_exact=measured_difference(request.scheduler) if fast else None,
         batch_images=images, batch_jobs=batch_jobs,
     )

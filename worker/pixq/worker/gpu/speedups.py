@@ -107,8 +107,8 @@ class RenderSpeedups:
     @classmethod
     def of(cls, pipe: Any) -> RenderSpeedups:
         """The pipeline's speed-ups; plain ones (no compile) is attached on first use."""
-        accel = getattr(pipe, cls.ATTRIBUTE, None)
-        return accel if isinstance(accel, RenderSpeedups) else cls(pipe)
+        speedups = getattr(pipe, cls.ATTRIBUTE, None)
+        return speedups if isinstance(speedups, RenderSpeedups) else cls(pipe)
 
     @contextmanager
     def eager(self) -> Iterator[None]:

@@ -61,3 +61,14 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 TRANSPORT = "pixq.worker.jobs.broker:Transport"
 SENTINEL_TRANSPORT = "pixq.worker.jobs.broker:SentinelTransport"
+# A unix socket's broker URL names its transport itself (``redis+socket://``: kombu takes the part before ``+`` and
+# ignores ``broker_transport``), so the worker registers this alias for ``Transport`` and names it in the URL instead.
+UNIX_ALIAS = "pixq-redis"
+
+
+def unix_broker_url(url: str) -> str:
+    """``redis+socket://…`` (redisconn's form for Celery) served by ``Transport``; registers the alias."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES.setdefault(UNIX_ALIAS, TRANSPORT)
+    return UNIX_ALIAS + url.removeprefix("redis")

@@ -32,7 +32,7 @@ from pixq.errors import NotDurable
 from pixq.records import JobRecord, JobState, RecordStore
 from pixq.settings import Settings
 from pixq.wire import RENDER_TASK, make_celery
-from pixq.worker.jobs.broker import SENTINEL_TRANSPORT, TRANSPORT
+from pixq.worker.jobs.broker import SENTINEL_TRANSPORT, TRANSPORT, unix_broker_url
 from pixq.worker.jobs.reservations import Reservations
 from pixq.worker.jobs.runner import GiveBack, JobRunner
 
@@ -49,6 +49,8 @@ def create_app(settings: Settings) -> Celery:
     # Transports that survive a broker reconnect or failover (worker/pixq/worker/jobs/broker.py).
     if endpoint.is_sentinel:
         app.conf.broker_transport = SENTINEL_TRANSPORT
+    elif endpoint.is_unix:
+        app.conf.broker_url = unix_broker_url(app.conf.broker_url)
     elif endpoint.url.startswith(("redis://", "rediss://")):
         app.conf.broker_transport = TRANSPORT
     return app

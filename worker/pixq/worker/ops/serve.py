@@ -76,7 +76,7 @@ class WorkerOptions:
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
     metrics_host: str = "127.0.0.1"  # ... on this address (no authentication there: loopback unless told)
 
-    def accel_options(self) -> SpeedupOptions:
+    def speedup_options(self) -> SpeedupOptions:
         return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
                             prompt_cache=self.prompt_cache, trim_text=self.trim_text,
                             vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae,
@@ -143,7 +143,7 @@ def warm_up_while_serving(
             time.sleep(0.05)
         return False
 
-    gate = loaded.accel.gate if loaded.accel is not None else CompileGate()
+    gate = loaded.speedups.gate if loaded.speedups is not None else CompileGate()
 
     def run() -> None:
         runner.touch()
@@ -269,13 +269,13 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     check_name_free(conn, name)
     loaded = load_pipeline(
         options.model, options.device, options.dtype, options.offload,
-        accel=options.accel_options(), compile_cache=options.compile_cache,
+        speedups=options.speedup_options(), compile_cache=options.compile_cache,
         warmup=sizes, warmup_modes=now_modes, batch=options.batch_policy(), artefacts=options.artefacts,
     )
     if loaded.artefacts is not None:
         later_modes = ()  # every size of the set is warm in every mode; nothing compiles
-    if loaded.accel is not None and (sizes or loaded.artefacts is not None):
-        loaded.accel.gate.serving = True  # from here, a shape with no graph runs eager (routing.py)
+    if loaded.speedups is not None and (sizes or loaded.artefacts is not None):
+        loaded.speedups.gate.serving = True  # from here, a shape with no graph runs eager (routing.py)
     records = RecordStore(conn, settings.retention_s,
                           Durability(conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms))
     app = create_app(settings)
@@ -286,7 +286,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     readiness = Readiness(options, name, metrics, shutdown)
     watch = StorageWatch(storage.probe, on_down=readiness.down, on_up=readiness.up)
     metrics.pipeline_loaded(loaded.load_s)
-    gate = loaded.accel.gate if loaded.accel is not None else CompileGate()
+    gate = loaded.speedups.gate if loaded.speedups is not None else CompileGate()
     metrics.started(loaded.phases, len(loaded.artefacts.graphs()) if loaded.artefacts else 0,
                     lambda: float(gate.eager_calls))
     runner = JobRunner(
