@@ -166,5 +166,5 @@ def test_a_worker_on_a_unix_socket_uses_the_reconnect_safe_transport(servers: Se
         channel = conn.default_channel
         assert isinstance(conn.transport, Transport) and isinstance(channel, Channel)
         kwargs = channel.client.connection_pool.connection_kwargs
-        assert (kwargs["path"], kwargs["db"]) == (url.split("://", 1)[1].split("?")[0], db)
+        assert (kwargs["path"], kwargs["db"]) == (str(servers.socket), db)
         assert channel.client.ping()
