@@ -24,7 +24,7 @@ from rich.console import Console
 from pixq.errors import InvalidRequest, NoWorkerWarning, StorageUnavailable
 
 # The choices of --format, --mode and --scheduler, spelled out so that listing the commands need not import the
-# schema (pydantic); tests/test_cli.py and tests/test_schema.py check they are the schema's OutputFormat,
+# schema (pydantic); tests/test_cli.py and tests/unit/test_schema.py check they are the schema's OutputFormat,
 # RenderMode and Scheduler.
 FormatChoice = Literal["png", "webp", "jpeg"]
 ModeChoice = Literal["exact", "fast"]
