@@ -7,55 +7,26 @@ is built here once and kept on ``app.state``; nothing is read from the environme
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI
-from limits import parse as parse_limit
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pixq.api import errors
+from pixq.api import errors, routes
 from pixq.api.config import ApiSettings
-from pixq.api.keys import ApiKey, KeyStore
+from pixq.api.fast import FastPath
+from pixq.api.keys import KeyStore
 from pixq.api.middleware import BodyLimit, Metrics, RequestMetrics
+from pixq.api.state import ApiState
 from pixq.client import CLIENT_RETRIES, Client
 from pixq.settings import Settings
 
 API_VERSION = "1"
-
-
-@dataclass
-class ApiState:
-    settings: Settings
-    api: ApiSettings
-    client: Client
-    keys: KeyStore
-    aconn: aioredis.Redis  # event streams (they block on XREAD: no socket timeout)
-    rconn: aioredis.Redis  # the fast path's requests (fast.py): a stuck Redis answers 503 after 5 s, as the sync path
-    limiter: MovingWindowRateLimiter
-    registry: CollectorRegistry
-    requests: RequestMetrics  # every response by route and code (pixq.api.middleware), refusals of the server too
-    public_url: str
-    webhook_outcomes: Counter
-    outbox_entries: Gauge
-    deliveries_due: Gauge
-
-    def rate_limited(self, key: ApiKey) -> int:
-        """0 if the key may submit now (the hit is counted), else seconds until it may."""
-        if not key.rate:
-            return 0
-        item = parse_limit(key.rate)
-        if self.limiter.hit(item, "pixq-key", key.id):
-            return 0
-        stats = self.limiter.get_window_stats(item, "pixq-key", key.id)
-        return max(1, int(stats.reset_time - time.time() + 0.999))
 
 
 def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://127.0.0.1:8000",
@@ -105,11 +76,7 @@ def create_app(settings: Settings, api: ApiSettings, public_url: str = "http://1
     )
     app.state.pixq = state
     errors.install(app)
-    from pixq.api import routes  # the routes read app.state.pixq
-
-    app.include_router(routes.router)
-    from pixq.api.fast import FastPath
-
+    app.include_router(routes.router)  # the routes read app.state.pixq
     hot = {(m, getattr(r, "path", "")): r for r in routes.router.routes for m in getattr(r, "methods", ())}
     app.add_middleware(FastPath, state=state, get_route=hot["GET", "/v1/jobs/{job_id}"],
                        post_route=hot["POST", "/v1/jobs"])  # inside the body limit and the metrics

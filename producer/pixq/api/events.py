@@ -15,14 +15,12 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pixq.api.keys import KEY_PREFIX
+from pixq.api.state import ApiState
 from pixq.records import EVENTS_PREFIX, JobRecord, JobState, RecordStore, decode_record
 from pixq.wire import queue_lists
-
-if TYPE_CHECKING:
-    from pixq.api.app import ApiState
 
 KEEPALIVE_S = 15.0
 QUEUED_POLL_S = 2.0  # how often a queued job's position is recomputed

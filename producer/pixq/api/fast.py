@@ -32,10 +32,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pixq.api import routes
-from pixq.api.app import ApiState
 from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
+from pixq.api.state import ApiState
 from pixq.client import IDEMPOTENCY_PREFIX, check_webhook, outcome_unknown
 from pixq.errors import JobNotFound, QueueFull, service_errors
 from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record

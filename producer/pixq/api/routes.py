@@ -19,10 +19,10 @@ from starlette.concurrency import run_in_threadpool
 
 from pixq.api import body as body_json
 from pixq.api import events
-from pixq.api.app import ApiState
 from pixq.api.body import BodyRefused
 from pixq.api.errors import ApiError, RateLimited, responses
 from pixq.api.keys import NAMES_KEY, ApiKey, Scope
+from pixq.api.state import ApiState
 from pixq.errors import InvalidRequest, JobNotFound
 from pixq.listing import decode_cursor, list_every_owners_jobs, list_jobs
 from pixq.records import JobRecord, JobState
