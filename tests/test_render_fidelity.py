@@ -47,7 +47,7 @@ def _request(model: str, **fields: Any) -> JobRequest:
 def _plain(loaded: Any, request: JobRequest, **kw: Any) -> np.ndarray:
     """The model card's call on the same pipeline: prompt strings, the pipeline encodes them; ``kw``
     goes to the pipeline as it is (``use_resolution_binning=False``)."""
-    from pixq.worker.gpu.render import generators
+    from pixq.worker.gpu.pipecall import generators
 
     return np.asarray(loaded.pipe(
         prompt=request.prompt, negative_prompt=request.negative_prompt,

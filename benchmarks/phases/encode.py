@@ -18,8 +18,8 @@ def phase_encode(ctx: Context) -> None:
     import numpy as np
     import torch
     from PIL import Image
+    from pixq.worker.gpu.pipecall import to_pil
     from pixq.worker.gpu.png import encode_png
-    from pixq.worker.gpu.render import to_pil
 
     res: dict[str, Any] = {"cpus": os.cpu_count()}
     rng = np.random.default_rng(0)

@@ -73,7 +73,8 @@ def _fidelity(ctx: Context, loaded: Any) -> dict[str, Any]:
 
     import numpy as np
     import torch
-    from pixq.worker.gpu.render import generators, render
+    from pixq.worker.gpu.pipecall import generators
+    from pixq.worker.gpu.render import render
 
     speedups = loaded.speedups
     pairs: dict[str, list[dict[str, Any]]] = {

@@ -21,8 +21,9 @@ def phase_levers(ctx: Context) -> None:
 
     import numpy as np
     import torch
+    from pixq.worker.gpu.pipecall import generators
     from pixq.worker.gpu.pipeline import load_pipeline
-    from pixq.worker.gpu.render import generators, render
+    from pixq.worker.gpu.render import render
     from pixq.worker.gpu.speedups import SpeedupOptions
 
     loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pixq.schema import JobRequest, RenderMode, Scheduler
+from pixq.worker.gpu.pipecall import generators, pipe_and_speedups, step_callback, to_pil
 from pixq.worker.gpu.samplers import build_scheduler, checkpoint_config, with_scheduler
 
 # Default images per pipeline call, by the pixels the pipeline renders (most pixels, images); larger: one
@@ -92,7 +93,6 @@ def render_batch(
     stops the whole call.
     """
     import torch
-    from pixq.worker.gpu.render import _pipe_and_speedups, _step_callback, generators, to_pil
 
     if not requests:
         return []
@@ -100,7 +100,7 @@ def render_batch(
     if len(keys) > 1:
         raise ValueError(f"jobs of one batch must agree on model, size, steps, guidance, mode, format and "
                          f"sampler: {keys}")
-    pipe, speedups = _pipe_and_speedups(target)
+    pipe, speedups = pipe_and_speedups(target)
     call = with_scheduler(pipe, build_scheduler(checkpoint_config(target), requests[0].scheduler))
     first = requests[0]
     guided = first.guidance_scale > 1.0
@@ -119,7 +119,7 @@ def render_batch(
                 generator=gens if len(gens) > 1 else gens[0],
                 use_resolution_binning=first.use_resolution_binning,
                 output_type="pt",
-                **_step_callback(call, on_step),
+                **step_callback(call, on_step),
             )
         images = to_pil(out.images)
     split: list[list[Any]] = []
