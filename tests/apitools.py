@@ -1,4 +1,5 @@
-"""Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver.
+"""Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver and what a
+delivery says, the API's rate limiter.
 
 ``env_api`` and ``api`` are fixtures: a test module binds them (``api = apitools.api``) and gets its own
 API process over the session's Redis, S3 and worker (scope ``module``).
@@ -19,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from pixq.settings import Settings
 from pixq.worker.ops.stack import Service, free_port, pixq_argv
+from standardwebhooks.webhooks import Webhook
 
 PEPPER = "test-pepper-0123456789abcdef"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
@@ -159,3 +162,39 @@ def sse_events(base: str, job_id: str, headers: dict[str, str], timeout_s: float
                 name, _, value = line.partition(": ")
                 current[name] = value
     return events
+
+
+# -- webhooks: a job whose one event is `canceled`, and what its delivery says
+
+
+def canceled_job(api: str, key: dict[str, str], url: str, model: str) -> str:
+    r = httpx.post(f"{api}/v1/jobs", json={"prompt": "hook me", "model_name": model, "width": 128, "height": 128,
+                                           "webhook": {"url": url, "events": ["canceled"]}}, headers=auth(key))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    assert httpx.post(f"{api}/v1/jobs/{job_id}/cancel", headers=auth(key)).json()["state"] == "canceled"
+    return str(job_id)
+
+
+def verified(hit: Hit, key: dict[str, str], job_id: str) -> None:
+    assert hit.headers["webhook-id"] == f"{job_id}:canceled"
+    payload = Webhook(key["webhook_secret"]).verify(hit.body, hit.headers)
+    assert payload["type"] == "job.canceled" and payload["data"]["id"] == job_id
+
+
+def delivery(api: str, key: dict[str, str], job_id: str) -> dict[str, object]:
+    (only,) = httpx.get(f"{api}/v1/jobs/{job_id}/deliveries", headers=auth(key)).json()
+    return only  # type: ignore[no-any-return]
+
+
+def api_limiter_hits(redis_url: str, n: int) -> list[bool]:
+    """``n`` hits of a 2-a-minute rate on the rate limiter that ``pixq api`` builds for ``redis_url``."""
+    from limits import parse as parse_limit
+    from pixq.api.app import create_app
+    from pixq.api.config import ApiSettings
+
+    state = create_app(Settings.from_env({"PIXQ_REDIS_URL": redis_url}), ApiSettings(key_pepper=PEPPER)).state.pixq
+    try:
+        return [state.limiter.hit(parse_limit("2/minute"), "pixq-key", "k") for _ in range(n)]
+    finally:
+        state.client.close()

@@ -6,21 +6,25 @@ Tiers (markers, pyproject.toml): ``integration`` is added here to every test tha
 (one of ``SERVICE_FIXTURES``); ``slow`` (load, faults, browser, image builds, whole stacks, anything
 over ~5 s) and ``gpu`` are marked in the test files. ``pytest -m "not slow"`` is the developer loop,
 ``pytest -m "not slow and not integration"`` the unit tests alone; CI runs everything.
+
+Fixtures only: plain helpers (``wait_for``, ``stack_env``...) are in ``tests/support.py``. No test module
+imports this one (tests/test_layout.py).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from pixq.client import Client
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
+
+from tests.support import stack_env
+
+# Fixtures a few modules share, each a plugin module of its own (registered here: the top conftest).
+pytest_plugins = ["tests.fixtures.cluster"]
 
 # Fixtures that start (or need) real Redis, SeaweedFS or worker processes.
 SERVICE_FIXTURES = frozenset({"redis_url", "s3", "env", "settings", "worker", "client", "s3_client", "raw_redis"})
@@ -59,20 +63,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     svc, endpoint = start_seaweedfs(tmp_path_factory.mktemp("s3"), bucket="pixq-test")
     yield endpoint
     svc.stop()
-
-
-def env_without_pixq() -> dict[str, str]:
-    """This process's environment less its ``PIXQ_`` settings: for a child that must take only the test's."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PIXQ_")}
-
-
-def stack_env(redis_url: str, s3: S3Endpoint, model: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXQ_", "AWS_"))}
-    env.update(s3.env())
-    env.update({"PIXQ_REDIS_URL": redis_url, "PIXQ_MODEL": model, "PIXQ_S3_PREFIX": "jobs",
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -116,22 +106,3 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
     yield conn
     conn.close()
 
-
-def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def write_artifact(name: str, data: bytes) -> Path:
-    """Keep a file a person may want to look at after the run (tests/artifacts is git-ignored)."""
-    out = Path(__file__).parent / "artifacts"
-    out.mkdir(exist_ok=True)
-    path = out / name
-    path.write_bytes(data)
-    return path

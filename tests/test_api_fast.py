@@ -19,7 +19,7 @@ from pixq.worker.ops.stack import S3Endpoint, Service, pixq_argv, start_redis, s
 
 from tests import apitools
 from tests.apitools import SMALL, api_env, auth, job_keys, make_key, start_api
-from tests.conftest import stack_env
+from tests.support import stack_env
 
 env_api = apitools.env_api  # this module's API process, over the session's services
 api = apitools.api

@@ -13,7 +13,7 @@ from pixq.worker.ops.stack import S3Endpoint, start_redis
 from standardwebhooks.webhooks import Webhook
 
 from tests.apitools import Receiver, api_env, auth, make_key, start_api
-from tests.conftest import stack_env
+from tests.support import stack_env
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from pixq.schema import JobRequest
 from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, batch_rows, covered, find_artefacts
 from pixq.worker.ops.stack import pixq_argv, start_worker
 
-from tests.conftest import env_without_pixq, stack_env, wait_for
+from tests.support import env_without_pixq, parse, scrape, stack_env, value, wait_for
 
 SIZE = 256  # the tiny model's trained bin
 BATCH = 6  # the set's full batch (``pixq compile --max-batch``): 12 transformer rows exact, 6 fast
@@ -287,8 +287,6 @@ def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
     from pixq.settings import Settings
     from pixq.wire import WORKER_KEY_PREFIX
     from pixq.worker.ops.stack import free_port, start_redis
-
-    from tests.test_metrics import parse, scrape, value
 
     # Its own Redis: on the session's Redis the session worker (tests/conftest.py) serves the same
     # model queue and may take the 384² job, and this worker's eager count would then stay 0.

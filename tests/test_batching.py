@@ -25,8 +25,8 @@ from pixq.worker.gpu.pipeline import load_pipeline
 from pixq.worker.gpu.render import render
 from pixq.worker.ops.stack import Service, start_worker
 
-from tests.conftest import wait_for
-from tests.test_reliability import Cluster, cluster  # noqa: F401  (the fixture)
+from tests.fixtures.cluster import Cluster
+from tests.support import wait_for
 
 SMALL = dict(width=128, height=128, num_inference_steps=6)
 BLOCKER = dict(width=384, height=384, num_inference_steps=200)  # keeps the GPU busy while others queue
@@ -90,7 +90,7 @@ def test_batch_sizes_by_policy(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- real worker processes --------------------------------------------------------------------
 
 
-def _worker(cluster: Cluster, max_batch: int = 4) -> tuple[str, Service]:  # noqa: F811
+def _worker(cluster: Cluster, max_batch: int = 4) -> tuple[str, Service]:
     name = f"b{next(cluster.names)}@test"
     svc = start_worker(cluster.env, cluster.model, cluster.root / f"{name}.log", name=name,
                        extra=("--max-batch", str(max_batch)))
@@ -98,7 +98,7 @@ def _worker(cluster: Cluster, max_batch: int = 4) -> tuple[str, Service]:  # noq
     return name, svc
 
 
-def _image(cluster: Cluster, key: str) -> Image.Image:  # noqa: F811
+def _image(cluster: Cluster, key: str) -> Image.Image:
     body = cluster.s3_client.get_object(Bucket=cluster.env["PIXQ_S3_BUCKET"], Key=key)["Body"].read()  # type: ignore[attr-defined]
     return Image.open(io.BytesIO(body))
 
@@ -115,7 +115,7 @@ def _wait_batch(client: Client, job_ids: list[str], size: int, min_step: int = 2
 
 
 @pytest.mark.slow
-def test_four_waiting_jobs_render_in_one_call_each_as_alone(cluster: Cluster) -> None:  # noqa: F811
+def test_four_waiting_jobs_render_in_one_call_each_as_alone(cluster: Cluster) -> None:
     _worker(cluster)
     client = cluster.client()
     blocker = client.submit("busy", **BLOCKER)
@@ -134,7 +134,7 @@ def test_four_waiting_jobs_render_in_one_call_each_as_alone(cluster: Cluster) ->
 
 
 @pytest.mark.slow
-def test_a_job_canceled_inside_a_running_batch_ends_alone(cluster: Cluster) -> None:  # noqa: F811
+def test_a_job_canceled_inside_a_running_batch_ends_alone(cluster: Cluster) -> None:
     _worker(cluster)
     client = cluster.client()
     blocker = client.submit("busy", **BLOCKER)
@@ -155,7 +155,7 @@ def test_a_job_canceled_inside_a_running_batch_ends_alone(cluster: Cluster) -> N
 
 
 @pytest.mark.slow
-def test_kill_9_mid_batch_reruns_every_job_of_it_once(cluster: Cluster) -> None:  # noqa: F811
+def test_kill_9_mid_batch_reruns_every_job_of_it_once(cluster: Cluster) -> None:
     victim, svc = _worker(cluster)
     client = cluster.client()
     blocker = client.submit("busy", width=256, height=256, num_inference_steps=60)
@@ -172,7 +172,7 @@ def test_kill_9_mid_batch_reruns_every_job_of_it_once(cluster: Cluster) -> None:
 
 
 @pytest.mark.slow
-def test_incompatible_jobs_never_share_a_call_and_priorities_hold(cluster: Cluster) -> None:  # noqa: F811
+def test_incompatible_jobs_never_share_a_call_and_priorities_hold(cluster: Cluster) -> None:
     _worker(cluster, max_batch=8)  # 16 job threads: every job below waits in the worker
     client = cluster.client()
     blocker = client.submit("busy", **BLOCKER)
@@ -195,7 +195,7 @@ def test_incompatible_jobs_never_share_a_call_and_priorities_hold(cluster: Clust
 
 
 @pytest.mark.slow
-def test_a_lone_job_starts_at_once(cluster: Cluster) -> None:  # noqa: F811
+def test_a_lone_job_starts_at_once(cluster: Cluster) -> None:
     _worker(cluster)
     client = cluster.client()
     _done(client, [client.submit("warm", **SMALL).id])

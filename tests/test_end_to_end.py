@@ -15,7 +15,7 @@ from pixq.errors import InvalidRequest, JobNotFound
 from pixq.records import JobState
 from pixq.worker.ops.stack import S3Endpoint, Service
 
-from tests.conftest import wait_for, write_artifact
+from tests.support import wait_for, write_artifact
 
 
 def observe(client: Client, job_id: str, timeout_s: float = 60) -> list[tuple[str, int]]:

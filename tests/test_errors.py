@@ -22,7 +22,7 @@ from pixq.schema import parse_request
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, free_port
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 # Runs several pixq command lines in one interpreter (a process each would cost a second apiece
 # here), each through pixq.cli.run as the console script runs it; prints one JSON result per line.

@@ -33,7 +33,7 @@ from pixq.worker.jobs.tasks import create_app, progress_reporter
 from pixq.worker.ops.flower import flower_argv
 from pixq.worker.ops.stack import Service, free_port, pixq_argv, start_worker
 
-from tests.conftest import wait_for, write_artifact
+from tests.support import wait_for, write_artifact
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [

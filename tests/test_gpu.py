@@ -17,7 +17,7 @@ from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, free_port, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import stack_env
+from tests.support import stack_env
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -34,7 +34,7 @@ from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, Service, free_port
 
-from tests.conftest import stack_env, wait_for, write_artifact
+from tests.support import stack_env, wait_for, write_artifact
 
 BUILD_TIMEOUT_S = 2400  # a cold build: debootstrap, torch and every dependency (measured in docs/deploy.md)
 # The first test to need the images waits for their build (BUILD_TIMEOUT_S).

@@ -13,7 +13,7 @@ from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, start_redis, start_worker
 
-from tests.conftest import stack_env
+from tests.support import stack_env
 
 pytestmark = pytest.mark.slow  # a 500-job load over three workers
 

@@ -15,7 +15,7 @@ import pytest
 from pixq.worker.gpu.loadcheck import device_index
 from pixq.worker.ops.stack import pixq_argv
 
-from tests.conftest import env_without_pixq
+from tests.support import env_without_pixq
 
 CRASH_C = """
 #include <signal.h>

@@ -14,9 +14,8 @@ from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.jobs.metrics import OUTCOMES, WindowedRate, WorkerMetrics
 from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_redis, start_worker
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import stack_env, wait_for
+from tests.support import parse, scrape, stack_env, value, wait_for
 
 
 class Clock:
@@ -27,18 +26,6 @@ class Clock:
         return self.now
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
 def readyz(port: int) -> tuple[int, str]:
     """``/readyz``'s status and body (503 is an answer here, not an error)."""
     try:
@@ -46,12 +33,6 @@ def readyz(port: int) -> tuple[int, str]:
             return answer.status, answer.read().decode().strip()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode().strip()
-
-
-def scrape(port: int, host: str = "127.0.0.1") -> str:
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
-        assert answer.headers["Content-Type"].startswith("text/plain")
-        return str(answer.read().decode())
 
 
 # -- the class alone ------------------------------------------------------------------------------

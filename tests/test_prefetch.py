@@ -23,7 +23,7 @@ from pixq.worker.ops.prefetch import (
 )
 from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_worker
 
-from tests.conftest import stack_env
+from tests.support import stack_env
 
 ON = {"PIXQ_PREFETCH": "weights"}
 

@@ -19,7 +19,7 @@ from pixq.schema import parse_request
 from pixq.wire import queue_lists, send_job
 from pixq.worker.ops.stack import Service
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 MAIN_NODE = "cpu-main@test"  # conftest's session worker
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -13,21 +12,9 @@ from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_worker
 
-from tests.conftest import stack_env
+from tests.support import make_certs, stack_env
 
 pytestmark = pytest.mark.slow  # its own TLS Redis with an ACL user and a worker
-
-
-def make_certs(d: Path) -> None:
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=pixq-test-ca")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
 
 
 def test_tls_and_an_acl_user(tmp_path: Path, s3: S3Endpoint, tiny_model: str) -> None:

@@ -20,9 +20,8 @@ import redis
 from pixq.errors import ConfigError, JobNotFound
 from pixq.worker.ops.stack import S3Endpoint, Service, free_ports, pixq_argv, redis_argv, start_sentinel, start_worker
 
-from tests.conftest import env_without_pixq, stack_env, wait_for
-from tests.test_redis_security import make_certs
-from tests.test_redisconn import api_limiter_hits
+from tests.apitools import api_limiter_hits
+from tests.support import env_without_pixq, make_certs, stack_env, wait_for
 
 pytestmark = pytest.mark.slow
 

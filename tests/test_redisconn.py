@@ -31,7 +31,8 @@ from pixq.worker.ops.stack import (
 )
 from redis.backoff import ExponentialWithJitterBackoff
 
-from tests.conftest import stack_env
+from tests.apitools import api_limiter_hits
+from tests.support import make_certs, stack_env
 
 
 def test_sentinel_url_is_parsed_for_records_and_celery() -> None:
@@ -233,21 +234,6 @@ def test_an_async_client_with_a_wrong_password_fails_at_once(via: str, tmp_path:
     assert took < 0.5, f"a refused login took {took:.1f} s"
 
 
-def api_limiter_hits(redis_url: str, n: int) -> list[bool]:
-    """``n`` hits of a 2-a-minute rate on the rate limiter that ``pixq api`` builds for ``redis_url``."""
-    from limits import parse as parse_limit
-    from pixq.api.app import create_app
-    from pixq.api.config import ApiSettings
-
-    from tests.apitools import PEPPER
-
-    state = create_app(Settings.from_env({"PIXQ_REDIS_URL": redis_url}), ApiSettings(key_pepper=PEPPER)).state.pixq
-    try:
-        return [state.limiter.hit(parse_limit("2/minute"), "pixq-key", "k") for _ in range(n)]
-    finally:
-        state.client.close()
-
-
 def test_the_api_rate_limiter_logs_in_to_sentinels_that_ask_their_own_password(tmp_path: Path) -> None:
     """The API's rate limiter (the ``limits`` library) reaches the primary through sentinels with a
     password of their own (``?sentinel_password=``), in the URL's database. Before, it sent the data
@@ -270,8 +256,6 @@ def test_the_api_rate_limiter_logs_in_to_sentinels_that_ask_their_own_password(t
 
 def test_the_api_rate_limiter_speaks_tls_to_a_tls_sentinel_set(tmp_path: Path) -> None:
     """``rediss+sentinel://``: the limiter used plain TCP to TLS sentinels (MasterNotFoundError, a 503)."""
-    from tests.test_redis_security import make_certs
-
     make_certs(tmp_path)
     tls = [("tls-cert-file", tmp_path / "server.crt"), ("tls-key-file", tmp_path / "server.key"),
            ("tls-ca-cert-file", tmp_path / "ca.crt"), ("tls-auth-clients", "no")]

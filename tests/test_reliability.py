@@ -7,96 +7,26 @@ one object per image.
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 from kombu import Connection, Exchange, Producer
 from pixq.client import Client
 from pixq.errors import QueueFull
-from pixq.records import JobRecord, JobState
+from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.wire import celery_config, queue_name
-from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_worker
+from pixq.worker.ops.stack import S3Endpoint
 
-from tests.conftest import stack_env, wait_for
+from tests.fixtures.cluster import LEASE_TTL_S, Cluster
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow  # fault scenarios: each starts its own Redis and workers, kills and restarts them
-
-LEASE_TTL_S = 3
-
-
-@dataclass
-class Cluster:
-    """One Redis, the shared S3 under a fresh prefix, and the workers a test starts."""
-
-    root: Path
-    redis_svc: Service
-    env: dict[str, str]
-    model: str
-    s3_client: object
-    workers: dict[str, Service] = field(default_factory=dict)
-    names: Iterator[int] = field(default_factory=itertools.count)
-    clients: list[Client] = field(default_factory=list)
-
-    def client(self, **env: str) -> Client:
-        c = Client(Settings.from_env({**self.env, **env}))
-        self.clients.append(c)
-        return c
-
-    def start_worker(self, model: str | None = None, **env: str) -> tuple[str, Service]:
-        name = f"w{next(self.names)}@test"
-        svc = start_worker({**self.env, **env}, model or self.model, self.root / f"{name}.log", name=name)
-        self.workers[name] = svc
-        return name, svc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def objects(self, job_id: str) -> list[str]:
-        prefix = f"{self.env['PIXQ_S3_PREFIX']}/{job_id}/"
-        listing = self.s3_client.list_objects_v2(Bucket=self.env["PIXQ_S3_BUCKET"], Prefix=prefix)  # type: ignore[attr-defined]
-        return [o["Key"] for o in listing.get("Contents", [])]
-
-    def assert_delivered_once(self, record: JobRecord) -> None:
-        assert record.state is JobState.succeeded, record
-        assert sorted(self.objects(record.id)) == sorted(i.key for i in record.images), record
-        assert len(record.images) == record.request.num_images_per_prompt
-
-    def restart_redis(self) -> None:
-        self.redis_svc.stop()
-        self.redis_svc.proc = None
-        self.redis_svc.start()
-        url = self.env["PIXQ_REDIS_URL"]
-
-        def answers() -> bool:
-            with redis.Redis.from_url(url, socket_connect_timeout=1) as conn:
-                return bool(conn.ping())
-
-        self.redis_svc.wait_until(answers, 20)
-
-
-@pytest.fixture()
-def cluster(tmp_path: Path, s3: S3Endpoint, s3_client, tiny_model: str) -> Iterator[Cluster]:
-    redis_svc, url = start_redis(tmp_path / "redis", password="cluster-pw-41c9", persist=True)
-    env = stack_env(url, s3, tiny_model, PIXQ_S3_PREFIX=f"rel-{uuid.uuid4().hex[:8]}",
-                    PIXQ_LEASE_TTL_S=str(LEASE_TTL_S))
-    c = Cluster(tmp_path, redis_svc, env, tiny_model, s3_client)
-    yield c
-    for client in c.clients:
-        client.close()
-    for svc in c.workers.values():
-        svc.signal(signal.SIGKILL)
-        svc.stop()
-    redis_svc.stop()
 
 
 def running_on(client: Client, job_id: str, min_step: int = 2, not_on: set[str] | None = None) -> str:

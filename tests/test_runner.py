@@ -18,7 +18,7 @@ from pixq.worker.jobs.runner import JobRunner, RunnerConfig
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.tasks import create_app
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from pixq.records import JobRecord, JobState
 from pixq.schema import JobRequest, Scheduler
 from pixq.worker.ops.stack import S3Endpoint, Service, start_worker
 
-from tests.conftest import stack_env, wait_for
+from tests.support import stack_env, wait_for
 
 STOCHASTIC = (Scheduler.sa_solver, Scheduler.euler_ancestral)
 PROMPT = "A small cactus with a happy face in the Sahara desert."

@@ -50,7 +50,7 @@ from pixq.worker.ops.stack import (
     start_worker,
 )
 
-from tests.conftest import stack_env, wait_for, write_artifact
+from tests.support import stack_env, wait_for, write_artifact
 
 pytestmark = pytest.mark.slow
 

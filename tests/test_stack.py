@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow  # whole stacks (pixq demo, pixq up) started and stopped
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 from pixq.worker.ops.stack import S3Endpoint, start_redis
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 
 def loose_modes(root: Path) -> list[str]:

@@ -42,7 +42,7 @@ from pixq.worker.ops.stack import (
     start_worker,
 )
 
-from tests.conftest import stack_env, wait_for
+from tests.support import stack_env, wait_for
 
 # -- at start -------------------------------------------------------------------------------------
 

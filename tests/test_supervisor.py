@@ -19,7 +19,7 @@ import typer
 from pixq.errors import ConfigError
 from pixq.worker.ops.supervisor import Backoff, Slot, option_argv, parse_gpus, plan_slots, visible_gpus, worker_argv
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,8 @@ import pytest
 import redis
 from pixq.worker.ops.stack import pixq_argv, start_redis
 
-from tests.apitools import Receiver, api_env, make_key, start_api, start_relay
-from tests.conftest import wait_for
-from tests.test_webhooks import canceled_job, delivery, verified
+from tests.apitools import Receiver, api_env, canceled_job, delivery, make_key, start_api, start_relay, verified
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,9 @@ import time
 import httpx
 import pytest
 from pixq.worker.ops.stack import pixq_argv
-from standardwebhooks.webhooks import Webhook
 
 from tests import apitools
-from tests.apitools import Hit, Receiver, auth, make_key
+from tests.apitools import Receiver, auth, canceled_job, delivery, make_key, verified
 
 pytestmark = pytest.mark.slow
 
@@ -26,26 +25,6 @@ api = apitools.api
 @pytest.fixture(scope="module")
 def key(env_api: dict[str, str]) -> dict[str, str]:
     return make_key(env_api, "hooks")
-
-
-def canceled_job(api: str, key: dict[str, str], url: str, model: str) -> str:
-    r = httpx.post(f"{api}/v1/jobs", json={"prompt": "hook me", "model_name": model, "width": 128, "height": 128,
-                                           "webhook": {"url": url, "events": ["canceled"]}}, headers=auth(key))
-    assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
-    assert httpx.post(f"{api}/v1/jobs/{job_id}/cancel", headers=auth(key)).json()["state"] == "canceled"
-    return str(job_id)
-
-
-def verified(hit: Hit, key: dict[str, str], job_id: str) -> None:
-    assert hit.headers["webhook-id"] == f"{job_id}:canceled"
-    payload = Webhook(key["webhook_secret"]).verify(hit.body, hit.headers)
-    assert payload["type"] == "job.canceled" and payload["data"]["id"] == job_id
-
-
-def delivery(api: str, key: dict[str, str], job_id: str) -> dict[str, object]:
-    (only,) = httpx.get(f"{api}/v1/jobs/{job_id}/deliveries", headers=auth(key)).json()
-    return only  # type: ignore[no-any-return]
 
 
 def test_500_three_times_then_200(api: str, key: dict[str, str], slow_model: str) -> None:

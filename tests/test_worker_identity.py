@@ -15,7 +15,7 @@ from pixq.worker.ops.identity import Presence, check_name_free, claim_name, defa
 from pixq.worker.ops.serve import WorkerOptions
 from pixq.worker.ops.stack import Service, pixq_argv
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 
 def test_default_names_differ_per_process() -> None:
