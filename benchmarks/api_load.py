@@ -145,9 +145,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pixq.client import Client
     from pixq.settings import Settings
-    from pixq.worker.ops.stack import start_redis
 
     from tests.apitools import Receiver, api_env, make_key, start_api
+    from tests.services import start_redis
 
     tmp = Path(tempfile.mkdtemp(prefix="pixq-api-bench-"))
     redis_svc, url = start_redis(tmp / "redis", password="bench-password-0123")

@@ -119,7 +119,8 @@ def _services(b: Bench) -> dict[str, str]:
 def _worker(b: Bench, model: Path, size: int, extra: tuple[str, ...], log_name: str) -> Iterator[tuple[Any, float]]:
     from pixq.client import Client
     from pixq.settings import Settings
-    from pixq.worker.ops.stack import start_worker
+
+    from tests.services import start_worker
 
     # Dynamo logs why it recompiles (run a: every new batch size compiled new graphs on the GPU).
     env = {**_services(b), "TORCH_LOGS": "recompiles"}

@@ -38,7 +38,7 @@ def timed(argv: tuple[str, ...], env: dict[str, str], runs: int) -> dict[str, fl
 
 
 def main() -> None:
-    from pixq.worker.ops.stack import start_redis
+    from tests.services import start_redis
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)

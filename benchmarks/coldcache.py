@@ -76,7 +76,7 @@ def start(run: Run, label: str, model: Path, size: int, mode: str, cold: bool, e
     """Start ``workers`` workers at once with one exact job each waiting; returns their services and results.
     ``mode``: PIXQ_PREFETCH's value, optionally ``:THREADS:READ_MB`` (PIXQ_PREFETCH_THREADS, _READ_MB)."""
     label = re.sub(r"[^\w.-]", "_", label)
-    from pixq.worker.ops.stack import Service, pixq_argv
+    from tests.services import Service, pixq_argv
 
     c = client(run)
     if cold:

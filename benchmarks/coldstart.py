@@ -90,7 +90,7 @@ def sizes(run: Run) -> tuple[int, int]:
 
 
 def compile_all(run: Run, big: Path, small: Path, root: Path) -> None:
-    from pixq.worker.ops.stack import pixq_argv
+    from tests.services import pixq_argv
 
     size_big, size_small = sizes(run)
     procs = []
@@ -142,7 +142,7 @@ def import_breakdown(run: Run) -> None:
 
 
 def services(run: Run) -> None:
-    from pixq.worker.ops.stack import start_redis, start_seaweedfs
+    from tests.services import start_redis, start_seaweedfs
 
     svc, redis_url = start_redis(run.work / "redis")
     run.services.append(svc)
@@ -184,7 +184,8 @@ def worker_start(run: Run, label: str, model: Path, size: int, extra: tuple[str,
                  fidelity: bool, burst: int = 0) -> dict[str, Any]:
     """Start a worker with one exact job waiting; then first fast job, streams, fidelity jobs."""
     from pixq.wire import WORKER_KEY_PREFIX
-    from pixq.worker.ops.stack import start_worker
+
+    from tests.services import start_worker
 
     c = client(run)
     steps = 4 if run.args.tiny else None

@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     args = parser.parse_args()
-    from pixq.worker.ops.stack import start_redis, start_replica
+    from tests.services import start_redis, start_replica
 
     with tempfile.TemporaryDirectory() as tmp:
         primary, url = start_redis(Path(tmp) / "primary", persist=True)

@@ -20,7 +20,7 @@ def start_stack(root: Path, model_dir: Path | str, started: list[Any]) -> dict[s
     """Redis and SeaweedFS on loopback under ``root`` (appended to ``started`` for the caller to stop);
     returns the environment a worker and a client need. Every benchmark that goes through the queue
     starts its services here."""
-    from pixq.worker.ops.stack import start_redis, start_seaweedfs
+    from tests.services import start_redis, start_seaweedfs
 
     svc, redis_url = start_redis(root / "redis")
     started.append(svc)
@@ -74,7 +74,8 @@ def serving_worker(
     ``info``, when given, receives the worker's presence record and the start time.
     """
     from pixq.wire import WORKER_KEY_PREFIX
-    from pixq.worker.ops.stack import start_worker
+
+    from tests.services import start_worker
 
     env = services(ctx)
     client = client_for(env)

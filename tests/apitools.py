@@ -21,8 +21,9 @@ import httpx
 import pytest
 import redis
 from pixq.settings import Settings
-from pixq.worker.ops.stack import Service, free_port, pixq_argv
 from standardwebhooks.webhooks import Webhook
+
+from tests.services import Service, free_port, pixq_argv
 
 PEPPER = "test-pepper-0123456789abcdef"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}

@@ -19,8 +19,8 @@ import pytest
 import redis
 from pixq.client import Client
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
 
+from tests.services import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
 from tests.support import stack_env
 
 # Fixtures a few modules share, each a plugin module of its own (registered here: the top conftest).
@@ -93,7 +93,7 @@ def client(settings: Settings) -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def s3_client(s3: S3Endpoint):  # type: ignore[no-untyped-def]
-    from pixq.worker.ops.stack import s3_client_for
+    from tests.services import s3_client_for
 
     client = s3_client_for(s3)
     yield client

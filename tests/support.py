@@ -15,8 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pixq.worker.ops.stack import S3Endpoint
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.services import S3Endpoint
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 

@@ -16,11 +16,11 @@ from pixq.errors import InvalidRequest, NoWorkerWarning
 from pixq.records import OWNER_INDEX_PREFIX
 from pixq.schema import parse_request
 from pixq.settings import Settings
-from pixq.worker.ops.stack import Service, pixq_argv
 from standardwebhooks.webhooks import Webhook
 
 from tests import apitools
 from tests.apitools import SMALL, Receiver, auth, job_keys, make_key, sse_events
+from tests.services import Service, pixq_argv
 
 REPO = Path(__file__).resolve().parents[1]
 

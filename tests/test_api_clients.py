@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pixq.worker.ops.stack import Service
 
 from tests.apitools import api_env, make_key, start_api
+from tests.services import Service
 
 CLIENTS = Path(__file__).parent / "clients"
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 import redis
-from pixq.worker.ops.stack import S3Endpoint, start_redis
 from standardwebhooks.webhooks import Webhook
 
 from tests.apitools import Receiver, api_env, auth, make_key, start_api
+from tests.services import S3Endpoint, start_redis
 from tests.support import stack_env
 
 pytestmark = pytest.mark.slow

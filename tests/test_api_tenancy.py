@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 from pixq.api.events import KEY_RECHECK_S
-from pixq.worker.ops.stack import Service, pixq_argv
 
 from tests import apitools
 from tests.apitools import SMALL, auth, make_key
+from tests.services import Service, pixq_argv
 
 env_api = apitools.env_api
 api = apitools.api

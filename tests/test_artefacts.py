@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from pixq.schema import JobRequest
 from pixq.worker.gpu.artefacts import MANIFEST, ArtefactKey, batch_rows, covered, find_artefacts
-from pixq.worker.ops.stack import pixq_argv, start_worker
 
+from tests.services import pixq_argv, start_worker
 from tests.support import env_without_pixq, parse, scrape, stack_env, value, wait_for
 
 SIZE = 256  # the tiny model's trained bin
@@ -286,7 +286,8 @@ def test_worker_process_is_ready_on_the_set_and_serves_an_unlisted_size(
     from pixq.client import Client
     from pixq.settings import Settings
     from pixq.wire import WORKER_KEY_PREFIX
-    from pixq.worker.ops.stack import free_port, start_redis
+
+    from tests.services import free_port, start_redis
 
     # Its own Redis: on the session's Redis the session worker (tests/conftest.py) serves the same
     # model queue and may take the 384² job, and this worker's eager count would then stay 0.

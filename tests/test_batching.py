@@ -23,9 +23,9 @@ from pixq.schema import JobRequest
 from pixq.worker.gpu.batch import BatchPolicy, batch_key, render_batch
 from pixq.worker.gpu.pipeline import load_pipeline
 from pixq.worker.gpu.render import render
-from pixq.worker.ops.stack import Service, start_worker
 
 from tests.fixtures.cluster import Cluster
+from tests.services import Service, start_worker
 from tests.support import wait_for
 
 SMALL = dict(width=128, height=128, num_inference_steps=6)

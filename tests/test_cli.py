@@ -14,7 +14,8 @@ import typer.main
 from PIL import Image
 from pixq.cli import COMPONENT_COMMANDS, build_command
 from pixq.errors import BrokerUnavailable, InvalidRequest, JobNotFound, MissingComponent
-from pixq.worker.ops.stack import Service
+
+from tests.services import Service
 
 
 def pixq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -82,7 +83,7 @@ def test_user_mistakes_are_one_line_and_non_zero(env: dict[str, str]) -> None:
 
 
 def test_redis_down_at_submit_is_a_clear_error(env: dict[str, str]) -> None:
-    from pixq.worker.ops.stack import free_port
+    from tests.services import free_port
 
     down = pixq("submit", "x", env={**env, "PIXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert down.returncode == BrokerUnavailable.exit_code
@@ -309,8 +310,9 @@ def test_gpus_children_get_every_option_the_parent_parsed(tmp_path: Path) -> Non
 def test_children_start_with_the_cwd_off_their_import_path(tmp_path: Path) -> None:
     """A user's folder with its own pixq.py, worker.py or celery.py must not replace ours in a child."""
     from pixq.worker.ops.flower import flower_argv
-    from pixq.worker.ops.stack import pixq_argv, python_module_argv
     from pixq.worker.ops.supervisor import Slot, worker_argv
+
+    from tests.services import pixq_argv, python_module_argv
 
     for name in ("pixq.py", "worker.py", "celery.py", "typer.py"):
         (tmp_path / name).write_text("raise SystemExit('the folder\'s own module ran')\n")
@@ -326,7 +328,7 @@ def test_children_start_with_the_cwd_off_their_import_path(tmp_path: Path) -> No
 
 
 def test_a_second_up_on_a_running_stacks_dir_is_refused(tmp_path: Path) -> None:
-    from pixq.worker.ops.stack import stack_dir_lock
+    from tests.services import stack_dir_lock
 
     state = tmp_path / "state"
     with stack_dir_lock(state):  # as the first `pixq up` holds it

@@ -16,7 +16,8 @@ from pixq.errors import InvalidRequest
 from pixq.records import NO_OWNER, OWNER_INDEX_PREFIX, QUEUED_KEY, JobState
 from pixq.schema import parse_request
 from pixq.wire import broker_priority, queue_lists
-from pixq.worker.ops.stack import Service
+
+from tests.services import Service
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
 

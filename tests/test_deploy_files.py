@@ -604,7 +604,7 @@ def pyproject_readme() -> str:
 
 @pytest.fixture(scope="module")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from pixq.worker.ops.stack import StackError, start_seaweedfs
+    from tests.services import StackError, start_seaweedfs
 
     try:
         service, endpoint = start_seaweedfs(tmp_path_factory.mktemp("s3"))
@@ -623,7 +623,7 @@ def create_bucket_module() -> Any:
 
 
 def test_create_bucket_makes_a_writable_bucket_once(seaweedfs: Any) -> None:
-    from pixq.worker.ops.stack import s3_client_for
+    from tests.services import s3_client_for
 
     s3 = s3_client_for(seaweedfs)
     env = {**os.environ, **seaweedfs.env(), "PIXQ_S3_BUCKET": "fresh-bucket", "PIXQ_S3_PREFIX": "imgs"}

@@ -13,8 +13,8 @@ from PIL import Image
 from pixq.client import Client
 from pixq.errors import InvalidRequest, JobNotFound
 from pixq.records import JobState
-from pixq.worker.ops.stack import S3Endpoint, Service
 
+from tests.services import S3Endpoint, Service
 from tests.support import wait_for, write_artifact
 
 
@@ -242,7 +242,7 @@ def test_a_job_waiting_at_start_runs_before_the_deferred_warm_up(
     first job); the deferred warm-up waits until the worker is idle."""
     import shutil
 
-    from pixq.worker.ops.stack import start_worker
+    from tests.services import start_worker
 
     model = str(shutil.copytree(tiny_model, tmp_path / "model"))  # its own queue: no other worker takes it
     c = Client(settings)

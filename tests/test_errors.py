@@ -20,8 +20,8 @@ from pixq.errors import BrokerUnavailable, ConfigError, NoWorkerWarning, Storage
 from pixq.records import ImageRecord, JobState, RecordStore
 from pixq.schema import parse_request
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, free_port
 
+from tests.services import S3Endpoint, free_port
 from tests.support import wait_for
 
 # Runs several pixq command lines in one interpreter (a process each would cost a second apiece
@@ -230,7 +230,8 @@ def test_a_submit_whose_reply_is_lost_while_redis_stays_away_says_its_outcome_is
 
     from pixq.errors import OutcomeUnknown
     from pixq.redisconn import RedisEndpoint
-    from pixq.worker.ops.stack import start_redis
+
+    from tests.services import start_redis
 
     redis_svc, url = start_redis(tmp_path / "redis")
     settings = Settings.from_env({"PIXQ_REDIS_URL": url, "PIXQ_MODEL": tiny_model})

@@ -22,7 +22,8 @@ from pixq.client import Client
 from pixq.errors import PixqError
 from pixq.records import JobRecord, JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import (
+
+from tests.services import (
     S3Endpoint,
     Service,
     free_ports,
@@ -32,7 +33,6 @@ from pixq.worker.ops.stack import (
     start_sentinel,
     start_worker,
 )
-
 from tests.support import stack_env, wait_for
 
 pytestmark = pytest.mark.slow

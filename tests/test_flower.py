@@ -31,8 +31,8 @@ from pixq.settings import Settings
 from pixq.wire import send_job
 from pixq.worker.jobs.tasks import create_app, progress_reporter
 from pixq.worker.ops.flower import flower_argv
-from pixq.worker.ops.stack import Service, free_port, pixq_argv, start_worker
 
+from tests.services import Service, free_port, pixq_argv, start_worker
 from tests.support import wait_for, write_artifact
 
 CHROMIUM = "/usr/bin/chromium"

@@ -14,9 +14,9 @@ import pytest
 from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, free_port, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.services import S3Endpoint, free_port, start_worker
 from tests.support import stack_env
 
 torch = pytest.importorskip("torch")

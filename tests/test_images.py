@@ -32,8 +32,8 @@ import yaml
 from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, Service, free_port
 
+from tests.services import S3Endpoint, Service, free_port
 from tests.support import stack_env, wait_for, write_artifact
 
 BUILD_TIMEOUT_S = 2400  # a cold build: debootstrap, torch and every dependency (measured in docs/deploy.md)

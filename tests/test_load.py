@@ -11,8 +11,8 @@ import pytest
 from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, start_redis, start_worker
 
+from tests.services import S3Endpoint, start_redis, start_worker
 from tests.support import stack_env
 
 pytestmark = pytest.mark.slow  # a 500-job load over three workers

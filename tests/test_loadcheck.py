@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from pixq.worker.gpu.loadcheck import device_index
-from pixq.worker.ops.stack import pixq_argv
 
+from tests.services import pixq_argv
 from tests.support import env_without_pixq
 
 CRASH_C = """

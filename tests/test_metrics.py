@@ -13,8 +13,8 @@ from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.worker.jobs.metrics import OUTCOMES, WindowedRate, WorkerMetrics
-from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_redis, start_worker
 
+from tests.services import S3Endpoint, Service, free_port, start_redis, start_worker
 from tests.support import parse, scrape, stack_env, value, wait_for
 
 

@@ -21,8 +21,8 @@ from pixq.worker.ops.prefetch import (
     start_prefetch,
     weight_files,
 )
-from pixq.worker.ops.stack import S3Endpoint, pixq_argv, start_worker
 
+from tests.services import S3Endpoint, pixq_argv, start_worker
 from tests.support import stack_env
 
 ON = {"PIXQ_PREFETCH": "weights"}

@@ -17,8 +17,8 @@ from pixq.queues import QueueReport, message_job_id
 from pixq.records import JobState
 from pixq.schema import parse_request
 from pixq.wire import queue_lists, send_job
-from pixq.worker.ops.stack import Service
 
+from tests.services import Service
 from tests.support import wait_for
 
 MAIN_NODE = "cpu-main@test"  # conftest's session worker

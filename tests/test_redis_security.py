@@ -10,8 +10,8 @@ import redis
 from pixq.client import Client
 from pixq.records import JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import S3Endpoint, Service, free_port, start_worker
 
+from tests.services import S3Endpoint, Service, free_port, start_worker
 from tests.support import make_certs, stack_env
 
 pytestmark = pytest.mark.slow  # its own TLS Redis with an ACL user and a worker

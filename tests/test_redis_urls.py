@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 from pixq.errors import ConfigError, JobNotFound
-from pixq.worker.ops.stack import S3Endpoint, Service, free_ports, pixq_argv, redis_argv, start_sentinel, start_worker
 
 from tests.apitools import api_limiter_hits
+from tests.services import S3Endpoint, Service, free_ports, pixq_argv, redis_argv, start_sentinel, start_worker
 from tests.support import env_without_pixq, make_certs, stack_env, wait_for
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,10 @@ from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy
 from pixq.settings import Settings
 from pixq.wire import celery_config
-from pixq.worker.ops.stack import (
+from redis.backoff import ExponentialWithJitterBackoff
+
+from tests.apitools import api_limiter_hits
+from tests.services import (
     S3Endpoint,
     Service,
     free_port,
@@ -29,9 +32,6 @@ from pixq.worker.ops.stack import (
     start_redis,
     start_sentinel,
 )
-from redis.backoff import ExponentialWithJitterBackoff
-
-from tests.apitools import api_limiter_hits
 from tests.support import make_certs, stack_env
 
 

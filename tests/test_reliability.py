@@ -21,9 +21,9 @@ from pixq.errors import QueueFull
 from pixq.records import JobState
 from pixq.settings import Settings
 from pixq.wire import celery_config, queue_name
-from pixq.worker.ops.stack import S3Endpoint
 
 from tests.fixtures.cluster import LEASE_TTL_S, Cluster
+from tests.services import S3Endpoint
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow  # fault scenarios: each starts its own Redis and workers, kills and restarts them
@@ -344,7 +344,7 @@ def test_secrets_never_reach_logs_records_metadata_or_task_args(cluster: Cluster
 
 
 def test_s3_stopped_mid_upload_and_started_again(cluster: Cluster, tmp_path: Path) -> None:
-    from pixq.worker.ops.stack import restart_seaweedfs, s3_client_for, start_seaweedfs
+    from tests.services import restart_seaweedfs, s3_client_for, start_seaweedfs
 
     s3_svc, endpoint = start_seaweedfs(tmp_path / "own-s3", bucket="outage")
     try:

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from pixq.records import JobRecord, JobState
 from pixq.schema import JobRequest, Scheduler
-from pixq.worker.ops.stack import S3Endpoint, Service, start_worker
 
+from tests.services import S3Endpoint, Service, start_worker
 from tests.support import stack_env, wait_for
 
 STOCHASTIC = (Scheduler.sa_solver, Scheduler.euler_ancestral)
@@ -49,7 +49,7 @@ def direct() -> Callable[[JobRequest], np.ndarray]:
     """The model card's call of a freshly loaded diffusers pipeline of the request's model (no worker
     speed-ups) with the request's sampler and the job's seeds."""
     from diffusers import PixArtSigmaPipeline
-    from pixq.worker.gpu.render import generators
+    from pixq.worker.gpu.pipecall import generators
 
     pipes: dict[str, tuple[Any, Any]] = {}  # model -> (pipeline, the checkpoint's scheduler config)
 

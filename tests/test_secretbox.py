@@ -15,9 +15,9 @@ from pixq.api.config import ApiSettings
 from pixq.api.keys import KEY_PREFIX, KeyStore, Scope
 from pixq.api.secretbox import SecretBox, SecretsKeyError, key_id, parse_secrets_keys
 from pixq.errors import ConfigError
-from pixq.worker.ops.stack import start_redis
 
 from tests.apitools import PEPPER
+from tests.services import start_redis
 
 
 @pytest.fixture(scope="module")

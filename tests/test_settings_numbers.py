@@ -12,7 +12,8 @@ import pytest
 from pixq.api.config import API_ENV_VARS, ApiSettings
 from pixq.errors import ConfigError
 from pixq.settings import ENV_VARS, Settings
-from pixq.worker.ops.stack import free_port
+
+from tests.services import free_port
 
 NOT_FINITE = ("nan", "NaN", "inf", "-inf", "Infinity", "1e999")
 

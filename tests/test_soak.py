@@ -40,7 +40,8 @@ from pixq.client import Client
 from pixq.errors import PixqError
 from pixq.records import JobRecord, JobState
 from pixq.settings import Settings
-from pixq.worker.ops.stack import (
+
+from tests.services import (
     S3Endpoint,
     Service,
     restart_seaweedfs,
@@ -49,7 +50,6 @@ from pixq.worker.ops.stack import (
     start_seaweedfs,
     start_worker,
 )
-
 from tests.support import stack_env, wait_for, write_artifact
 
 pytestmark = pytest.mark.slow

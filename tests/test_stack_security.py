@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from pixq.worker.ops.stack import S3Endpoint, start_redis
 
+from tests.services import S3Endpoint, start_redis
 from tests.support import wait_for
 
 

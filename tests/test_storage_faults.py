@@ -30,7 +30,8 @@ from pixq.settings import Settings
 from pixq.wire import WORKER_KEY_PREFIX
 from pixq.worker.jobs.storage import PROBE_FOLDER, Storage
 from pixq.worker.jobs.storagewatch import StorageWatch
-from pixq.worker.ops.stack import (
+
+from tests.services import (
     S3Endpoint,
     Service,
     free_port,
@@ -41,7 +42,6 @@ from pixq.worker.ops.stack import (
     start_seaweedfs,
     start_worker,
 )
-
 from tests.support import stack_env, wait_for
 
 # -- at start -------------------------------------------------------------------------------------

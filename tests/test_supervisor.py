@@ -250,7 +250,7 @@ def test_worker_argv_is_a_valid_pixq_worker_command_without_secrets(tmp_path: Pa
     slot = Slot(gpu=3, device="3", name="gpu3@h", ready_file=tmp_path / "ready.gpu3")
     shared = ["--model", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "--dtype", "bfloat16", "--offload"]
     argv = list(worker_argv(shared)(slot))
-    from pixq.worker.ops.stack import pixq_argv
+    from tests.services import pixq_argv
 
     start = pixq_argv("worker")  # python -P -m pixq worker: the cwd is not on the child's import path
     assert argv[:len(start)] == start and start[0] == sys.executable

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from pixq.worker.ops.stack import pixq_argv, start_redis
 
 from tests.apitools import Receiver, api_env, canceled_job, delivery, make_key, start_api, start_relay, verified
+from tests.services import pixq_argv, start_redis
 from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_relay_killed_mid_delivery_another_delivers(env: dict[str, str], tmp_pat
 
 def test_receiver_down_for_a_while_then_up(env: dict[str, str], slow_model: str,
                                            tmp_path_factory: pytest.TempPathFactory) -> None:
-    from pixq.worker.ops.stack import free_port
+    from tests.services import free_port
 
     # Its own API: attempts every second for 30 s, so the delivery outlasts the receiver's absence.
     env = api_env(env, PIXQ_WEBHOOK_SCHEDULE_S=",".join(["1"] * 30))

@@ -10,10 +10,10 @@ import time
 
 import httpx
 import pytest
-from pixq.worker.ops.stack import pixq_argv
 
 from tests import apitools
 from tests.apitools import Receiver, auth, canceled_job, delivery, make_key, verified
+from tests.services import pixq_argv
 
 pytestmark = pytest.mark.slow
 

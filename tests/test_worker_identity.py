@@ -13,8 +13,8 @@ from pixq.errors import WorkerNameTaken
 from pixq.wire import WORKER_KEY_PREFIX
 from pixq.worker.ops.identity import Presence, check_name_free, claim_name, default_name
 from pixq.worker.ops.serve import WorkerOptions
-from pixq.worker.ops.stack import Service, pixq_argv
 
+from tests.services import Service, pixq_argv
 from tests.support import wait_for
 
 

@@ -12,7 +12,8 @@ from benchmarks.services import client_for, log_dir, queue_stream, services, sub
 def _gpu_workers(ctx: Context, gpus: str, compile_mode: str, log_name: str) -> Any:
     """``pixq worker --gpus GPUS`` (the supervisor, one child per GPU); returns once all announced."""
     from pixq.wire import WORKER_KEY_PREFIX
-    from pixq.worker.ops.stack import Service, pixq_argv
+
+    from tests.services import Service, pixq_argv
 
     env = services(ctx)
     want = len(gpus.split(","))

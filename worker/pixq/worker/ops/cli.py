@@ -247,7 +247,8 @@ def up(
     device: Annotated[Optional[str], typer.Option(help="[default: cuda:0 if there is a GPU, else cpu]")] = None,
 ) -> None:
     """Start Redis, SeaweedFS (S3), one worker and Flower on loopback; Ctrl-C stops them all."""
-    from pixq.worker.ops.stack import local_stack, stack_dir_lock
+    from pixq.worker.ops.stack import local_stack
+    from pixq.worker.ops.stacklock import stack_dir_lock
 
     root = state_dir.resolve()
     with stack_dir_lock(root):  # refused while another stack runs there: its credentials and model stay
@@ -293,7 +294,8 @@ def demo(
 ) -> None:
     """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
     from pixq.commands import download, finish
-    from pixq.worker.ops.stack import local_stack, stack_dir_lock
+    from pixq.worker.ops.stack import local_stack
+    from pixq.worker.ops.stacklock import stack_dir_lock
 
     root = state_dir.resolve()
     with stack_dir_lock(root):  # refused while another stack runs there

@@ -23,6 +23,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from pixq.errors import ConfigError
 from pixq.settings import Settings, mask_url
+from pixq.worker.ops.argv import python_module_argv
 
 AUTH_ENV = "FLOWER_BASIC_AUTH"
 CELERY_APP = "pixq.celeryapp:app"  # what Flower's process loads (``celery -A``): the workers' configuration
@@ -89,8 +90,6 @@ def flower_env(settings: Settings, base_env: Mapping[str, str], options: FlowerO
 def flower_argv() -> list[str]:
     """Flower through this interpreter's Celery, with the workers' configuration; nothing secret on it.
     The working directory stays off its import path (a ``celery.py`` there would be run instead)."""
-    from pixq.worker.ops.stack import python_module_argv
-
     return python_module_argv("celery", "-A", CELERY_APP, "flower")
 
 

@@ -168,7 +168,7 @@ def worker_argv(shared_args: Sequence[str], metrics_port: int = 0) -> ArgvBuilde
     which ``shared_args`` carries). Secrets stay in the
     environment, never in an argv.
     """
-    from pixq.worker.ops.stack import pixq_argv
+    from pixq.worker.ops.argv import pixq_argv
 
     def build(slot: Slot) -> list[str]:
         argv = pixq_argv("worker", "--device", "cuda:0", "--name", slot.name)
