@@ -1,9 +1,9 @@
 """The tests are organised as the code is (docs/style.md, "Tests shaped like the code").
 
 Fixtures live in ``tests/conftest.py`` and the plugins under ``tests/fixtures/``; plain helpers in
-``tests/support.py`` and ``tests/apitools.py``. No test module imports another test module nor a conftest, so a
-reader finds a fixture where pytest finds it and moving one test file breaks no other. ``tests/unit/`` mirrors
-the ``pixq`` package and starts no service.
+``tests/support.py``, ``tests/services.py`` and ``tests/apitools.py``. No test module imports another test module
+nor a conftest, so a reader finds a fixture where pytest finds it and moving one test file breaks no other.
+``tests/unit/`` mirrors the ``pixq`` package and starts no process.
 """
 
 from __future__ import annotations
@@ -70,8 +70,14 @@ def test_the_unit_tier_mirrors_the_package() -> None:
     assert [str(d) for d in folders if not (TESTS / "unit" / d / "__init__.py").is_file()] == []
 
 
-def test_the_unit_tier_starts_no_service() -> None:
-    """No test under tests/unit/ uses a real Redis, SeaweedFS or worker (conftest marks those ``integration``)."""
+def test_the_unit_tier_starts_no_process() -> None:
+    """No test under tests/unit/ uses a real Redis, SeaweedFS or worker (conftest marks those ``integration``)
+    nor starts a process of its own (the launchers, subprocess)."""
+    launchers = [f"{path.relative_to(REPO)}:{line}: {name}" for path in sorted((TESTS / "unit").rglob("*.py"))
+                 for line, name in imported_modules(path.read_text(), package_of(path))
+                 if name.split(".")[0] in ("subprocess", "multiprocessing")
+                 or name.startswith(("pixq.worker.ops", "tests.services"))]
+    assert launchers == []
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                           "-m", "integration", "tests/unit"], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.returncode == 5, out.stdout + out.stderr  # 5: nothing selected
