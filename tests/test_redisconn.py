@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from pixq.client import CLI_WRITE_RETRIES, CLIENT_RETRIES, READ_RETRIES, Client
-from pixq.commands import CLI_CONNECT_TIMEOUT_S, client_from_env
+from pixq.console import CLI_CONNECT_TIMEOUT_S, client_from_env
 from pixq.durable import Durability
 from pixq.errors import BrokerUnavailable, ConfigError, NotDurable
 from pixq.redisconn import RedisEndpoint, check_memory_policy

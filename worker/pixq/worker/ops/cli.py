@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pixq.commands import client_from_env, err, wait_with_progress
+from pixq.console import client_from_env, err, finish, save_images, wait_with_progress
 from pixq.errors import ConfigError, PixqError
 from pixq.settings import Settings
 from pixq.worker.gpu.compile import COMPILE_MODES, COMPILE_SCOPES
@@ -293,7 +293,6 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed; -1 draws one.")] = 42,
 ) -> None:
     """The main job end to end: start the stack, submit, wait, print the S3 key and URL, save, stop."""
-    from pixq.commands import download, finish
     from pixq.worker.ops.stack import local_stack
     from pixq.worker.ops.stacklock import stack_dir_lock
 
@@ -309,7 +308,8 @@ def demo(
             finish(record, as_json=False)
             typer.echo(f"s3 key     {record.images[0].key}")
             typer.echo(f"url        {client.presigned_url(job.id, expires_in_s=3600)}")
-            download(job.id, output)
+            for path in save_images(client, record, output):
+                typer.echo(str(path))
 
 
 app.command("flower")(flower_command)
