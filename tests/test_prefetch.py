@@ -89,10 +89,11 @@ def test_a_hub_model_is_read_from_its_cached_snapshots(tmp_path: Path) -> None:
     assert weight_files("org/not-cached", {"HF_HUB_CACHE": str(tmp_path / "empty")}) == []
 
 
-def test_the_mode_opt_out_and_a_bad_value(tiny_model: str) -> None:
-    assert mode_from_env({}, cores=16) == "weights" and mode_from_env({}, cores=2) == "off"
-    assert mode_from_env({"PIXQ_PREFETCH": "0"}) == mode_from_env({"PIXQ_PREFETCH": "off"}) == "off"
-    assert mode_from_env({"PIXQ_PREFETCH": "all"}, cores=2) == "all"
+def test_the_mode_off_by_default_and_a_bad_value(tiny_model: str) -> None:
+    assert mode_from_env({}) == mode_from_env({"PIXQ_PREFETCH": "0"}) == "off"  # off unless asked (run a)
+    assert mode_from_env({"PIXQ_PREFETCH": "off"}) == "off"
+    assert mode_from_env({"PIXQ_PREFETCH": "1"}) == "weights" and mode_from_env({"PIXQ_PREFETCH": "all"}) == "all"
+    assert prefetch_for_worker(tiny_model, {}) is None
     assert prefetch_for_worker(tiny_model, {"PIXQ_PREFETCH": "off"}) is None
     with pytest.raises(ConfigError, match="PIXQ_PREFETCH: must be one of off, weights, all"):
         mode_from_env({"PIXQ_PREFETCH": "maybe"})

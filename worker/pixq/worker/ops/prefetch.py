@@ -19,9 +19,11 @@ buffer each, and nothing at all where the files exceed half the memory available
 evict what it just read); the log says so. A missing or unreadable file is skipped: the load that follows
 reports it. Imports no torch; nothing here can fail the start.
 
-``PIXQ_PREFETCH``: ``weights`` (the default on hosts of 4 cores or more), ``all`` (torch's and the NVIDIA
-wheels' shared libraries first, the imports' own reads, then the weights), ``off`` (the default on smaller
-hosts: on a 2-core VM the reading threads slowed the imports more than they saved, docs/performance.md).
+``PIXQ_PREFETCH``: ``off`` (the default), ``weights``, ``all`` (torch's and the NVIDIA wheels' shared libraries
+first, the imports' own reads, then the weights); ``PIXQ_PREFETCH_THREADS`` and ``PIXQ_PREFETCH_READ_MB`` set the
+reads in flight. Off by default because it has not paid yet: on one H100 from a cold page cache (run a,
+docs/performance.md) 4 threads of 16 MiB reads cut the weights' load from 7.1 to 2.3 s but queued the imports'
+small reads behind theirs, and the first image came 1.2 s later than without; a shallower queue is the next run.
 """
 
 from __future__ import annotations
@@ -45,17 +47,15 @@ ENV = "PIXQ_PREFETCH"
 MODES = ("off", "weights", "all")
 READ_BYTES = 16 << 20  # one read call's size: with THREADS, the bytes in the disk's queue ahead of an import's read
 CHUNK_BYTES = 64 << 20  # the unit the threads take in turn: the read's front moves in the load's order
-THREADS = 4
-MIN_CORES = 4  # below this the reading threads compete with the imports for the cores (the default is off)
+THREADS = 4  # run a's: the disk's full rate (1.8 GB/s) but a deep queue ahead of the imports' reads
 PIPELINE_ORDER = ("text_encoder", "transformer", "vae")  # when model_index.json cannot be read
 
 
-def mode_from_env(env: Mapping[str, str], cores: int | None = None) -> str:
-    """``PIXQ_PREFETCH``'s mode (``off``, ``weights``, ``all``); unset: ``weights`` on hosts of ``MIN_CORES``
-    cores or more, else ``off``."""
+def mode_from_env(env: Mapping[str, str]) -> str:
+    """``PIXQ_PREFETCH``'s mode: ``off`` (also when unset), ``weights`` or ``all``."""
     value = env.get(ENV, "").strip().lower()
     if not value:
-        return "weights" if (cores if cores is not None else os.cpu_count() or 1) >= MIN_CORES else "off"
+        return "off"
     aliases = {"0": "off", "false": "off", "no": "off", "1": "weights", "true": "weights", "yes": "weights"}
     value = aliases.get(value, value)
     if value not in MODES:
