@@ -15,6 +15,7 @@ from pixq.client import Client
 from pixq.errors import InvalidRequest
 from pixq.records import NO_OWNER, OWNER_INDEX_PREFIX, QUEUED_KEY, JobState
 from pixq.schema import parse_request
+from pixq.submitplan import plan_batch
 from pixq.wire import broker_priority, queue_lists
 
 from tests.services import Service
@@ -110,12 +111,11 @@ def test_a_batch_refused_half_way_writes_nothing(client: Client, raw_redis: redi
 def test_a_batch_run_again_after_a_lost_reply_writes_it_once(client: Client, raw_redis: redis.Redis,
                                                              idle_queue: list[str]) -> None:
     request = parse_request({"prompt": "again", **IDLE})
-    jobs = [(uuid.uuid4().hex, request.with_seed()) for _ in range(3)]
-    keys, args = client._batch.call(jobs, client.messages.messages(jobs))
-    assert client._batch.script(keys=keys, args=args) == 0
-    assert client._batch.script(keys=keys, args=args) == 0  # the same call again: it is done already
+    plan = plan_batch([request] * 3, retention_s=client.settings.retention_s, templates=client.messages)
+    client.records.write_many(plan)
+    client.records.write_many(plan)  # the same call again: it is done already
     assert client.queue_depth(DEFAULT_MODEL) == 3
-    assert [len(raw_redis.xrange(f"pixq:events:{job_id}")) for job_id, _ in jobs] == [1, 1, 1]
+    assert [len(raw_redis.xrange(f"pixq:events:{job_id}")) for job_id in plan.job_ids] == [1, 1, 1]
 
 
 def test_a_batch_larger_than_one_redis_call_takes_is_written_whole(client: Client, raw_redis: redis.Redis,

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from pixq.client import Client
 from pixq.messages import PLACEHOLDER, MessageTemplates
-from pixq.records import JobRecord, encoded_fields
 from pixq.schema import parse_request
 from pixq.wire import job_messages
 
@@ -43,13 +42,3 @@ def test_a_job_id_that_could_break_the_template_is_refused(client: Client) -> No
     request = parse_request({"model_name": client.settings.model, "prompt": "x"})
     with pytest.raises(ValueError, match="letters and digits"):
         MessageTemplates(client._celery).messages([('a"b', request)])
-
-
-@pytest.mark.parametrize("owner", [None, "0123456789abcdef"])
-def test_a_new_records_fields_written_out_equal_the_general_encoding(client: Client, owner: str | None) -> None:
-    request = parse_request({"model_name": client.settings.model, "prompt": "fields", "seed": 5,
-                             "webhook": {"url": "http://127.0.0.1:9/h", "events": ["succeeded"]}})
-    _, args, record = client.records.create_call("c" * 32, request, owner=owner)
-    assert args[6:] == encoded_fields(record)
-    assert set(JobRecord.model_fields) - {"images", "error", "render", "started_at", "finished_at", "worker",
-                                          "owner"} <= set(args[6::2])  # a new field must be written out too

@@ -7,7 +7,6 @@ botocore exceptions are mapped in one place, ``pixq.errors.service_errors``.
 from __future__ import annotations
 
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from pixq.batch import BatchCreate, parse_many
+from pixq.batch import parse_many
 from pixq.durable import Durability
 from pixq.egress import EgressRefused, Network, check_destination
 from pixq.errors import (
@@ -25,9 +24,9 @@ from pixq.errors import (
     JobTimeout,
     NoWorkerWarning,
     OutcomeUnknown,
-    QueueFull,
     service_errors,
 )
+from pixq.jobrecord import SENT_AT_FIELD, job_key
 from pixq.listing import decode_cursor, list_jobs
 from pixq.messages import MessageTemplates
 from pixq.queues import QueueReport, inspect_queues, live_workers, queue_depth
@@ -35,6 +34,7 @@ from pixq.records import JobRecord, JobState, RecordStore
 from pixq.s3 import make_s3_client
 from pixq.schema import JobRequest, parse_request
 from pixq.settings import Settings
+from pixq.submitplan import SubmitPlan, check_depth, plan_batch, plan_submit
 from pixq.wire import WORKER_KEY_TTL_S, make_celery, send_job
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_PRESIGN_EXPIRY_S = 3600
-IDEMPOTENCY_PREFIX = "pixq:idem:"
 # Backoff steps (0.2 s doubling, 3 s cap, jittered): a Redis that does not answer is reported
 # (``BrokerUnavailable``) after at most 5.8 s of backoff, about 3 s on average, plus each attempt's connect.
 CLIENT_RETRIES = 4
@@ -107,7 +106,6 @@ class Client:
         self.conn = conn or settings.redis_endpoint().client(retries=retries, connect_timeout_s=connect_timeout_s)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
-        self._batch = BatchCreate(self.conn, settings.retention_s)
         self._served_until: dict[str, float] = {}  # model -> until when a live worker was last seen
         self._s3: Any = None
 
@@ -169,20 +167,20 @@ class Client:
                 check_webhook(req.webhook.url, self.settings.webhook_allow_networks())
 
         parsed = parse_many(requests, self.settings.model, check)
-        jobs = [(uuid.uuid4().hex, req) for req in parsed]
         with service_errors("jobs not submitted"):
             for model in {req.model_name for req in parsed}:
-                limit = self.settings.max_queue_depth
-                count = sum(1 for req in parsed if req.model_name == model)
-                if limit and self.queue_depth(model) + count > limit:
-                    raise QueueFull(f"queue for {model} would pass {limit} jobs (PIXQ_MAX_QUEUE_DEPTH)")
-            if jobs:
-                self._batch.create(jobs, self._messages(jobs))
-            if jobs and self.durability.required():  # a later write: WAIT then covers the batch (durable.py)
-                last = RecordStore.key(jobs[-1][0])
-                self.durability.run(f"the submit of {len(jobs)} jobs",
-                                    lambda p: p.hset(last, "sent_at", repr(time.time())))
-        return [Job(self, job_id) for job_id, _ in jobs]
+                check_depth(model, self.queue_depth(model), self.settings.max_queue_depth,
+                            adding=sum(1 for req in parsed if req.model_name == model))
+            if not parsed:
+                return []
+            self._prepare_messages(parsed)
+            plan = plan_batch(parsed, retention_s=self.settings.retention_s, templates=self.messages)
+            self.records.write_many(plan)
+            if self.durability.required():  # a later write: WAIT then covers the batch (durable.py)
+                last = job_key(plan.job_ids[-1])
+                self.durability.run(f"the submit of {len(parsed)} jobs",
+                                    lambda p: p.hset(last, SENT_AT_FIELD, repr(time.time())))
+        return [Job(self, job_id) for job_id in plan.job_ids]
 
     def jobs(self, state: JobState | None = None, page_size: int = 100,
              owner: str | None = None) -> Iterator[JobRecord]:
@@ -212,64 +210,68 @@ class Client:
             self._served_until[model_name] = now + WORKER_KEY_TTL_S
         return served
 
-    def _messages(self, jobs: list[tuple[str, JobRequest]]) -> list[tuple[str, str]]:
-        if not all(self.messages.has(request) for _, request in jobs):
+    def _prepare_messages(self, requests: list[JobRequest]) -> None:
+        """Make sure each request's message template is built (plans copy it)."""
+        if not all(self.messages.has(request) for request in requests):
             # A first message per model and priority is built through kombu's channel, which rides out
             # ~9 s of its own reconnects against a Redis that is down: ask on our connection first.
             self.conn.ping()
-        return self.messages.messages(jobs)
+            for request in requests:
+                self.messages.prototype(request)
 
     def _enqueue(self, request: JobRequest, owner: str | None = None, max_in_flight: int = 0) -> Job:
+        """Execute a submit's plan (``pixq.submitplan``) on this blocking connection."""
         self._check_depth(request.model_name)
-        job_id = uuid.uuid4().hex
-        idem_key = None
-        if request.idempotency_key is not None:
-            idem_key = IDEMPOTENCY_PREFIX + (f"{owner}/" if owner else "") + request.idempotency_key
-            claimed = self.conn.set(idem_key, job_id, nx=True, ex=self.settings.retention_s)
-            if not claimed:
-                existing = self.conn.get(idem_key)
-                existing_id = existing.decode() if isinstance(existing, bytes) else existing
-                if existing_id is not None and existing_id != job_id:  # ours: a retried SET after a lost reply
-                    return Job(self, str(existing_id), created=False)
-                if existing_id is None:  # the key expired between the two calls: a new job
-                    self.conn.set(idem_key, job_id, ex=self.settings.retention_s)
+        self._prepare_messages([request])
+        plan = plan_submit(request, retention_s=self.settings.retention_s, templates=self.messages, owner=owner,
+                           max_in_flight=max_in_flight)
+        if plan.idem_key is not None:
+            earlier = self._claim_idempotency(plan)
+            if earlier is not None:
+                return Job(self, earlier, created=False)
         sent = False
         try:
             durable = self.durability.required() > 0
-            # The record and its Celery message in one script (one round trip, nothing half-written).
-            (message,) = self._messages([(job_id, request)])
             sent = True  # from here a lost reply leaves the outcome open until the undo succeeds
-            self.records.create(job_id, request, owner=owner, max_in_flight=max_in_flight, message=message)
+            # The record and its Celery message in one script (one round trip, nothing half-written).
+            self.records.write(plan)
             if durable:  # one more write on our connection, after them: WAIT then covers both (durable.py)
-                self.durability.run(f"the submit of job {job_id}",
-                                    lambda pipe: pipe.hset(RecordStore.key(job_id), "sent_at", repr(time.time())))
+                self.durability.run(f"the submit of job {plan.job_id}",
+                                    lambda pipe: pipe.hset(plan.job_key, SENT_AT_FIELD, repr(time.time())))
         except redis.RedisError as exc:
             # Before ``sent`` only the idempotency key may be written: nothing else to undo (an undo
             # against a Redis that is down would spend a second retry budget for nothing).
-            if (sent or idem_key) and not self._undo(job_id, idem_key) and sent:
-                raise outcome_unknown(exc, job_id, idem_key) from exc
+            if (sent or plan.idem_key) and not self._undo(plan) and sent:
+                raise outcome_unknown(exc, plan.job_id, plan.idem_key) from exc
             raise
         except BaseException:
             # Nothing half-written: no record without a message, no key without a job.
-            if sent or idem_key:
-                self._undo(job_id, idem_key)
+            if sent or plan.idem_key:
+                self._undo(plan)
             raise
-        return Job(self, job_id)
+        return Job(self, plan.job_id)
 
-    def _undo(self, job_id: str, idem_key: str | None) -> bool:
+    def _claim_idempotency(self, plan: SubmitPlan) -> str | None:
+        """Claim the plan's idempotency key; the earlier job's id when it names another job."""
+        assert plan.idem_key is not None
+        if self.conn.set(plan.idem_key, plan.job_id, nx=True, ex=self.settings.retention_s):
+            return None
+        existing = self.conn.get(plan.idem_key)
+        if existing is None:  # the key expired between the two calls: a new job
+            self.conn.set(plan.idem_key, plan.job_id, ex=self.settings.retention_s)
+        return plan.earlier_job(existing)  # type: ignore[arg-type]
+
+    def _undo(self, plan: SubmitPlan) -> bool:
         """Remove what a failed submit may have written; ``False`` when Redis could not be asked."""
         try:
-            self.records.delete(job_id)
-            if idem_key:
-                self.conn.delete(idem_key)
+            self.conn.delete(*plan.undo_keys)
         except redis.RedisError:
             return False
         return True
 
     def _check_depth(self, model_name: str) -> None:
-        limit = self.settings.max_queue_depth
-        if limit and self.queue_depth(model_name) >= limit:
-            raise QueueFull(f"queue for {model_name} holds {limit} jobs or more (PIXQ_MAX_QUEUE_DEPTH)")
+        if self.settings.max_queue_depth:
+            check_depth(model_name, self.queue_depth(model_name), self.settings.max_queue_depth)
 
     def queue_depth(self, model_name: str) -> int:
         """Messages waiting on the model's queue (not counting the ones being rendered)."""

@@ -4,21 +4,50 @@ A state change happens only from the states it is allowed from, and its per-job 
 jobs with a webhook asking for it, its outbox entry are written by the same script: together or not at
 all. Kept apart from ``records.py`` (the record's model and the store that calls these) because they
 are one language and one concern: what may change, atomically, in the hash and its indexes.
+
+Keys come in as KEYS, or, for the few a script derives from a job id (its event stream, another job's
+hash, the outbox), from the constants of ``pixq.jobrecord`` formatted in (``${EVENTS_PREFIX}``): no key
+is spelled here. The field names the scripts read and set are ``JobRecord``'s and the hash-only ones
+(``jobrecord.CLAIM_FIELD``...); ``tests/test_jobrecord.py`` checks each against the layout.
 """
+
+from __future__ import annotations
+
+import json
+from string import Template
+
+from pixq import jobrecord
+
+
+def _lua_string(text: str) -> str:
+    if not text.isascii():
+        raise ValueError(f"recordscripts: a non-ASCII constant {text!r}")
+    return json.dumps(text)  # an ASCII JSON string is a Lua string literal
+
+
+_CONSTANTS = {name: _lua_string(str(getattr(jobrecord, name))) for name in (
+    "KEY_PREFIX", "EVENTS_PREFIX", "OUTBOX_KEY", "EVENTS_KEPT", "CLAIM_FIELD", "ENDED_BY_FIELD")}
+
+
+def _lua(text: str) -> str:
+    """A script with the layout's constants (``${EVENTS_PREFIX}``, quoted) in place."""
+    return Template(text).substitute(_CONSTANTS)
+
 
 # Lua helpers prepended to every script that changes a job's state: the per-job event stream
 # (SSE) and, for jobs with a webhook asking for the event, the outbox entry. One script, one
 # atomic change: a state change and its webhook are written together or not at all.
-EMIT = """
+EMIT = _lua("""
+local function pixq_append_event(id, event, step, ttl)
+  local stream = ${EVENTS_PREFIX} .. id
+  redis.call('XADD', stream, 'MAXLEN', '~', ${EVENTS_KEPT}, '*', 'type', event, 'step', step)
+  if ttl and ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+end
 local function pixq_event(job_key, event, step)
-  local id = redis.call('HGET', job_key, 'id')
-  local stream = 'pixq:events:' .. id
-  redis.call('XADD', stream, 'MAXLEN', '~', '1000', '*', 'type', event,
-    'step', step or redis.call('HGET', job_key, 'step') or '0')
-  if event ~= 'running' then
-    local ttl = redis.call('TTL', job_key)
-    if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
-  end
+  local ttl = nil
+  if event ~= 'running' then ttl = redis.call('TTL', job_key) end
+  pixq_append_event(redis.call('HGET', job_key, 'id'), event,
+    step or redis.call('HGET', job_key, 'step') or '0', ttl)
 end
 local function pixq_emit(job_key, event)
   pixq_event(job_key, event)
@@ -27,12 +56,12 @@ local function pixq_emit(job_key, event)
   if not ok or type(req['webhook']) ~= 'table' then return end
   for _, wanted in ipairs(req['webhook']['events'] or {}) do
     if wanted == event then
-      redis.call('XADD', 'pixq:outbox', '*', 'event', event, unpack(redis.call('HGETALL', job_key)))
+      redis.call('XADD', ${OUTBOX_KEY}, '*', 'event', event, unpack(redis.call('HGETALL', job_key)))
       return
     end
   end
 end
-"""
+""")
 
 # Whether an API key (its hash's Redis key, '' for none) is live and has this HMAC: a revoked key is
 # refused by the same script that would have acted for it (pixq/api/fast.py).
@@ -72,7 +101,7 @@ return {1, state}
 # unfinished jobs; -2 when the API key is unknown, changed or revoked (nothing written in either case).
 # Safe to re-run after an unknown outcome (a retry after a lost reply): the record written by the first
 # run has our created_at, and that counts as created.
-CREATE = EMIT + KEY_OK + """
+CREATE = EMIT + KEY_OK + _lua("""
 if not pixq_key_ok(KEYS[6], ARGV[6]) then return -2 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'created_at') == ARGV[3] then return 1 end
@@ -81,7 +110,7 @@ end
 local quota = tonumber(ARGV[4])
 if quota > 0 then
   for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    local s = redis.call('HGET', 'pixq:job:' .. id, 'state')
+    local s = redis.call('HGET', ${KEY_PREFIX} .. id, 'state')
     if not s or s == 'succeeded' or s == 'failed' or s == 'canceled' then redis.call('ZREM', KEYS[4], id) end
   end
   if redis.call('ZCARD', KEYS[4]) >= quota then return -1 end
@@ -97,7 +126,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3] - ARGV[1])
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 pixq_emit(KEYS[1], 'queued')
 return 1
-"""
+""")
 
 # Shared by claim and reap: a running job whose lease lapsed and that has used all its attempts
 # ends failed and goes on the dead list. KEYS: job, lease, running, dead.
@@ -119,28 +148,28 @@ end
 # Take a job to run: a queued one, or a running one whose worker's lease lapsed. KEYS: job, lease,
 # running, dead, queued. ARGV[7]: a token drawn for this claim: a re-run of the same claim after an
 # unknown outcome finds its own token and answers 'claimed' again (a second delivery has another).
-CLAIM = EMIT + """
+CLAIM = EMIT + _lua("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then redis.call('ZREM', KEYS[5], ARGV[1]) return {'missing', ''} end
 if state == 'running' then
   local holder = redis.call('GET', KEYS[2])
-  if holder and holder == ARGV[5] and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+  if holder and holder == ARGV[5] and redis.call('HGET', KEYS[1], ${CLAIM_FIELD}) == ARGV[7] then
     return {'claimed', redis.call('HGET', KEYS[1], 'attempts')}
   end
   if holder then return {'busy', holder} end
 elseif state ~= 'queued' then
   return {'settled', state}
 end
-""" + DEAD_IF_SPENT + """
+""") + DEAD_IF_SPENT + _lua("""
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', ARGV[2], 'step', '0',
-  'batch', '0', 'claim', ARGV[7])
+  'batch', '0', ${CLAIM_FIELD}, ARGV[7])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 pixq_emit(KEYS[1], 'running')
 return {'claimed', tostring(n)}
-"""
+""")
 
 # A running job whose lease lapsed goes back to queued (the caller sends a new message) or,
 # out of attempts, to the dead list. A re-run after an unknown outcome answers 'settled queued'
@@ -187,15 +216,15 @@ return 'ok'
 # field/value pairs. End (or give back) a job we hold: set fields, drop the lease and the running
 # entry. A re-run after an unknown outcome finds the end it wrote (same state, same claim) and
 # answers 1 again.
-RELEASE = EMIT + """
+RELEASE = EMIT + _lua("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
-  if state == ARGV[5] and state ~= 'queued' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
+  if state == ARGV[5] and state ~= 'queued' and redis.call('HGET', KEYS[1], ${ENDED_BY_FIELD}) == ARGV[1] then
     return {1, state}
   end
   return {0, state or false}
 end
-redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
+redis.call('HSET', KEYS[1], ${ENDED_BY_FIELD}, ARGV[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[4]) end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -208,20 +237,78 @@ else
 end
 if now_state ~= 'running' then pixq_emit(KEYS[1], now_state) end
 return {1, 'running'}
-"""
+""")
 
-# KEYS: job, dead, queued. ARGV: job id, retention, now. A failed or canceled job goes back to
-# queued with fresh attempts (the caller sends the message). A re-run after an unknown outcome
-# finds it queued with no attempt and answers 1 again (one extra message: harmless).
+# KEYS: job, dead, queued. ARGV: job id, retention, now, then the field/value pairs of a job queued
+# again (``jobrecord.CODEC.requeue_fields``: every field not kept back to its default). A failed or
+# canceled job goes back to queued with fresh attempts (the caller sends the message). A re-run after
+# an unknown outcome finds it queued with no attempt and answers 1 again (one extra message: harmless).
 RETRY = EMIT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' and redis.call('HGET', KEYS[1], 'attempts') == '0' then return {1, state} end
 if state ~= 'failed' and state ~= 'canceled' then return {0, state or false} end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', '0', 'step', '0', 'batch', '0', 'worker', '',
-  'error', '', 'images', '[]', 'render', '', 'started_at', '', 'finished_at', '', 'cancel_requested', '0')
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 pixq_emit(KEYS[1], 'queued')
 return {1, state}
+"""
+
+# Many new jobs at once (``Client.submit_many``), each written as CREATE writes a job without an
+# owner, quota or API key: its hash, queue message, indexes, ``queued`` event. KEYS: the queued index,
+# the job index of jobs without an owner, each job's hash, then the queue list each job's message
+# goes on. ARGV: retention in seconds, then per job: its id, created_at, message, the number of its
+# hash's field/value items, those items (``jobrecord.CODEC.new_fields``). Returns 0 when every job
+# was written, or the position (from 1) of a job whose id another job has: then nothing is written.
+# Safe to re-run after an unknown outcome: a first run wrote every job (one script), with our
+# created_at, and that is done. One EXISTS for all the jobs, one ZADD per index and one LPUSH per
+# queue list for the batch (in chunks: unpack's limit): the state the per-job script leaves, job
+# after job, with fewer calls.
+CREATE_MANY = EMIT + """
+local retention = tonumber(ARGV[1])
+local n = (#KEYS - 2) / 2
+if n == 0 then return 0 end
+local function in_chunks(command, key, items, first, last)
+  local total = 0
+  for i = first, last, 4000 do
+    local upto = math.min(i + 3999, last)
+    if key then total = total + redis.call(command, key, unpack(items, i, upto))
+    else total = total + redis.call(command, unpack(items, i, upto)) end
+  end
+  return total
+end
+local starts, at = {}, 2
+for j = 1, n do
+  starts[j] = at
+  at = at + 4 + tonumber(ARGV[at + 3])
+end
+if in_chunks('EXISTS', nil, KEYS, 3, 2 + n) > 0 then
+  for j = 1, n do
+    local key = KEYS[2 + j]
+    if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'created_at') ~= ARGV[starts[j] + 1] then
+      return j
+    end
+  end
+  return 0  -- each one there has our created_at: this call ran before and wrote them all
+end
+local scored, lists, pushes, latest = {}, {}, {}, -math.huge
+for j = 1, n do
+  local key, queue, at = KEYS[2 + j], KEYS[2 + n + j], starts[j]
+  local id, created = ARGV[at], ARGV[at + 1]
+  redis.call('HSET', key, unpack(ARGV, at + 4, at + 3 + tonumber(ARGV[at + 3])))
+  redis.call('EXPIRE', key, ARGV[1])
+  pixq_append_event(id, 'queued', '0', retention)
+  scored[#scored + 1] = created
+  scored[#scored + 1] = id
+  if not pushes[queue] then pushes[queue] = {}; lists[#lists + 1] = queue end
+  table.insert(pushes[queue], ARGV[at + 2])
+  latest = math.max(latest, tonumber(created))
+end
+for _, queue in ipairs(lists) do in_chunks('LPUSH', queue, pushes[queue], 1, #pushes[queue]) end
+in_chunks('ZADD', KEYS[1], scored, 1, #scored)
+in_chunks('ZADD', KEYS[2], scored, 1, #scored)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', latest - retention)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 0
 """

@@ -1,4 +1,4 @@
-"""The two hot routes' common case, answered before FastAPI's routing (issue 12's speed targets).
+"""The two hot routes' common case, answered before FastAPI's routing (docs/performance.md, "The HTTP API").
 
 ``GET /v1/jobs/{id}`` and ``POST /v1/jobs`` through FastAPI cost ~0.3 ms of routing and dependency
 solving a request before any work, and the sync handlers hop through the thread pool onto a blocking
@@ -6,15 +6,16 @@ Redis connection. This ASGI layer sits inside the body limit and the metrics mid
 the common case on the event loop over ``redis.asyncio``, in **one** round trip a request:
 
 * the key is looked up once per process (``KeyCache``: its scopes and quotas never change), and the
-  script that reads or writes for it checks that the key is still live (``records.KEY_OK_LUA``), so a
+  script that reads or writes for it checks that the key is still live (``recordscripts.KEY_OK``), so a
   revoked key is refused at once, as through FastAPI;
 * GET: one script checks the key and reads the record's hash; the answer is decoded and encoded
   again only when the hash's fields differ from the last read of that job (a polled job mostly does
   not change between polls);
 * POST: the body is parsed by the route's own code (``routes.parse_job_body``: same 4xx answers),
-  then the create script checks the key, the quota, writes the record and pushes the Celery message
-  (from its template, ``pixq.messages``), followed by ``WAIT`` on the same connection when replicas
-  must confirm (``durable.py``).
+  the submit is planned as ``Client.submit`` plans it (``pixq.submitplan``: the same record, message
+  and script arguments), then the create script checks the key, the quota, writes the record and
+  pushes the Celery message, followed by ``WAIT`` on the same connection when replicas must confirm
+  (``durable.py``).
 
 Anything else goes to FastAPI unchanged: a missing, unknown or revoked key, a lacking scope, an
 unknown or another key's job (FastAPI answers 401/403/404 as documented), an ``Idempotency-Key``
@@ -24,7 +25,6 @@ header over 200 characters; and for POST a key with a rate limit runs the route'
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import redis
@@ -36,15 +36,17 @@ from pixq.api.errors import ApiError, answer_for
 from pixq.api.keys import KEY_PREFIX, ApiKey
 from pixq.api.keys import Scope as KeyScope
 from pixq.api.state import ApiState
-from pixq.client import IDEMPOTENCY_PREFIX, check_webhook, outcome_unknown
-from pixq.errors import JobNotFound, QueueFull, service_errors
-from pixq.records import CREATE_LUA, KEY_OK_LUA, JobRecord, KeyRefused, RecordStore, decode_record
+from pixq.client import check_webhook, outcome_unknown
+from pixq.errors import JobNotFound, service_errors
+from pixq.jobrecord import JobRecord, decode_record, job_key
+from pixq.recordscripts import CREATE, KEY_OK
+from pixq.submitplan import KeyRefused, check_depth, plan_submit
 from pixq.wire import queue_lists
 
 JOBS = "/v1/jobs"
 # KEYS: the API key's hash, the job's hash. ARGV: the key's HMAC. -1: the key is not live; else the
 # job's fields (empty: no such job).
-_READ_AS_KEY = KEY_OK_LUA + """
+_READ_AS_KEY = KEY_OK + """
 if not pixq_key_ok(KEYS[1], ARGV[1]) then return -1 end
 return redis.call('HGETALL', KEYS[2])
 """
@@ -110,7 +112,7 @@ class FastPath:
         self.keys = KeyCache(state)
         self.get_route, self.post_route = get_route, post_route  # for the metrics' route label
         self._read = state.rconn.register_script(_READ_AS_KEY)
-        self._create = state.rconn.register_script(CREATE_LUA)
+        self._create = state.rconn.register_script(CREATE)
         self._answers: dict[str, tuple[list[bytes], str | None, bytes]] = {}  # job id -> (hash fields, owner, view)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -142,7 +144,7 @@ class FastPath:
             return False
         text, (key, key_hash, digest) = auth
         try:
-            raw = await self._read(keys=[key_hash, RecordStore.key(job_id)], args=[digest])
+            raw = await self._read(keys=[key_hash, job_key(job_id)], args=[digest])
         except Exception:
             return False
         if raw == -1:
@@ -216,10 +218,10 @@ class FastPath:
         return routes.submit_as(self.state, key, request)
 
     async def _submit(self, key: ApiKey, key_hash: str, digest: str, request: Any) -> tuple[JobRecord, bool]:
-        """``Client.submit_request`` over asyncio (its steps, in its order): one round trip, two with an
-        idempotency key; a job with a webhook has its destination resolved and checked on a thread."""
+        """``Client.submit_request``'s plan (``pixq.submitplan``) executed over asyncio, in its order: one
+        round trip, two with an idempotency key; a job with a webhook has its destination resolved and
+        checked on a thread."""
         state, client, conn = self.state, self.state.client, self.state.rconn
-        request = request.with_seed()
         if request.webhook is not None:
             await run_in_threadpool(check_webhook, request.webhook.url, state.settings.webhook_allow_networks())
         limit = state.settings.max_queue_depth
@@ -227,48 +229,43 @@ class FastPath:
             async with conn.pipeline(transaction=False) as pipe:
                 for name in queue_lists(request.model_name):
                     pipe.llen(name)
-                if sum(await pipe.execute()) >= limit:
-                    raise QueueFull(f"queue for {request.model_name} holds {limit} jobs or more "
-                                    "(PIXQ_MAX_QUEUE_DEPTH)")
+                check_depth(request.model_name, sum(await pipe.execute()), limit)
         if not client.messages.has(request):  # the first job of its model and priority: Celery builds it
             await run_in_threadpool(self._prototype, request)
-        job_id = uuid.uuid4().hex
-        idem_key = None
-        if request.idempotency_key is not None:
-            idem_key = f"{IDEMPOTENCY_PREFIX}{key.id}/{request.idempotency_key}"
-            if not await conn.set(idem_key, job_id, nx=True, ex=state.settings.retention_s):
-                raw_id = await conn.get(idem_key)
-                existing = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                if existing is not None and existing != job_id:  # ours: a retried SET after a lost reply
-                    return await self._existing(key_hash, digest, existing), False
+        plan = plan_submit(request, retention_s=state.settings.retention_s, templates=client.messages, owner=key.id,
+                           max_in_flight=key.max_in_flight, api_key=(key_hash, digest))
+        if plan.idem_key is not None:
+            retention_s = state.settings.retention_s
+            if not await conn.set(plan.idem_key, plan.job_id, nx=True, ex=retention_s):
+                existing = await conn.get(plan.idem_key)
                 if existing is None:  # the key expired between the two calls: a new job
-                    await conn.set(idem_key, job_id, ex=state.settings.retention_s)
-        (message,) = client.messages.messages([(job_id, request)])
-        keys, args, record = client.records.create_call(job_id, request, owner=key.id,
-                                                        max_in_flight=key.max_in_flight, message=message,
-                                                        api_key=(key_hash, digest))
+                    await conn.set(plan.idem_key, plan.job_id, ex=retention_s)
+                earlier = plan.earlier_job(existing)
+                if earlier is not None:
+                    return await self._existing(key_hash, digest, earlier), False
         try:
             needed = await client.durability.required_async(conn)
             if not needed:
-                created = await self._create(keys=keys, args=args)
+                created = await self._create(keys=plan.keys, args=plan.args)
             else:
                 async with conn.pipeline(transaction=False) as pipe:
-                    await self._create(keys=keys, args=args, client=pipe)
+                    await self._create(keys=plan.keys, args=plan.args, client=pipe)
                     pipe.execute_command("WAIT", needed, client.durability.timeout_ms)
                     created, confirmed = await pipe.execute()
                 if created == 1:
-                    await client.durability.confirm_async(conn, f"the submit of job {job_id}", needed, int(confirmed))
-            RecordStore.check_created(created, job_id, key.max_in_flight)
+                    await client.durability.confirm_async(conn, f"the submit of job {plan.job_id}", needed,
+                                                          int(confirmed))
+            plan.check_created(created)
         except BaseException as exc:
             # Nothing half-written, as Client._enqueue: no record reported undone, no key without a job;
             # a lost reply that Redis stayed away for the undo too leaves the outcome open (OutcomeUnknown).
             try:
-                await conn.delete(RecordStore.key(job_id), *([idem_key] if idem_key else []))
+                await conn.delete(*plan.undo_keys)
             except Exception:
                 if isinstance(exc, redis.RedisError):
-                    raise outcome_unknown(exc, job_id, idem_key) from exc
+                    raise outcome_unknown(exc, plan.job_id, plan.idem_key) from exc
             raise
-        return record, True
+        return plan.record(), True
 
     def _prototype(self, request: Any) -> None:
         client = self.state.client
@@ -278,7 +275,7 @@ class FastPath:
 
     async def _existing(self, key_hash: str, digest: str, job_id: str) -> JobRecord:
         """The job an idempotency key already named, read by the script that checks the key."""
-        raw = await self._read(keys=[key_hash, RecordStore.key(job_id)], args=[digest])
+        raw = await self._read(keys=[key_hash, job_key(job_id)], args=[digest])
         if raw == -1:
             raise KeyRefused("revoked")
         if not raw:
