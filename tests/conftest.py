@@ -3,7 +3,7 @@
 Expensive services are per session; tests that kill or restart a service start their own.
 
 Tiers (markers, pyproject.toml): ``integration`` is added here to every test that uses a real service
-(one of ``SERVICE_FIXTURES``); ``slow`` (load, faults, browser, image builds, whole stacks, anything
+(one of ``tests/support.py: SERVICE_FIXTURES``); ``slow`` (load, faults, browser, image builds, whole stacks, anything
 over ~5 s) and ``gpu`` are marked in the test files. ``pytest -m "not slow"`` is the developer loop,
 ``pytest -m "not slow and not integration"`` the unit tests alone; CI runs everything.
 
@@ -21,13 +21,10 @@ from pixq.client import Client
 from pixq.settings import Settings
 
 from tests.services import S3Endpoint, Service, start_redis, start_seaweedfs, start_worker
-from tests.support import stack_env
+from tests.support import SERVICE_FIXTURES, stack_env
 
 # Fixtures a few modules share, each a plugin module of its own (registered here: the top conftest).
 pytest_plugins = ["tests.fixtures.cluster"]
-
-# Fixtures that start (or need) real Redis, SeaweedFS or worker processes.
-SERVICE_FIXTURES = frozenset({"redis_url", "s3", "env", "settings", "worker", "client", "s3_client", "raw_redis"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,6 +21,11 @@ from tests.services import S3Endpoint
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
+# The conftest fixtures that start (or need) real Redis, SeaweedFS or worker processes: a test that uses one is
+# marked ``integration`` (conftest.py), and none is used under tests/unit/ (tests/test_layout.py).
+SERVICE_FIXTURES = frozenset({"redis_url", "s3", "env", "settings", "worker", "client", "s3_client", "raw_redis",
+                              "cluster"})
+
 
 # -- a child process's environment ---------------------------------------------------------------
 
