@@ -73,6 +73,7 @@ def finished_job(settings: Settings, raw_redis: redis.Redis) -> Iterator[str]:
     records.delete(job_id)
 
 
+@pytest.mark.slow  # nine commands, each riding out its retry budget against the closed port: 6-7 s of waiting
 def test_every_command_with_redis_on_a_closed_port(env: dict[str, str], tmp_path: Path) -> None:
     closed = {**env, "PIXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     commands = every_command("0" * 32, tmp_path)
@@ -141,6 +142,7 @@ def test_url_index_is_checked_and_names_the_option(env: dict[str, str], finished
     assert fine["code"] == 0
 
 
+@pytest.mark.slow  # kombu's publish retries against the closed port: ~6 s of waiting, at any load
 def test_kombu_failure_after_the_record_is_written_leaves_nothing(settings: Settings,
                                                                   raw_redis: redis.Redis) -> None:
     """Records on a live Redis, the broker on a closed port: kombu's OperationalError comes after the
