@@ -220,6 +220,8 @@ def test_storage_gone_mid_serving_gives_the_job_back_pauses_and_resumes(served: 
     assert "NoSuchBucket" in why
     presence = served.presence()
     assert presence["serving"] is False and "NoSuchBucket" in presence["paused"]
+    shown = next(w for r in client.queues() for w in r.workers if w.name == served.name)
+    assert shown.paused is not None and "NoSuchBucket" in shown.paused  # pixq queue says so too
     assert not served.ready.exists()
     model = given.request.model_name
     assert f'pixq_jobs_total{{model="{model}",outcome="storage_unavailable"}} 1.0' in served.scrape()
@@ -241,6 +243,7 @@ def test_storage_gone_mid_serving_gives_the_job_back_pauses_and_resumes(served: 
     assert served.keys(f"jobs/{PROBE_FOLDER}/") == []  # probes clean up after themselves
     wait_for(lambda: served.readyz() == (200, "ready"), 10, "/readyz to say ready again")
     assert served.presence()["serving"] is True and "paused" not in served.presence()
+    assert [w.paused for r in client.queues() for w in r.workers if w.name == served.name] == [None]
     assert served.ready.read_text().strip() == served.name
     # Serving as before.
     after = client.wait(client.submit("stored again", width=64, height=64, num_inference_steps=2).id, timeout_s=60)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
+from rich.markup import escape
 
 from pixq.console import (
     check_output_dir,
@@ -212,7 +213,8 @@ def queue_cmd(
     queues.add_column("running", justify="right")
     queues.add_column("workers", overflow="fold")
     for r in reports:
-        workers = ", ".join(f"{w.name} ({w.device})" for w in r.workers) or "[red]none[/red]"
+        workers = ", ".join(f"{w.name} ({w.device}" + (f", [red]paused: {escape(w.paused)}[/red])" if w.paused else ")")
+                            for w in r.workers) or "[red]none[/red]"
         queues.add_row(r.model, str(r.depth), _duration(r.oldest_age_s), str(len(r.running)), workers)
     out.print(queues)
     running = [(r.model, j) for r in reports for j in r.running]

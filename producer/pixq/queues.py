@@ -32,12 +32,15 @@ class WorkerPresence:
     device: str
     pid: int | None
     started_at: float | None
+    paused: str | None = None  # why a live worker takes no jobs now (its storage is unavailable), else None
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerPresence:
         data = json.loads(raw)
+        paused = data.get("paused")
         return cls(name=str(data.get("name", "")), model=str(data.get("model", "")),
-                   device=str(data.get("device", "")), pid=data.get("pid"), started_at=data.get("started_at"))
+                   device=str(data.get("device", "")), pid=data.get("pid"), started_at=data.get("started_at"),
+                   paused=str(paused) if paused else None)
 
 
 @dataclass(frozen=True)
