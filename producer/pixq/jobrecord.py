@@ -178,6 +178,19 @@ def _decoder(annotation: Any) -> Callable[[str], Any]:
     raise TypeError(f"jobrecord: no hash encoding for a field of type {annotation!r}")
 
 
+def _encoder(annotation: Any) -> Callable[[Any], str]:
+    """``encode_value`` for a field of this type, chosen once (a new record's fields are the hot path)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return lambda value: value if isinstance(value, str) else value.model_dump_json()  # type: ignore[no-any-return]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return lambda value: str(value.value)
+    if annotation in (int, float, str):
+        return str
+    return encode_value
+
+
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, list) and not value)
 
@@ -190,15 +203,16 @@ class RecordCodec:
         fields = model.model_fields
         self.names = tuple(fields)
         self._decoders = {name: _decoder(field.annotation) for name, field in fields.items()}
+        self._encoders = {name: _encoder(field.annotation) for name, field in fields.items()}
         self._required = frozenset(name for name, field in fields.items() if field.is_required())
         self._defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()
                           if not field.is_required()}
-        # A new record's fields in the model's order: (name, None) where each job gives the value,
-        # else (name, its default encoded); fields whose default is empty are not written.
+        # A new record's fields in the model's order: (name, None, its encoder) where each job gives the
+        # value, else (name, its default encoded, None); fields whose default is empty are not written.
         given = set(new_record_values("x", JobRequest.model_construct(), 0.0, None))
-        self._new: list[tuple[str, str | None]] = [
-            (name, None if name in given else encode_value(self._defaults[name])) for name in self.names
-            if name in given or not _is_empty(self._defaults[name])]
+        self._new: list[tuple[str, str | None, Callable[[Any], str] | None]] = [
+            (name, None, self._encoders[name]) if name in given else (name, encode_value(self._defaults[name]), None)
+            for name in self.names if name in given or not _is_empty(self._defaults[name])]
 
     def decode(self, raw: dict[bytes, bytes]) -> JobRecord:
         """The record from its hash (an HGETALL); an empty or missing field reads as its default."""
@@ -222,14 +236,37 @@ class RecordCodec:
         if request_json is not None:
             given["request"] = request_json
         flat: list[str] = []
-        for name, default in self._new:
-            if default is not None:
+        for name, default, encode in self._new:
+            if encode is None:
                 flat += (name, default)
-                continue
-            value = given[name]
-            if value is not None:
-                flat += (name, value if isinstance(value, str) else encode_value(value))
+            elif (value := given[name]) is not None:
+                flat += (name, encode(value))
         return flat
+
+    def new_layout(self, owner: str | None = None) -> tuple[list[str], list[str]]:
+        """For many new jobs of one owner (a batch's script): the names of the fields whose values differ
+        from job to job (``new_values``) and the pairs every such job has (the non-empty defaults, and given
+        values that depend on no job, as ``state``): ``new_fields`` in two parts, so a batch sends the
+        names and the common pairs once."""
+        one = new_record_values("x", JobRequest.model_construct(num_inference_steps=1), 0.0, owner)
+        other = new_record_values("y", JobRequest.model_construct(num_inference_steps=2), 1.0, owner)
+        names: list[str] = []
+        fixed: list[str] = []
+        for name, default, encode in self._new:
+            if encode is None:
+                fixed += (name, default)
+            elif one[name] != other[name]:
+                names.append(name)
+            elif one[name] is not None:
+                fixed += (name, encode(one[name]))
+        return names, fixed
+
+    def new_values(self, names: list[str], job_id: str, request: JobRequest, created_at: float,
+                   owner: str | None = None) -> list[str]:
+        """The values of ``names`` (``new_layout``'s) for one new job."""
+        given = new_record_values(job_id, request, created_at, owner)
+        encoders = self._encoders
+        return [encoders[name](given[name]) for name in names]
 
     def encode(self, record: JobRecord) -> list[str]:
         """Any record's non-empty fields, flat (the general way; ``new_fields`` is a new record's)."""

@@ -258,51 +258,56 @@ return {1, state}
 # Many new jobs at once (``Client.submit_many``), each written as CREATE writes a job without an
 # owner, quota or API key: its hash, queue message, indexes, ``queued`` event. KEYS: the queued index,
 # the job index of jobs without an owner, each job's hash, then the queue list each job's message
-# goes on. ARGV: retention in seconds, then per job: its id, created_at, message, the number of its
-# hash's field/value items, those items (``jobrecord.CODEC.new_fields``). Returns 0 when every job
-# was written, or the position (from 1) of a job whose id another job has: then nothing is written.
-# Safe to re-run after an unknown outcome: a first run wrote every job (one script), with our
-# created_at, and that is done. One EXISTS for all the jobs, one ZADD per index and one LPUSH per
-# queue list for the batch (in chunks: unpack's limit): the state the per-job script leaves, job
-# after job, with fewer calls.
+# goes on. ARGV (``submitplan.plan_batch``): retention in seconds; k, the names of the k fields whose
+# values differ from job to job (among them id and created_at); m, the m field/value items every job
+# has; then per job its message and its k values. Returns 0 when every job was written, or the
+# position (from 1) of a job whose id another job has: then nothing is written. Safe to re-run after an unknown outcome: a first
+# run wrote every job (one script), with our created_at, and that is done. One EXISTS for all the
+# jobs, one ZADD per index and one LPUSH per queue list for the batch (in chunks: unpack's limit):
+# the state the per-job script leaves, job after job, with fewer calls.
 CREATE_MANY = EMIT + """
 local retention = tonumber(ARGV[1])
 local n = (#KEYS - 2) / 2
 if n == 0 then return 0 end
-local function in_chunks(command, key, items, first, last)
+local k = tonumber(ARGV[2])
+local m = tonumber(ARGV[3 + k])
+local first, per = 4 + k + m, 1 + k
+local id_at, created_at = 0, 0
+for i = 1, k do
+  if ARGV[2 + i] == 'id' then id_at = i elseif ARGV[2 + i] == 'created_at' then created_at = i end
+end
+local function in_chunks(command, key, items, first_item, last)
   local total = 0
-  for i = first, last, 4000 do
+  for i = first_item, last, 4000 do
     local upto = math.min(i + 3999, last)
     if key then total = total + redis.call(command, key, unpack(items, i, upto))
     else total = total + redis.call(command, unpack(items, i, upto)) end
   end
   return total
 end
-local starts, at = {}, 2
-for j = 1, n do
-  starts[j] = at
-  at = at + 4 + tonumber(ARGV[at + 3])
-end
 if in_chunks('EXISTS', nil, KEYS, 3, 2 + n) > 0 then
   for j = 1, n do
     local key = KEYS[2 + j]
-    if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'created_at') ~= ARGV[starts[j] + 1] then
-      return j
-    end
+    local created = ARGV[first + (j - 1) * per + created_at]
+    if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'created_at') ~= created then return j end
   end
   return 0  -- each one there has our created_at: this call ran before and wrote them all
 end
+local fields = {}
+for i = 1, k do fields[2 * i - 1] = ARGV[2 + i] end
+for i = 1, m do fields[2 * k + i] = ARGV[3 + k + i] end
 local scored, lists, pushes, latest = {}, {}, {}, -math.huge
 for j = 1, n do
-  local key, queue, at = KEYS[2 + j], KEYS[2 + n + j], starts[j]
-  local id, created = ARGV[at], ARGV[at + 1]
-  redis.call('HSET', key, unpack(ARGV, at + 4, at + 3 + tonumber(ARGV[at + 3])))
+  local key, queue, at = KEYS[2 + j], KEYS[2 + n + j], first + (j - 1) * per
+  local id, created = ARGV[at + id_at], ARGV[at + created_at]
+  for i = 1, k do fields[2 * i] = ARGV[at + i] end
+  redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ARGV[1])
   pixq_append_event(id, 'queued', '0', retention)
   scored[#scored + 1] = created
   scored[#scored + 1] = id
   if not pushes[queue] then pushes[queue] = {}; lists[#lists + 1] = queue end
-  table.insert(pushes[queue], ARGV[at + 2])
+  table.insert(pushes[queue], ARGV[at])
   latest = math.max(latest, tonumber(created))
 end
 for _, queue in ipairs(lists) do in_chunks('LPUSH', queue, pushes[queue], 1, #pushes[queue]) end

@@ -129,14 +129,16 @@ class BatchPlan:
 
 
 def plan_batch(requests: list[JobRequest], *, retention_s: int, templates: MessageTemplates) -> BatchPlan:
-    """Plan validated requests (their seeds drawn) as one batch; no idempotency keys (``submit``'s)."""
+    """Plan validated requests (their seeds drawn) as one batch; no idempotency keys (``submit``'s). The
+    script's arguments: the fields' names and defaults once (``CODEC.new_layout``), then each job's
+    message and values."""
     jobs = [(uuid.uuid4().hex, request.with_seed()) for request in requests]
     keys = [QUEUED_KEY, OWNER_INDEX_PREFIX + NO_OWNER, *(job_key(job_id) for job_id, _ in jobs)]
-    args: list[Any] = [retention_s]
-    new_fields = CODEC.new_fields
+    names, fixed = CODEC.new_layout()
+    args: list[Any] = [retention_s, len(names), *names, len(fixed), *fixed]
+    new_values = CODEC.new_values
     for (job_id, request), (queue, message) in zip(jobs, templates.messages(jobs), strict=True):
         keys.append(queue)
-        created_at = time.time()
-        fields = new_fields(job_id, request, created_at)
-        args += (job_id, repr(created_at), message, len(fields), *fields)
+        args.append(message)
+        args += new_values(names, job_id, request, time.time())
     return BatchPlan([job_id for job_id, _ in jobs], keys, args)

@@ -163,11 +163,14 @@ class _Templates:
 def test_a_batch_plan_carries_each_jobs_new_fields() -> None:
     plan = plan_batch([REQUEST, REQUEST], retention_s=60, templates=_Templates())  # type: ignore[arg-type]
     assert len(plan.job_ids) == 2 and plan.keys[2:] == [f"pixq:job:{i}" for i in plan.job_ids] + ["q", "q"]
-    args, at = plan.args, 1
+    args = plan.args
+    k = args[1]
+    names, m = args[2:2 + k], args[2 + k]
+    fixed, at = args[3 + k:3 + k + m], 3 + k + m
     for job_id in plan.job_ids:
-        count = int(args[at + 3])
-        assert args[at] == job_id and args[at + 2] == f"message of {job_id}"
-        fields = args[at + 4:at + 4 + count]
-        assert _hash(fields) == _hash(CODEC.new_fields(job_id, REQUEST, float(args[at + 1])))
-        at += 4 + count
+        assert args[at] == f"message of {job_id}"
+        values = dict(zip(names, args[at + 1:at + 1 + k], strict=True))
+        fields = [x for pair in values.items() for x in pair] + fixed
+        assert _hash(fields) == _hash(CODEC.new_fields(job_id, REQUEST, float(values["created_at"])))
+        at += 1 + k
     assert at == len(args)
