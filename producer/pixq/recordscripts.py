@@ -261,10 +261,10 @@ return {1, state}
 # goes on. ARGV (``submitplan.plan_batch``): retention in seconds; k, the names of the k fields whose
 # values differ from job to job (among them id and created_at); m, the m field/value items every job
 # has; then per job its message and its k values. Returns 0 when every job was written, or the
-# position (from 1) of a job whose id another job has: then nothing is written. Safe to re-run after an unknown outcome: a first
-# run wrote every job (one script), with our created_at, and that is done. One EXISTS for all the
-# jobs, one ZADD per index and one LPUSH per queue list for the batch (in chunks: unpack's limit):
-# the state the per-job script leaves, job after job, with fewer calls.
+# position (from 1) of a job whose id another job has: then nothing is written. Safe to re-run after
+# an unknown outcome: a first run wrote every job (one script), with our created_at, and that is done.
+# One EXISTS for all the jobs, one ZADD per index and one LPUSH per queue list for the batch (in
+# chunks: unpack's limit): the state the per-job script leaves, job after job, with fewer calls.
 CREATE_MANY = EMIT + """
 local retention = tonumber(ARGV[1])
 local n = (#KEYS - 2) / 2
