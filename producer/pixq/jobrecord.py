@@ -207,11 +207,11 @@ class RecordCodec:
         self._required = frozenset(name for name, field in fields.items() if field.is_required())
         self._defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()
                           if not field.is_required()}
-        # A new record's fields in the model's order: (name, None, its encoder) where each job gives the
+        # A new record's fields in the model's order: (name, "", its encoder) where each job gives the
         # value, else (name, its default encoded, None); fields whose default is empty are not written.
         given = set(new_record_values("x", JobRequest.model_construct(), 0.0, None))
-        self._new: list[tuple[str, str | None, Callable[[Any], str] | None]] = [
-            (name, None, self._encoders[name]) if name in given else (name, encode_value(self._defaults[name]), None)
+        self._new: list[tuple[str, str, Callable[[Any], str] | None]] = [
+            (name, "", self._encoders[name]) if name in given else (name, encode_value(self._defaults[name]), None)
             for name in self.names if name in given or not _is_empty(self._defaults[name])]
 
     def decode(self, raw: dict[bytes, bytes]) -> JobRecord:
