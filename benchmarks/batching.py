@@ -276,7 +276,7 @@ def phase_profile(b: Bench) -> None:
     import torch
     from pixq.schema import JobRequest
     from pixq.worker.gpu.batch import BatchPolicy, render_batch
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch.profiler import ProfilerActivity, profile
 
@@ -285,10 +285,10 @@ def phase_profile(b: Bench) -> None:
     if b.left_s() < 100:
         res["skipped"] = f"{b.left_s():.0f} s left"
         return
-    loaded = load_pipeline(str(b.small_model), b.device, "auto",
-                           speedups=SpeedupOptions(compile=not b.tiny, compile_batches=b.args.compile_batches),
-                           compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)],
-                           warmup_modes=("exact",), batch=BatchPolicy(max_batch=8))
+    loaded = load_pipeline(str(b.small_model), b.device, PipelineOptions(
+        speedups=SpeedupOptions(compile=not b.tiny, compile_batches=b.args.compile_batches),
+        compile_cache=str(b.args.compile_cache), warmup=[(b.small, b.small)], warmup_modes=("exact",),
+        batch=BatchPolicy(max_batch=8)))
 
     def requests(k: int) -> list[Any]:
         return [JobRequest.model_validate({"prompt": prompt(b.index()), "seed": i, "width": b.small,

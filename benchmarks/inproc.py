@@ -13,16 +13,16 @@ from benchmarks.measure import gpu_sampler, peak_gib, reset_peak, summary, sync
 
 
 def load_worker_pipeline(ctx: Context, compile_mode: str, **kwargs: Any) -> Any:
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
     compiled = compile_mode != COMPILE_NONE
     options = SpeedupOptions(compile=compiled, compile_mode=compile_mode if compiled else "default",
                            compile_scope=ctx.args.compile_scope)
-    return load_pipeline(
-        str(ctx.model_dir), ctx.device, "auto", speedups=options, compile_cache=str(ctx.args.compile_cache),
-        warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"), **kwargs,
-    )
+    return load_pipeline(str(ctx.model_dir), ctx.device, PipelineOptions(
+        speedups=options, compile_cache=str(ctx.args.compile_cache), warmup=[(ctx.size, ctx.size)],
+        warmup_modes=("exact", "fast"), **kwargs,
+    ))
 
 
 def fresh_prompt_cache(loaded: Any) -> None:

@@ -143,12 +143,13 @@ def test_pixq_compile_writes_a_versioned_set_without_the_weights(
 def test_a_matching_set_serves_every_mode_without_compiling(artefact_set: tuple[Path, Path, float],
                                                             tiny_model: str) -> None:
     import torch._dynamo.utils
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
     counters = torch._dynamo.utils.counters
     before = (dict(counters["stats"]), dict(counters["frames"]))
-    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    loaded = load_pipeline(tiny_model, "cpu", PipelineOptions(speedups=SpeedupOptions(compile=True),
+                                                               artefacts=str(artefact_set[0])))
     assert loaded.artefacts is not None and loaded.artefacts.folder == artefact_set[1]
     assert loaded.speedups is not None
     assert loaded.warmed == [f"{SIZE}x{SIZE}/exact", f"{SIZE}x{SIZE}/fast"]  # before serving, nothing compiled
@@ -172,13 +173,14 @@ def test_a_full_batch_runs_on_the_set_and_is_warmed_before_serving(artefact_set:
     batch in either mode runs them (nothing eager), each image as its job alone up to the compile tolerance."""
     import torch._dynamo.utils
     from pixq.worker.gpu.batch import BatchPolicy, render_batch
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
     counters = torch._dynamo.utils.counters
     before = dict(counters["stats"])
-    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]),
-                           batch=BatchPolicy(max_batch=BATCH, by_size=False))
+    loaded = load_pipeline(tiny_model, "cpu", PipelineOptions(speedups=SpeedupOptions(compile=True),
+                                                           artefacts=str(artefact_set[0]),
+                                                           batch=BatchPolicy(max_batch=BATCH, by_size=False)))
     assert loaded.artefacts is not None and loaded.artefacts.batch_of(SIZE, SIZE) == BATCH
     assert loaded.speedups is not None
     transformer = next(iter(loaded.artefacts.transformer.values()))
@@ -200,9 +202,9 @@ def test_a_full_batch_runs_on_the_set_and_is_warmed_before_serving(artefact_set:
 
 LOAD_PROBE = """
 import json, sys, time
-from pixq.worker.gpu.pipeline import load_pipeline
+from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
 import torch._inductor.cpu_vec_isa as isa
-loaded = load_pipeline(sys.argv[1], "cpu", artefacts=sys.argv[2])
+loaded = load_pipeline(sys.argv[1], "cpu", PipelineOptions(artefacts=sys.argv[2]))
 print(json.dumps({"graphs": len(loaded.artefacts.graphs()) if loaded.artefacts else 0,
                   "package_s": [g.timings["package"] for g in loaded.artefacts.graphs()] if loaded.artefacts else [],
                   "isa_probes": isa.valid_vec_isa_list.cache_info().currsize}))
@@ -231,10 +233,11 @@ def test_a_shape_without_a_graph_runs_eager_and_matches_the_eager_pipeline(
     artefact_set: tuple[Path, Path, float], tiny_model: str,
 ) -> None:
     import torch._dynamo.utils
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
-    loaded = load_pipeline(tiny_model, "cpu", speedups=SpeedupOptions(compile=True), artefacts=str(artefact_set[0]))
+    loaded = load_pipeline(tiny_model, "cpu", PipelineOptions(speedups=SpeedupOptions(compile=True),
+                                                               artefacts=str(artefact_set[0])))
     assert loaded.speedups is not None
     loaded.speedups.gate.serving = True
     plain = load_pipeline(tiny_model, "cpu")
@@ -250,7 +253,7 @@ def test_a_shape_without_a_graph_runs_eager_and_matches_the_eager_pipeline(
 def test_a_stale_or_damaged_set_is_refused_with_one_line(
     artefact_set: tuple[Path, Path, float], tiny_model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
 
     root, folder, _ = artefact_set
     stale_root = tmp_path / "stale"
@@ -261,7 +264,7 @@ def test_a_stale_or_damaged_set_is_refused_with_one_line(
     manifest_path.write_text(json.dumps(manifest))
     plain = load_pipeline(tiny_model, "cpu")
     with caplog.at_level(logging.WARNING, logger="pixq.worker.gpu.pipeline"):
-        loaded = load_pipeline(tiny_model, "cpu", artefacts=str(stale_root))
+        loaded = load_pipeline(tiny_model, "cpu", PipelineOptions(artefacts=str(stale_root)))
     assert loaded.artefacts is None
     (line,) = [r.getMessage() for r in caplog.records if "compiled artefacts not used" in r.getMessage()]
     assert "torch: '2.10.0' ->" in line and "running eager" in line
@@ -273,7 +276,7 @@ def test_a_stale_or_damaged_set_is_refused_with_one_line(
     package.write_bytes(package.read_bytes()[:-10])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pixq.worker.gpu.pipeline"):
-        loaded = load_pipeline(tiny_model, "cpu", artefacts=str(damaged_root))
+        loaded = load_pipeline(tiny_model, "cpu", PipelineOptions(artefacts=str(damaged_root)))
     assert loaded.artefacts is None
     assert any("does not match its manifest" in r.getMessage() for r in caplog.records)
 

@@ -21,7 +21,7 @@ from pixq.client import Client
 from pixq.records import JobRecord, JobState
 from pixq.schema import JobRequest
 from pixq.worker.gpu.batch import BatchPolicy, batch_key, render_batch
-from pixq.worker.gpu.pipeline import load_pipeline
+from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
 from pixq.worker.gpu.render import render
 
 from tests.fixtures.cluster import Cluster
@@ -208,7 +208,7 @@ def test_a_lone_job_starts_at_once(cluster: Cluster) -> None:
 
 
 def test_worker_threads_follow_the_batch_size(tmp_path: Path) -> None:
-    from pixq.worker.ops.serve import WorkerOptions
+    from pixq.worker.ops.options import WorkerOptions
 
     def threads(sample_size: int, **kw: object) -> int:
         options = WorkerOptions(model="/x", **kw)  # type: ignore[arg-type]
@@ -227,8 +227,8 @@ def test_compile_batches_compiles_the_full_batch_only(tiny_model: str) -> None:
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_vae=False, compile_batches=True),
-                           batch=BatchPolicy(max_batch=4))
+    loaded = load_pipeline(tiny_model, options=PipelineOptions(
+        speedups=SpeedupOptions(compile=True, compile_vae=False, compile_batches=True), batch=BatchPolicy(max_batch=4)))
     assert loaded.speedups is not None and loaded.speedups.router.batch_images == 4
 
     def requests(n: int) -> list[JobRequest]:
@@ -256,7 +256,8 @@ def test_batches_run_eager_beside_compiled_single_images_by_default(tiny_model: 
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
-    loaded = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False))
+    loaded = load_pipeline(tiny_model, options=PipelineOptions(
+        speedups=SpeedupOptions(compile=True, compile_scope=scope, compile_vae=False)))
     assert loaded.speedups is not None
     one = JobRequest.model_validate({"prompt": "graph one", "seed": 1, "model_name": tiny_model,
                                      **{**SMALL, "num_inference_steps": 3}})

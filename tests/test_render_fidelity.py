@@ -21,10 +21,10 @@ def fidelity_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _load(model: str, **options: Any) -> Any:
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
 
-    return load_pipeline(model, "cpu", speedups=SpeedupOptions(**options))
+    return load_pipeline(model, "cpu", PipelineOptions(speedups=SpeedupOptions(**options)))
 
 
 @pytest.fixture(scope="module")

@@ -186,12 +186,13 @@ def test_a_new_sampler_compiles_nothing(tiny_model: str) -> None:
     transformer's graph, a job of every other sampler runs that graph and compiles no other (checked before
     the worker serves, when a failed guard would compile rather than run eager)."""
     import torch._dynamo
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # as in a fresh worker process (dynamo's per-code cache limit)
-    compiled = load_pipeline(tiny_model, speedups=SpeedupOptions(compile=True, compile_vae=False))
+    compiled = load_pipeline(tiny_model, options=PipelineOptions(
+        speedups=SpeedupOptions(compile=True, compile_vae=False)))
     speedups = compiled.speedups
     assert speedups is not None
     _render(compiled, _request(tiny_model, Scheduler.dpm_solver, num_inference_steps=3))

@@ -12,7 +12,7 @@ import redis
 from pixq.errors import WorkerNameTaken
 from pixq.wire import WORKER_KEY_PREFIX
 from pixq.worker.ops.identity import Presence, check_name_free, claim_name, default_name
-from pixq.worker.ops.serve import WorkerOptions
+from pixq.worker.ops.options import WorkerOptions
 
 from tests.services import Service, pixq_argv
 from tests.support import wait_for

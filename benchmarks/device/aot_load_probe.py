@@ -23,7 +23,7 @@ import pixq.worker.gpu.pipeline as p
 if not kernels:
     p.first_kernels = lambda *a: None
 t = time.perf_counter()
-loaded = p.load_pipeline(model, "cuda:0", artefacts=root)
+loaded = p.load_pipeline(model, "cuda:0", p.PipelineOptions(artefacts=root))
 phases = {k: round(v, 2) for k, v in loaded.phases.items()}
 print("OK", loaded.artefacts is not None, phases, round(time.perf_counter() - t, 1))
 """

@@ -63,7 +63,7 @@ case "$mode" in
     lean=$(python3 -m benchmarks.leanenv --hardlink /tmp/lean) || exit 4
     python3 -c "from pathlib import Path; from benchmarks.fullsize import ensure_model; ensure_model(Path('/tmp/pixq-coldstart/model'), 'cuda:0')" 2>&1 | tail -1
     mkdir -p /tmp/art && for d in "${SET_DIRS[@]}"; do [ -d "$d" ] && cp -r "$d"/* /tmp/art/; done
-    probe="import pixq.worker.gpu.pipeline as p; l = p.load_pipeline('/tmp/pixq-coldstart/model', 'cuda:0', artefacts='/tmp/art'); assert l.artefacts; print('probe ok', l.phases)"
+    probe="import pixq.worker.gpu.pipeline as p; l = p.load_pipeline('/tmp/pixq-coldstart/model', 'cuda:0', p.PipelineOptions(artefacts='/tmp/art')); assert l.artefacts; print('probe ok', l.phases)"
     if PYTHONPATH=$PWD:$PWD/producer:$PWD/worker timeout 120 "$lean" -X faulthandler -c "$probe" > "$OUT/r/probe.log" 2>&1; then
       py=$lean; export PYTHONPATH=$PWD:$PWD/producer:$PWD/worker; echo "env: lean venv"
     else

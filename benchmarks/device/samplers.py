@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from pixq.schema import Scheduler
     from pixq.worker.gpu.batch import render_batch
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.render import render
     from pixq.worker.gpu.speedups import SpeedupOptions
     from torch._dynamo.utils import counters
@@ -92,8 +92,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model_dir, build = ensure_model(model_dir, device, tiny=args.tiny)
     model = str(model_dir)
     samplers = [Scheduler(s) for s in args.samplers.split(",") if s] or list(Scheduler)
-    loaded = load_pipeline(model, device, "auto", speedups=SpeedupOptions(compile=compiled, compile_batches=compiled),
-                           warmup=[(size, size)], warmup_modes=("exact", "fast"))
+    loaded = load_pipeline(model, device, PipelineOptions(
+        speedups=SpeedupOptions(compile=compiled, compile_batches=compiled), warmup=[(size, size)],
+        warmup_modes=("exact", "fast")))
     speedups = loaded.speedups
     assert speedups is not None
     if compiled:  # the small size's full batch runs its static graphs, as a worker's --compile-batches does
@@ -144,6 +145,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         row[f"batched_{small}"] = summary(per_image)
         row["compiles"] = {"new_graphs": counters["stats"].get("unique_graphs", 0) - graphs_before}
         result["samplers"][name] = row
+        print(json.dumps({"sampler": name, **row}, default=str), flush=True)  # a run cut short keeps what it measured
         offset += 2000
     result["compiles"] = {"new_graphs": counters["stats"].get("unique_graphs", 0),
                           "eager_calls": speedups.gate.eager_calls - eager_before,

@@ -22,14 +22,13 @@ def phase_levers(ctx: Context) -> None:
     import numpy as np
     import torch
     from pixq.worker.gpu.pipecall import generators
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.render import render
     from pixq.worker.gpu.speedups import SpeedupOptions
 
-    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                           speedups=SpeedupOptions(compile=True, trim_text=False,
-                                              compile_scope=ctx.args.compile_scope),
-                           compile_cache=str(ctx.args.compile_cache))
+    loaded = load_pipeline(str(ctx.model_dir), ctx.device, PipelineOptions(
+        speedups=SpeedupOptions(compile=True, trim_text=False, compile_scope=ctx.args.compile_scope),
+        compile_cache=str(ctx.args.compile_cache)))
     speedups: Any = loaded.speedups
     base = speedups.options
     variants = {  # name -> (eager, trim)

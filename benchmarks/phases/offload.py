@@ -10,15 +10,14 @@ from benchmarks.measure import free_cuda, peak_gib, reset_peak
 
 
 def phase_offload(ctx: Context) -> None:
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.render import render
-    from pixq.worker.gpu.speedups import SpeedupOptions
 
     if not ctx.device.startswith("cuda"):
         ctx.results["offload"] = "skipped: needs a CUDA device"
         return
     reset_peak(ctx.device)
-    loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto", offload=True, speedups=SpeedupOptions())
+    loaded = load_pipeline(str(ctx.model_dir), ctx.device, PipelineOptions(offload=True))
     res: dict[str, Any] = {"load_s": loaded.load_s}
     for mode in ("exact", "fast"):
         times = []

@@ -20,7 +20,7 @@ def phase_scopes(ctx: Context) -> None:
     Then micro-batching on the blocks pipeline: per-image time of one call with 1, 2, 4 images.
     """
     import torch
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
     from pixq.worker.gpu.render import render
     from pixq.worker.gpu.speedups import SpeedupOptions
 
@@ -34,9 +34,9 @@ def phase_scopes(ctx: Context) -> None:
         cache = ctx.args.compile_cache if scope == ctx.args.compile_scope else (
             Path("/tmp/pixq-bench/scope-cache") / f"{scope}-{time.time_ns()}")
         shutil.rmtree(cache, ignore_errors=True)
-        loaded = load_pipeline(str(ctx.model_dir), ctx.device, "auto",
-                               speedups=SpeedupOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
-                               warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast"))
+        loaded = load_pipeline(str(ctx.model_dir), ctx.device, PipelineOptions(
+            speedups=SpeedupOptions(compile=True, compile_scope=scope), compile_cache=str(cache),
+            warmup=[(ctx.size, ctx.size)], warmup_modes=("exact", "fast")))
         item: dict[str, Any] = {"cold_compile_and_warmup_s": loaded.warmup_s}
         item["exact"] = render_stream(ctx, loaded, "exact", offset=0)
         item["fast"] = render_stream(ctx, loaded, "fast", offset=0)

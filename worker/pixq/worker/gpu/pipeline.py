@@ -68,41 +68,49 @@ def resolve_dtype(device: str, dtype: str) -> Any:
     return getattr(torch, dtype)
 
 
-def load_pipeline(
-    model_name: str,
-    device: str = "cpu",
-    dtype: str = "auto",
-    offload: bool = False,
-    speedups: SpeedupOptions | None = None,
-    compile_cache: str | None = None,
-    warmup: Sequence[tuple[int, int]] = (),
-    warmup_modes: Sequence[str] = ("exact", "fast"),
-    batch: BatchPolicy | None = None,
-    artefacts: str | None = None,
-) -> LoadedPipeline:
-    """Load ``model_name`` once onto ``device``, then compile and warm up as asked.
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How ``load_pipeline`` loads, compiles and warms up a pipeline (the worker builds it from its options:
+    ``pixq.worker.ops.options.WorkerOptions.pipeline_options``).
 
-    A hub checkpoint loads its ``transformer`` subfolder beside the shared T5, tokenizer,
-    SDXL VAE and scheduler (``BASE_COMPONENTS``), as the model card does; a local directory
-    is one whole pipeline saved with ``save_pretrained``. ``offload`` keeps idle components
-    in host memory (``enable_model_cpu_offload``) for cards of 24 GB or less.
-
-    ``speedups`` sets the worker's speed-ups (pixq.worker.gpu.speedups): ``compile`` (the transformer, with
-    inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
-    ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that
-    compilation and kernel selection happen before the first real job.
+    ``dtype``: one of ``DTYPES``. ``offload`` keeps idle components in host memory (``enable_model_cpu_offload``)
+    for cards of 24 GB or less. ``speedups`` sets the speed-ups (pixq.worker.gpu.speedups): ``compile`` (the
+    transformer, with inductor's caches in ``compile_cache`` when given), prompt cache, text trimming, fast plan.
+    ``warmup`` renders one short job per (width, height) and mode in ``warmup_modes`` so that compilation and
+    kernel selection happen before the first real job. ``batch``: the worker's batch policy (sized for the model
+    once loaded: ``LoadedPipeline.batch``).
 
     ``artefacts``: the root of compiled artefact sets (``pixq compile``). When one matches this
     pipeline its AOT graphs replace ``torch.compile`` (no dynamo, no inductor at start) and every
     size in it is warmed up in every mode (a short render each: nothing compiles); when none
     matches, one log line says why and ``speedups.compile`` is honoured as without artefacts.
     """
+
+    dtype: str = "auto"
+    offload: bool = False
+    speedups: SpeedupOptions = field(default_factory=SpeedupOptions)
+    compile_cache: str | None = None
+    warmup: Sequence[tuple[int, int]] = ()
+    warmup_modes: Sequence[str] = ("exact", "fast")
+    batch: BatchPolicy | None = None
+    artefacts: str | None = None
+
+
+def load_pipeline(model_name: str, device: str = "cpu", options: PipelineOptions | None = None) -> LoadedPipeline:
+    """Load ``model_name`` once onto ``device``, then compile and warm up as ``options`` ask.
+
+    A hub checkpoint loads its ``transformer`` subfolder beside the shared T5, tokenizer,
+    SDXL VAE and scheduler (``BASE_COMPONENTS``), as the model card does; a local directory
+    is one whole pipeline saved with ``save_pretrained``.
+    """
+    options = options or PipelineOptions()
+    offload = options.offload
     started = time.perf_counter()
     phases: dict[str, float] = {}
     import torch
 
     # CUDA's context and its libraries' first kernels come up on a thread while diffusers and transformers import.
-    torch_dtype = resolve_dtype(device, dtype)
+    torch_dtype = resolve_dtype(device, options.dtype)
     cuda_init = start_cuda_init(device, torch_dtype) if device.startswith("cuda") else None
     from diffusers import PixArtSigmaPipeline
 
@@ -119,33 +127,33 @@ def load_pipeline(
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     phases["weights_s"] = time.perf_counter() - t0
-    options = speedups or SpeedupOptions()
-    if options.compile and offload:
+    speedups = options.speedups
+    if speedups.compile and offload:
         log.warning("--compile is ignored with --offload (offload hooks move weights under the compiled graph)")
-        options = replace(options, compile=False)
+        speedups = replace(speedups, compile=False)
     loaded = LoadedPipeline(pipe, model_name, device, str(torch_dtype).removeprefix("torch."), 0.0, phases=phases,
                             scheduler_config=pipe.scheduler.config)
-    if artefacts and not offload:
+    if options.artefacts and not offload:
         t0 = time.perf_counter()
         from pixq.worker.gpu.artefacts import load_artefacts
 
-        loaded.artefacts, why = load_artefacts(pipe, model_name, device, Path(artefacts))
+        loaded.artefacts, why = load_artefacts(pipe, model_name, device, Path(options.artefacts))
         phases["graphs_s"] = time.perf_counter() - t0
         if loaded.artefacts is None:
             log.warning("compiled artefacts not used: %s; %s", why,
-                        "compiling at start instead" if options.compile else "running eager (no --compile)")
+                        "compiling at start instead" if speedups.compile else "running eager (no --compile)")
         else:
-            options = replace(options, compile=False)  # the AOT graphs replace torch.compile
+            speedups = replace(speedups, compile=False)  # the AOT graphs replace torch.compile
             log.info("compiled artefacts: %d graphs from %s in %.1f s (sizes %s)", len(loaded.artefacts.graphs()),
                      loaded.artefacts.folder, phases["graphs_s"],
                      ", ".join(f"{w}x{h}" for w, h in loaded.artefacts.sizes))
-    if options.compile and compile_cache:
-        configure_compile_cache(compile_cache)
-    loaded.speedups = RenderSpeedups(pipe, options)
+    if speedups.compile and options.compile_cache:
+        configure_compile_cache(options.compile_cache)
+    loaded.speedups = RenderSpeedups(pipe, speedups)
     if loaded.artefacts is not None:
         loaded.speedups.use_graphs(loaded.artefacts.transformer, loaded.artefacts.vae)
-    if batch is not None:
-        loaded.batch = batch.for_model(pipe.transformer.config.sample_size)
+    if options.batch is not None:
+        loaded.batch = options.batch.for_model(pipe.transformer.config.sample_size)
         if loaded.speedups is not None and loaded.speedups.options.compile_batches:
             loaded.speedups.router.batch_images = loaded.batch.largest()
     loaded.load_s = time.perf_counter() - started
@@ -158,12 +166,13 @@ def load_pipeline(
             full = loaded.artefacts.batch_of(width, height)
             warm_up(loaded, [(width, height)], ("exact", "fast"), BatchPolicy(max_batch=full) if full > 1 else None,
                     steps=2, native=True)
+    warmup = options.warmup
     if warmup and loaded.artefacts is not None:  # sizes whose rendered size the set covers are warm already
         from pixq.worker.gpu.artefacts import rendered_sizes
 
         warmup = [s for s in warmup if not set(rendered_sizes(pipe, [s])) <= set(loaded.artefacts.sizes)]
     if warmup:
-        warm_up(loaded, warmup, warmup_modes, loaded.batch)
+        warm_up(loaded, warmup, options.warmup_modes, loaded.batch)
     phases["warmup_s"] = loaded.warmup_s
     return loaded
 

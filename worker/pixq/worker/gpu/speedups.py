@@ -58,7 +58,7 @@ class SpeedupOptions:
 class RenderSpeedups:
     """The per-pipeline state: prompt cache, compiled transformer, fast-mode controller, VAE tiling."""
 
-    ATTRIBUTE = "_pixq_accel"
+    ATTRIBUTE = "_pixq_speedups"
 
     def __init__(self, pipe: Any, options: SpeedupOptions | None = None):
         self.pipe = pipe

@@ -8,134 +8,59 @@ producer's app).
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pixq.console import client_from_env, err, finish, save_images, wait_with_progress
 from pixq.errors import ConfigError, PixqError
 from pixq.settings import Settings
-from pixq.worker.gpu.compile import COMPILE_MODES, COMPILE_SCOPES
 from pixq.worker.gpu.pipeline import DTYPES, parse_size
-from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 from pixq.worker.ops.flower import flower_command
+from pixq.worker.ops.options import WorkerOptions, with_option_parameters
 
 app = typer.Typer(name="pixq", add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
-def worker(
-    ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option(help="Model to serve [default: PIXQ_MODEL]")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
-    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto: bf16 on GPU, fp32 on CPU")] = "auto",
-    name: Annotated[Optional[str], typer.Option(
-        help="Node and lease name, unique among live workers [default: gpuN-PID@host, cpu-PID@host]")] = None,
-    offload: Annotated[bool, typer.Option(help="enable_model_cpu_offload, for cards of 24 GB or less")] = False,
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
-    ready_file: Annotated[Optional[Path], typer.Option(help="File written once serving (readiness probes)")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the transformer")] = False,
-    compile_mode: Annotated[str, typer.Option(help="default, reduce-overhead (CUDA graphs), "
-                                              "max-autotune-no-cudagraphs, max-autotune")] = "default",
-    compile_scope: Annotated[str, typer.Option(help="model: the whole forward as one graph (fastest renders); "
-                                               "blocks: one graph shared by the blocks (ready sooner, ~9% "
-                                               "slower through the queue)")] = "model",
-    compile_cache: Annotated[Optional[Path], typer.Option(help="Inductor cache directory kept across "
-                                                          "restarts [default: torch's, under /tmp]")] = None,
-    artefacts: Annotated[Optional[Path], typer.Option(help="Root of `pixq compile` artefact sets (read-only is "
-                                                      "fine): AOT graphs instead of compiling at start; no "
-                                                      "matching set: one log line, then --compile as asked")] = None,
-    warmup: Annotated[Optional[list[str]], typer.Option(help="Render one job at this WIDTHxHEIGHT per mode "
-                                                        "before serving; repeatable")] = None,
-    warmup_mode: Annotated[Optional[list[str]], typer.Option(help="Modes to warm up: exact, fast; "
-                                                             "repeatable [default: both]")] = None,
-    defer_warmup: Annotated[bool, typer.Option("--defer-warmup/--no-defer-warmup",
-                                               help="Warm up the first mode before serving, the others while "
-                                               "serving, between jobs")] = True,
-    prompt_cache: Annotated[int, typer.Option(help="Prompts whose T5 embeddings stay on the device")] = 64,
-    encode_threads: Annotated[int, typer.Option(help="PNG encoding threads while the GPU is idle "
-                                                "[default 0: min(8, cores)]; one while another job renders")] = 0,
-    gpus: Annotated[Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Serve /metrics and /readyz on this port; 0: off")] = 0,
-    metrics_host: Annotated[str, typer.Option(envvar="PIXQ_METRICS_HOST", help="Address of the metrics port "
-                                              "(no authentication: keep it off networks you do not trust; "
-                                              "0.0.0.0 where Prometheus scrapes the pod)")] = "127.0.0.1",
-    trim_text: Annotated[bool, typer.Option("--trim-text/--no-trim-text",
-                                            help="Cut T5 padding from cross-attention (exact up to rounding)")] = True,
-    vae_tile_above: Annotated[int, typer.Option(help="Decode images of more than this many pixels in tiles "
-                                                "(0: every decode)")] = VAE_TILE_ABOVE,
-    compile_vae: Annotated[bool, typer.Option("--compile-vae/--no-compile-vae",
-                                              help="With --compile: the VAE decoder too")] = True,
-    compile_batches: Annotated[bool, typer.Option("--compile-batches/--no-compile-batches",
-                                                  help="With --compile: static graphs for full batches too "
-                                                  "(compiled at warm-up; other batches run eager)")] = True,
-    max_batch: Annotated[int, typer.Option(help="Images per pipeline call for waiting jobs that can share one "
-                                           "(same size, steps, guidance, mode, format) [default 0: by size, "
-                                           "8 up to 512² rendered on a GPU, else 1]")] = 0,
-    gather_window: Annotated[float, typer.Option(help="Seconds the first job of a batch may wait for "
-                                                 "partners [default 0: batch only what already waits]")] = 0.0,
-) -> None:
+GPUS = inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Optional[str], typer.Option(help="all or 0,1: one supervised worker process per GPU")])
+
+
+def worker(ctx: typer.Context, **values: Any) -> None:
     """Start one worker process: load the pipeline once on DEVICE, then render its jobs, waiting
     compatible ones together in one pipeline call."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
-    if compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"--compile-mode: must be one of {', '.join(COMPILE_MODES)}")
-    if compile_scope not in COMPILE_SCOPES:
-        raise ConfigError(f"--compile-scope: must be one of {', '.join(COMPILE_SCOPES)}")
-    for size in warmup or []:
-        try:
-            parse_size(size)
-        except ValueError as exc:
-            raise ConfigError(f"--warmup: {exc}") from None
-    if encode_threads < 0:
-        raise ConfigError("--encode-threads: must be 0 (automatic) or more")
-    if vae_tile_above < 0:
-        raise ConfigError("--vae-tile-above: must be 0 (always tile) or more")
-    if max_batch < 0:
-        raise ConfigError("--max-batch: must be 0 (by size) or more")
-    if not 0 <= gather_window <= 10:
-        raise ConfigError("--gather-window: must be 0 to 10 seconds")
-    if any(m not in ("exact", "fast") for m in warmup_mode or []):
-        raise ConfigError("--warmup-mode: must be exact or fast")
-    if not metrics_host.strip():
-        raise ConfigError("--metrics-host (PIXQ_METRICS_HOST): must be an address, e.g. 127.0.0.1 or 0.0.0.0")
     settings = Settings.from_env(os.environ)
+    options = WorkerOptions.from_cli(values, default_model=settings.model)  # every option checked: one line each
+    gpus: str | None = values["gpus"]
     from pixq.worker.ops.prefetch import mode_from_env, prefetch_for_worker
 
     if gpus is None:  # the weights stream from the disk beside the checks and imports below (issue 29)
-        prefetch_for_worker(model or settings.model, os.environ)
+        prefetch_for_worker(options.model, os.environ)
     else:  # each child prefetches; a bad PIXQ_PREFETCH stops the supervisor, naming it
         mode_from_env(os.environ)
     settings.require_redis()
     check_storage(settings)  # before anything says ready: a worker that cannot store its images takes no job
     if gpus is not None:
-        if name or device != "cpu":
+        if options.name or options.device != "cpu":
             raise ConfigError("--gpus sets each worker's --device and --name; drop them")
         from pixq.worker.ops.supervisor import option_argv, run_gpu_workers
 
         # Every other option as parsed, for each child: a new option cannot miss them.
-        child_args = option_argv(ctx.command.params, {**ctx.params, "model": model or settings.model})
-        raise typer.Exit(run_gpu_workers(gpus, child_args, loglevel=loglevel, ready_file=ready_file,
-                                         metrics_port=metrics_port))
+        child_args = option_argv(ctx.command.params, {**ctx.params, "model": options.model})
+        raise typer.Exit(run_gpu_workers(gpus, child_args, loglevel=options.loglevel, ready_file=options.ready_file,
+                                         metrics_port=options.metrics_port))
     gc.disable()  # the start runs without cyclic GC; serve turns it on, the start's objects frozen, when ready
-    from pixq.worker.ops.serve import WorkerOptions, serve
+    from pixq.worker.ops.serve import serve
 
-    serve(settings, WorkerOptions(model=model or settings.model, device=device, dtype=dtype, name=name,
-                                  offload=offload, loglevel=loglevel,
-                                  ready_file=str(ready_file) if ready_file else None,
-                                  compile=compile, compile_mode=compile_mode, compile_scope=compile_scope,
-                                  compile_cache=str(compile_cache) if compile_cache else None,
-                                  artefacts=str(artefacts) if artefacts else None,
-                                  warmup=tuple(warmup or ()), warmup_modes=tuple(warmup_mode or ("exact", "fast")),
-                                  defer_warmup=defer_warmup,
-                                  prompt_cache=prompt_cache, trim_text=trim_text, encode_threads=encode_threads,
-                                  vae_tile_above=vae_tile_above, compile_vae=compile_vae,
-                                  compile_batches=compile_batches, metrics_port=metrics_port,
-                                  metrics_host=metrics_host, max_batch=max_batch, gather_window_s=gather_window))
+    serve(settings, options)
+
+
+# Its parameters are WorkerOptions' fields (pixq.worker.ops.options) and --gpus: a new option is one field there.
+app.command()(with_option_parameters(worker, GPUS))
 
 
 def check_storage(settings: Settings) -> None:
@@ -171,7 +96,7 @@ def compile_command(
     """Build the worker's compiled artefacts once per (model, GPU kind, torch version): one AOT graph per size."""
     from pixq.worker.gpu.artefacts import artefact_key, build_artefacts, covered, find_artefacts, rendered_sizes
     from pixq.worker.gpu.batch import BatchPolicy
-    from pixq.worker.gpu.pipeline import load_pipeline
+    from pixq.worker.gpu.pipeline import PipelineOptions, load_pipeline
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}")
@@ -186,7 +111,7 @@ def compile_command(
     if native and any(w % 16 or h % 16 for w, h in sizes):
         raise ConfigError("--size: native sizes must be multiples of 16")
     name = model or Settings.from_env(os.environ).model
-    loaded = load_pipeline(name, device, dtype)
+    loaded = load_pipeline(name, device, PipelineOptions(dtype=dtype))
     targets = rendered_sizes(loaded.pipe, sizes, native)
     policy = BatchPolicy(max_batch=max_batch, by_size=device.startswith("cuda")).for_model(
         loaded.pipe.transformer.config.sample_size)

@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,8 +24,6 @@ from pixq.wire import queue_name
 from pixq.worker.gpu.batch import BatchPolicy
 from pixq.worker.gpu.pipeline import LoadedPipeline, load_pipeline, parse_size, warm_up
 from pixq.worker.gpu.routing import CompileGate
-from pixq.worker.gpu.speedups import SpeedupOptions
-from pixq.worker.gpu.vae import VAE_TILE_ABOVE
 from pixq.worker.jobs.lease import Leases
 from pixq.worker.jobs.metrics import WorkerMetrics
 from pixq.worker.jobs.reaper import Reaper
@@ -35,65 +32,12 @@ from pixq.worker.jobs.runner import JobRunner, RunnerConfig, Shutdown
 from pixq.worker.jobs.storage import Storage
 from pixq.worker.jobs.storagewatch import StorageWatch
 from pixq.worker.jobs.tasks import create_app, register_render_task
-from pixq.worker.ops.identity import Presence, check_name_free, claim_name, default_name
+from pixq.worker.ops.identity import Presence, check_name_free, claim_name
+from pixq.worker.ops.options import WorkerOptions
 
 log = logging.getLogger(__name__)
 
 UPLOAD_RETRY_BUDGET_S = 120.0
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    model: str
-    device: str = "cpu"
-    dtype: str = "auto"
-    name: str | None = None
-    offload: bool = False
-    loglevel: str = "INFO"
-    ready_file: str | None = None  # touched once the pipeline is loaded and the queue consumed
-    concurrency: int = 2  # job threads at least: one renders while the other encodes and uploads
-    # Images per pipeline call for jobs that can share one (0: per size, pixq.worker.gpu.batch); jobs
-    # only batch with what already waits, unless a gather window lets the first one wait that long.
-    max_batch: int = 0
-    gather_window_s: float = 0.0
-    # Speed-ups (pixq.worker.gpu.speedups, docs/performance.md)
-    compile: bool = False
-    compile_mode: str = "default"
-    compile_scope: str = "model"
-    compile_cache: str | None = None
-    artefacts: str | None = None  # root of pixq compile's artefact sets: AOT graphs instead of compiling
-    warmup: tuple[str, ...] = ()  # "1024x1024" sizes rendered once before serving
-    warmup_modes: tuple[str, ...] = ("exact", "fast")
-    # Warm up only the first mode before serving; the others once serving, one render at a time
-    # under the GPU lock (a job waits at most one warm-up render; the first job is not held up).
-    defer_warmup: bool = True
-    prompt_cache: int = 64
-    trim_text: bool = True
-    encode_threads: int = 0  # PNG threads while the GPU is idle (0: automatic)
-    vae_tile_above: int = VAE_TILE_ABOVE  # decodes of more pixels run tiled
-    compile_vae: bool = True  # with compile: the VAE decoder too
-    compile_batches: bool = True  # with compile: full batches' static graphs too (else batches run eager)
-    metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
-    metrics_host: str = "127.0.0.1"  # ... on this address (no authentication there: loopback unless told)
-
-    def speedup_options(self) -> SpeedupOptions:
-        return SpeedupOptions(compile=self.compile, compile_mode=self.compile_mode, compile_scope=self.compile_scope,
-                            prompt_cache=self.prompt_cache, trim_text=self.trim_text,
-                            vae_tile_above=self.vae_tile_above, compile_vae=self.compile_vae,
-                            compile_batches=self.compile_batches)
-
-    def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(max_batch=self.max_batch, gather_window_s=self.gather_window_s,
-                           by_size=self.device.startswith("cuda"))
-
-    def job_threads(self, policy: BatchPolicy) -> int:
-        """Enough Celery threads (each holds one message) for a batch rendering while the next one
-        gathers: twice the largest batch ``policy`` (this model's) gives, at least ``concurrency``."""
-        return max(self.concurrency, 2 * policy.largest())
-
-    def node_name(self) -> str:
-        """``--name``, else the device, this process's id and the host (``cpu-4711@host``)."""
-        return self.name or default_name(self.device)
 
 
 def install_second_stop(shutdown: Shutdown) -> None:
@@ -267,11 +211,7 @@ def serve(settings: Settings, options: WorkerOptions) -> None:
     check_memory_policy(conn)
     name = options.node_name()
     check_name_free(conn, name)
-    loaded = load_pipeline(
-        options.model, options.device, options.dtype, options.offload,
-        speedups=options.speedup_options(), compile_cache=options.compile_cache,
-        warmup=sizes, warmup_modes=now_modes, batch=options.batch_policy(), artefacts=options.artefacts,
-    )
+    loaded = load_pipeline(options.model, options.device, options.pipeline_options(warmup_modes=now_modes))
     if loaded.artefacts is not None:
         later_modes = ()  # every size of the set is warm in every mode; nothing compiles
     if loaded.speedups is not None and (sizes or loaded.artefacts is not None):
