@@ -102,7 +102,7 @@ class Client:
         self.settings = settings
         # A few seconds of retries: a Redis failover or restart is ridden out, a Redis that is down
         # is reported soon (redisconn.py). The CLI passes READ_RETRIES / CLI_WRITE_RETRIES and a
-        # shorter connect timeout (commands.client_from_env); 5 s is RedisEndpoint.client's default.
+        # shorter connect timeout (console.client_from_env); 5 s is RedisEndpoint.client's default.
         self.conn = conn or settings.redis_endpoint().client(retries=retries, connect_timeout_s=connect_timeout_s)
         self.durability = Durability(self.conn, settings.redis_min_replicas, settings.redis_wait_timeout_ms)
         self.records = RecordStore(self.conn, settings.retention_s, self.durability)
