@@ -1,8 +1,7 @@
 """Helpers for the API tests: the API and relay through our CLI, keys, a webhook receiver and what a
 delivery says, the API's rate limiter.
 
-``env_api`` and ``api`` are fixtures: a test module binds them (``api = apitools.api``) and gets its own
-API process over the session's Redis, S3 and worker (scope ``module``).
+The ``env_api`` and ``api`` fixtures that start a module's API are in tests/fixtures/api.py.
 """
 
 from __future__ import annotations
@@ -11,14 +10,13 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
 from pixq.settings import Settings
 from standardwebhooks.webhooks import Webhook
@@ -44,18 +42,6 @@ def start_api(env: dict[str, str], log_path: Path, *extra: str, port: int | None
     base = f"http://127.0.0.1:{port}"
     svc.wait_until(lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 60)
     return svc, base
-
-
-@pytest.fixture(scope="module")
-def env_api(env: dict[str, str]) -> dict[str, str]:
-    return api_env(env)
-
-
-@pytest.fixture(scope="module")
-def api(env_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    svc, base = start_api(env_api, tmp_path_factory.mktemp("api") / "api.log")
-    yield base
-    svc.stop()
 
 
 def job_keys(conn: redis.Redis) -> set[bytes]:

@@ -24,7 +24,7 @@ from tests.services import S3Endpoint, Service, start_redis, start_seaweedfs, st
 from tests.support import SERVICE_FIXTURES, stack_env
 
 # Fixtures a few modules share, each a plugin module of its own (registered here: the top conftest).
-pytest_plugins = ["tests.fixtures.cluster"]
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.cluster"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -18,14 +18,11 @@ from pixq.schema import parse_request
 from pixq.settings import Settings
 from standardwebhooks.webhooks import Webhook
 
-from tests import apitools
 from tests.apitools import SMALL, Receiver, auth, job_keys, make_key, sse_events
 from tests.services import Service, pixq_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
-env_api = apitools.env_api  # this module's API process, over the session's services
-api = apitools.api
 
 
 @pytest.fixture(scope="module")

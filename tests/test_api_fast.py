@@ -16,13 +16,9 @@ import pytest
 import redis
 from pixq.records import OWNER_INDEX_PREFIX
 
-from tests import apitools
 from tests.apitools import SMALL, api_env, auth, job_keys, make_key, start_api
 from tests.services import S3Endpoint, Service, pixq_argv, start_redis, start_replica
 from tests.support import stack_env
-
-env_api = apitools.env_api  # this module's API process, over the session's services
-api = apitools.api
 
 
 @dataclass

@@ -21,7 +21,6 @@ from pixq.records import KEY_PREFIX
 from tests import apitools
 from tests.apitools import SMALL, api_env, auth, job_keys, make_key
 
-api = apitools.api
 REQUEST_TIMEOUT_S = 1  # PIXQ_API_REQUEST_TIMEOUT_S of this module's API: slow clients are cut off after it
 SOCKET_BOUND_S = 30  # how long a raw client waits for the server's answer before the test fails
 

@@ -12,12 +12,9 @@ import httpx
 import pytest
 from pixq.api.events import KEY_RECHECK_S
 
-from tests import apitools
 from tests.apitools import SMALL, auth, make_key
 from tests.services import Service, pixq_argv
 
-env_api = apitools.env_api
-api = apitools.api
 TENANT_QUEUE_FIELDS = {"model", "depth", "oldest_age_s", "running_count", "worker_count", "own_running"}
 
 

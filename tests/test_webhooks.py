@@ -11,15 +11,12 @@ import time
 import httpx
 import pytest
 
-from tests import apitools
 from tests.apitools import Receiver, auth, canceled_job, delivery, make_key, verified
 from tests.services import pixq_argv
 
 pytestmark = pytest.mark.slow
 
 
-env_api = apitools.env_api  # this module's API process, over the session's services
-api = apitools.api
 
 
 @pytest.fixture(scope="module")
