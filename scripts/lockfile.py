@@ -113,7 +113,10 @@ def installed() -> dict[str, Version]:
     """``{canonical name: version}`` of this interpreter's distributions (local build labels dropped)."""
     from importlib.metadata import distributions
 
-    return {canonicalize_name(d.metadata["Name"]): Version(d.version.split("+", 1)[0]) for d in distributions()}
+    found: dict[str, Version] = {}
+    for dist in distributions():  # in sys.path order: the first of a name is the one that imports
+        found.setdefault(canonicalize_name(dist.metadata["Name"]), Version(dist.version.split("+", 1)[0]))
+    return found
 
 
 def freeze() -> list[str]:
