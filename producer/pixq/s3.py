@@ -8,11 +8,15 @@ from pixq.settings import Settings
 
 
 def make_s3_client(settings: Settings) -> Any:
-    """A client for ``PIXQ_S3_ENDPOINT_URL`` (AWS when unset); credentials from the AWS chain."""
+    """A client for ``PIXQ_S3_ENDPOINT_URL`` (AWS when unset); credentials from the AWS chain.
+
+    Each client has its own boto3 session: the module-level default session resolves the credential chain once and
+    keeps the answer, so a client made later in the same process would sign with whatever the first one found.
+    """
     import boto3  # imported here: only URL and download paths of the producer need it
     from botocore.config import Config
 
-    return boto3.client(
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.aws_region,

@@ -97,8 +97,9 @@ def make_probe_client(settings: Settings, client: Any) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region,
-                        config=client.meta.config.merge(Config(**PROBE_CONFIG)))
+    return boto3.session.Session().client(  # its own session, as make_s3_client's: credentials read afresh
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region,
+        config=client.meta.config.merge(Config(**PROBE_CONFIG)))
 
 
 class Storage:
