@@ -6,7 +6,7 @@ store), ``recordscripts`` (the Lua scripts, formatted from these constants), ``s
 job's fields) and the readers (listing, events, the API). The hash's fields are ``JobRecord``'s
 fields; ``CODEC`` encodes and decodes them from the model's own annotations, so a new field is one
 line in ``JobRecord`` (with its default): every submit path writes it, ``decode`` reads it and a
-retried job gets its default back (``tests/test_jobrecord.py``).
+retried job gets its default back (``tests/unit/test_jobrecord.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pixq.schema import JobRequest, RenderMode, Scheduler
 KEY_PREFIX = "pixq:job:"  # HASH per job: the record
 RUNNING_KEY = "pixq:running"  # ZSET job id -> claim time: jobs some worker holds a lease on
 # ZSET job id -> time it was (re)queued: every job that may be waiting for a message. A superset
-# (entries whose record moved on are dropped by the reaper's reconciliation, worker/.../reaper.py).
+# (entries whose record moved on are dropped by the reaper's reconciliation, worker/pixq/worker/jobs/reaper.py).
 QUEUED_KEY = "pixq:queued"
 DEAD_KEY = "pixq:dead"  # ZSET job id -> time: jobs that ran out of attempts
 LEASE_PREFIX = "pixq:lease:"  # STRING per running job: its worker's name, expiring with the lease

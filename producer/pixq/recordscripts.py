@@ -8,7 +8,7 @@ are one language and one concern: what may change, atomically, in the hash and i
 Keys come in as KEYS, or, for the few a script derives from a job id (its event stream, another job's
 hash, the outbox), from the constants of ``pixq.jobrecord`` formatted in (``${EVENTS_PREFIX}``): no key
 is spelled here. The field names the scripts read and set are ``JobRecord``'s and the hash-only ones
-(``jobrecord.CLAIM_FIELD``...); ``tests/test_jobrecord.py`` checks each against the layout.
+(``jobrecord.CLAIM_FIELD``...); ``tests/unit/test_jobrecord.py`` checks each against the layout.
 """
 
 from __future__ import annotations
