@@ -98,9 +98,16 @@ def test_the_readme_names_the_tested_versions() -> None:
     assert f"Python 3.11, {module.headline(pins)}." in line, (line, module.headline(pins))
 
 
+def setup_env(**env: str) -> dict[str, str]:
+    """The environment of a planning setup.sh: PIXQ_UNLOCKED only where a test sets it (scripts/lock.sh runs the
+    suite with it set)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PIXQ_UNLOCKED", "PYTHON", "PIXQ_TORCH_VERSION")}
+    return {**base, "PIXQ_SETUP_PLAN": "1", **env}
+
+
 def plan(profile: str, **env: str) -> dict[str, str]:
     out = subprocess.run(["bash", "scripts/setup.sh", profile], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PIXQ_SETUP_PLAN": "1", **env})
+                         env=setup_env(**env))
     assert out.returncode == 0, out.stderr
     return dict(line.split(": ", 1) for line in out.stdout.splitlines())
 
@@ -120,7 +127,7 @@ def test_setup_without_a_lock_for_its_python_warns_and_goes_unlocked(tmp_path: P
     fake.write_text("#!/bin/sh\necho 3.99\n")
     fake.chmod(0o755)
     out = subprocess.run(["bash", "scripts/setup.sh", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PIXQ_SETUP_PLAN": "1", "PYTHON": str(fake)})
+                         env=setup_env(PYTHON=str(fake)))
     assert out.returncode == 0, out.stderr
     assert "lock: none" in out.stdout
     assert "no requirements/lock-py3.99.txt" in out.stderr
