@@ -8,10 +8,13 @@ test module nor from a conftest (tests/test_layout.py checks it).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
+from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +106,20 @@ def scrape(port: int, host: str = "127.0.0.1") -> str:
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
         assert answer.headers["Content-Type"].startswith("text/plain")
         return str(answer.read().decode())
+
+
+def http(url: str, auth: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    """GET (or POST a JSON body); `auth` is "user:password" (basic) or an API key (bearer)."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    if auth and ":" in auth:
+        request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
+    elif auth:
+        request.add_header("Authorization", f"Bearer {auth}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()

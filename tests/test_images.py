@@ -18,9 +18,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ from pixq.records import JobState
 from pixq.settings import Settings
 
 from tests.services import S3Endpoint, Service, free_port
-from tests.support import stack_env, wait_for, write_artifact
+from tests.support import http, stack_env, wait_for, write_artifact
 
 BUILD_TIMEOUT_S = 2400  # a cold build: debootstrap, torch and every dependency (measured in docs/deploy.md)
 # The first test to need the images waits for their build (BUILD_TIMEOUT_S).
@@ -291,23 +288,6 @@ def test_light_image_creates_the_bucket_as_compose_s3_init_does(light_box: Conta
         done = light_box.run(entrypoint, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"{env['PIXQ_S3_BUCKET']} {expected}" in done.stdout
-
-
-def http(url: str, auth: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    """GET (or POST a JSON body); `auth` is "user:password" (basic) or an API key (bearer)."""
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
-    if body is not None:
-        request.add_header("Content-Type", "application/json")
-    if auth and ":" in auth:
-        request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
-    elif auth:
-        request.add_header("Authorization", f"Bearer {auth}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
 
 
 def test_light_image_flower_answers_behind_basic_auth_and_sees_the_image_worker(

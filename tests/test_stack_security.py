@@ -4,8 +4,6 @@ images that its S3 port guards with SigV4, and what Redis writes to disk is read
 from __future__ import annotations
 
 import stat
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -13,22 +11,13 @@ import pytest
 import redis
 
 from tests.services import S3Endpoint, start_redis
-from tests.support import wait_for
+from tests.support import http, wait_for
 
 
 def loose_modes(root: Path) -> list[str]:
     """Everything under ``root`` (itself too) that its group or others may read, write or enter."""
     return [f"{p} {stat.filemode(p.stat().st_mode)}" for p in [root, *root.rglob("*")]
             if p.stat().st_mode & 0o077]
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
 
 
 def test_the_filer_port_does_not_serve_a_stored_image_while_s3_with_sigv4_does(  # type: ignore[no-untyped-def]
@@ -39,12 +28,12 @@ def test_the_filer_port_does_not_serve_a_stored_image_while_s3_with_sigv4_does( 
     assert s3_client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() == body  # SigV4
     assert s3.filer_url
     for path in (f"/buckets/{s3.bucket}/{key}", f"/buckets/{s3.bucket}/pixq/", "/buckets/"):
-        status, answer = http_get(s3.filer_url + path)
+        status, answer = http(s3.filer_url + path)
         assert status == 401 and body not in answer, (path, status, answer[:200])
-    status, _ = http_get(f"{s3.url}/{s3.bucket}/{key}")  # the S3 port without a signature
+    status, _ = http(f"{s3.url}/{s3.bucket}/{key}")  # the S3 port without a signature
     assert status == 403
     presigned = s3_client.generate_presigned_url("get_object", Params={"Bucket": s3.bucket, "Key": key})
-    assert http_get(presigned) == (200, body)
+    assert http(presigned) == (200, body)
 
 
 @pytest.mark.integration
